@@ -1,0 +1,37 @@
+"""Typed, validated configs: one section per stage and a PipelineConfig holding them all."""
+
+from fabric.config._load import deep_merge, dump_config, load_config, parse_overrides, validate
+from fabric.config.cluster import ClusterConfig
+from fabric.config.data import DataConfig, Expectations, Range, Split
+from fabric.config.export import ExportConfig
+from fabric.config.monitor import MonitorConfig
+from fabric.config.pipeline import PipelineConfig
+from fabric.config.serve import ServeConfig
+from fabric.config.track import PromotionConfig, TrackConfig, WandbConfig
+from fabric.config.train import DeepSpeedConfig, TrainConfig
+from fabric.config.tune import Param, Scheduler, TuneConfig
+
+__all__ = [
+    "ClusterConfig",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "Expectations",
+    "ExportConfig",
+    "MonitorConfig",
+    "Param",
+    "PipelineConfig",
+    "PromotionConfig",
+    "Range",
+    "Scheduler",
+    "ServeConfig",
+    "Split",
+    "TrackConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "WandbConfig",
+    "deep_merge",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "validate",
+]

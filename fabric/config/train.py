@@ -1,0 +1,38 @@
+"""Config of the training stage (Ray Train: DDP or DeepSpeed ZeRO)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fabric.config._base import Section
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO settings, used when ``train.strategy`` is ``deepspeed``."""
+
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU (stage 2/3; needs CUDA)."""
+
+
+class TrainConfig(Section):
+    """The model and how it is trained."""
+
+    hidden_size: int = Field(default=64, ge=1)
+    num_layers: int = Field(default=2, ge=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    num_workers: int = Field(default=2, ge=1)
+    """Ray Train workers (one process each)."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """``auto`` uses GPUs when the cluster has them."""
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    max_failures: int = Field(default=2, ge=0)
+    """Worker-group restarts allowed; each resumes from the last checkpoint."""
+    seed: int = 0

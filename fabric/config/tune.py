@@ -1,0 +1,65 @@
+"""Config of the search stage (Ray Tune + Optuna + ASHA)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fabric.config._base import Section
+
+
+class Param(Section):
+    """One search dimension: ``loguniform``/``uniform``/``int`` need low < high, ``choice`` needs values."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Param:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class Scheduler(Section):
+    """ASHA early stopping: trials are cut at rungs grace_period * reduction_factor^k."""
+
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+def _default_space() -> dict[str, Param]:
+    return {
+        "lr": Param(type="loguniform", low=1e-4, high=3e-2),
+        "hidden_size": Param(type="choice", values=[32, 64, 128]),
+        "dropout": Param(type="uniform", low=0.0, high=0.3),
+    }
+
+
+class TuneConfig(Section):
+    """Hyperparameter search around the training loop."""
+
+    enabled: bool = True
+    num_samples: int = Field(default=8, ge=1)
+    """Total number of trials."""
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    epochs_per_trial: int = Field(default=6, ge=1)
+    """Maximum epochs a trial may run (ASHA's max_t)."""
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    seed: int = 0
+    search_space: dict[str, Param] = Field(default_factory=_default_space)
+    """Keys are train.* fields (lr, hidden_size, dropout, batch_size, weight_decay)."""
+    scheduler: Scheduler = Field(default_factory=Scheduler)

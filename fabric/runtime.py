@@ -1,0 +1,422 @@
+"""Ray connection, the local head that `fabric up` starts, and Ray job submission.
+
+Token authentication stays on: `fabric up` makes sure a token exists (Ray's default file,
+``~/.ray/auth_token``, unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH name another) and every client
+here sends it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.errors import ClusterError, JobError
+
+if TYPE_CHECKING:
+    import psutil
+    from ray.job_submission import JobSubmissionClient
+
+    from fabric.config import ClusterConfig, PipelineConfig
+
+DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_GCS_PORT = 6379
+# Ray's upload limit for a working_dir package (GCS_STORAGE_MAX_SIZE, the max gRPC message size).
+UPLOAD_LIMIT_BYTES = int(os.environ.get("RAY_max_grpc_message_size", 512 * 1024 * 1024))
+# Never uploaded with a job: environments, VCS data, caches and run outputs.
+DEFAULT_EXCLUDES = [
+    ".venv",
+    "venv",
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".ipynb_checkpoints",
+    "*.egg-info",
+    "build",
+    "dist",
+    "runs",
+    "mlruns",
+    "wandb",
+    ".fabric",
+]
+
+
+# --------------------------------------------------------------------------- token authentication
+
+
+def token_location() -> str:
+    """Where this process takes its Ray token from, in Ray's order of precedence."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the RAY_AUTH_TOKEN environment variable"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return os.environ["RAY_AUTH_TOKEN_PATH"]
+    return str(default_token_path())
+
+
+def default_token_path() -> Path:
+    """Ray's default token file."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def token_available() -> bool:
+    """True when a token is set in the environment or present in a file Ray reads."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else default_token_path().is_file()
+
+
+def ensure_token() -> str:
+    """Make sure a token exists (generate Ray's default one if none) and return where it is."""
+    if not token_available():
+        if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH points to {os.environ['RAY_AUTH_TOKEN_PATH']}, which does not exist")
+        proc = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], capture_output=True, text=True)
+        if proc.returncode != 0 or not default_token_path().is_file():
+            raise ClusterError(f"could not generate a Ray auth token: {proc.stderr.strip()[-500:]}")
+    return token_location()
+
+
+def use_token_auth() -> None:
+    """Have Ray clients in this process (and its children) send the token, when one is available.
+
+    Ray's clients only attach the token when RAY_AUTH_MODE=token, so set it unless the user chose a mode.
+    """
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def auth_headers() -> dict[str, str]:
+    """HTTP headers carrying the token for the dashboard's REST API."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        token = os.environ["RAY_AUTH_TOKEN"]
+    else:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or default_token_path())
+        if not path.is_file():
+            return {}
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- connecting from a stage
+
+
+def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
+    """Connect this process to Ray once: the configured address, the job's cluster, or a local Ray.
+
+    Inside a Ray job (RAY_ADDRESS is set by the job supervisor) the job's cluster is used whatever
+    ``cluster.address`` says, so the same config runs on a laptop and on a cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    use_token_auth()
+    kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False, **init_kwargs}
+    address = os.environ.get("RAY_ADDRESS") or (cluster.address if cluster else None)
+    if address:
+        kwargs.pop("include_dashboard", None)
+        ray.init(address=address, **kwargs)
+        return
+    if cluster is not None:
+        for key in ("num_cpus", "num_gpus", "object_store_memory"):
+            value = getattr(cluster, key)
+            if value is not None:
+                kwargs.setdefault(key, value)
+    ray.init(**kwargs)
+
+
+# --------------------------------------------------------------------------- the local head
+
+
+def fabric_home() -> Path:
+    """fabric's state folder: FABRIC_HOME, else ~/.fabric."""
+    return Path(os.environ.get("FABRIC_HOME") or Path.home() / ".fabric")
+
+
+@dataclass
+class LocalHead:
+    """What `fabric up` started, saved so that `fabric down` stops exactly that."""
+
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    token_location: str
+    started_at: float
+
+
+def _state_file() -> Path:
+    return fabric_home() / "head.json"
+
+
+def _ray_bin() -> str:
+    found = Path(sys.executable).with_name("ray")
+    return str(found) if found.exists() else (shutil.which("ray") or "ray")
+
+
+def read_head() -> LocalHead | None:
+    """The head recorded by `fabric up`, or None."""
+    path = _state_file()
+    if not path.is_file():
+        return None
+    try:
+        return LocalHead(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None
+
+
+def head_processes(temp_dir: str) -> list[psutil.Process]:
+    """Every live process of the head whose Ray temp dir is ``temp_dir``, with their workers."""
+    import psutil
+
+    roots: list[psutil.Process] = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any(temp_dir in part for part in cmd):
+            roots.append(proc)
+    seen: dict[int, psutil.Process] = {}
+    for proc in roots:
+        seen[proc.pid] = proc
+        try:
+            for child in proc.children(recursive=True):
+                seen[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    return [p for p in seen.values() if p.pid != os.getpid()]
+
+
+def dashboard_alive(url: str, timeout: float = 2.0) -> bool:
+    """True when the dashboard at ``url`` answers (any HTTP status counts as alive)."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=auth_headers()), timeout=timeout)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def running_head() -> LocalHead | None:
+    """The head `fabric up` started, if its processes are still running."""
+    head = read_head()
+    if head is None:
+        return None
+    if not head_processes(head.temp_dir):
+        return None
+    return head
+
+
+def start_head(
+    *,
+    port: int = DEFAULT_GCS_PORT,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory: int | None = None,
+    timeout_s: float = 60.0,
+) -> tuple[LocalHead, bool]:
+    """Start a local Ray head with token auth, dashboard and job API on 127.0.0.1.
+
+    Returns:
+        The head and whether it was started now (False: it was already running).
+    """
+    head = running_head()
+    if head is not None:
+        return head, False
+    location = ensure_token()
+    home = fabric_home()
+    home.mkdir(parents=True, exist_ok=True)
+    # A short, fabric-owned temp dir: Ray's socket paths must stay under the OS limit, and every head
+    # process carries it on its command line, which is how `fabric down` finds them and only them.
+    temp_dir = f"/tmp/fabric-{os.getuid()}-{port}"
+    cmd = [
+        _ray_bin(), "start", "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    if object_store_memory is not None:
+        cmd.append(f"--object-store-memory={object_store_memory}")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s + 60)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise ClusterError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
+    head = LocalHead(
+        gcs_address=f"127.0.0.1:{port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        temp_dir=temp_dir,
+        token_location=location,
+        started_at=time.time(),
+    )
+    deadline = time.monotonic() + timeout_s
+    while not dashboard_alive(head.dashboard_url):
+        if time.monotonic() > deadline:
+            stop_processes(head_processes(temp_dir))
+            raise ClusterError(f"the dashboard did not answer on {head.dashboard_url} within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    _state_file().write_text(json.dumps(asdict(head), indent=2))
+    return head, True
+
+
+def stop_processes(procs: list[psutil.Process], grace_s: float = 10.0) -> int:
+    """SIGTERM ``procs``, SIGKILL what is left after ``grace_s``; returns how many were signalled."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    return len(procs)
+
+
+def stop_head() -> int:
+    """Stop the head `fabric up` started (only its processes); returns how many processes stopped."""
+    head = read_head()
+    if head is None:
+        return 0
+    count = 0
+    # Workers can be forked while we stop the parents: sweep until nothing of ours is left.
+    for _ in range(5):
+        procs = head_processes(head.temp_dir)
+        if not procs:
+            break
+        count += stop_processes(procs)
+    _state_file().unlink(missing_ok=True)
+    return count
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def default_job_address() -> str:
+    """The Job API address: RAY_API_SERVER_ADDRESS, RAY_ADDRESS (http), `fabric up`'s head, or :8265."""
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(var, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    head = read_head()
+    return head.dashboard_url if head else f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
+
+
+def job_client(address: str | None = None) -> JobSubmissionClient:
+    """A Job Submission API client that sends the auth token; ClusterError when unreachable."""
+    use_token_auth()
+    from ray.job_submission import JobSubmissionClient
+
+    url = address or default_job_address()
+    try:
+        return JobSubmissionClient(url)
+    except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClusterError(f"cannot reach the Ray job API at {url}: {first}") from None
+
+
+def _excluded(rel: str, patterns: list[str]) -> bool:
+    parts = rel.split("/")
+    for pat in patterns:
+        pat = pat.rstrip("/")
+        if "/" in pat.strip("/"):
+            if fnmatch.fnmatch(rel, pat.strip("/")) or rel.startswith(pat.strip("/") + "/"):
+                return True
+        elif any(fnmatch.fnmatch(part, pat) for part in parts):
+            return True
+    return False
+
+
+def walk_working_dir(root: Path, excludes: list[str]) -> Iterator[tuple[str, int]]:
+    """Yield (relative path, size) of every file a job upload of ``root`` would carry."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [d for d in dirnames if not _excluded(rel_dir + d, excludes)]
+        for name in filenames:
+            rel = rel_dir + name
+            if _excluded(rel, excludes):
+                continue
+            try:
+                yield rel, (Path(dirpath) / name).lstat().st_size
+            except OSError:
+                continue
+
+
+def check_working_dir(root: Path, excludes: list[str], limit: int = UPLOAD_LIMIT_BYTES) -> int:
+    """Return the upload size of ``root``; JobError naming the biggest entries when over ``limit``."""
+    sizes: dict[str, int] = {}
+    total = 0
+    for rel, size in walk_working_dir(root, excludes):
+        total += size
+        top = rel.split("/", 1)[0]
+        sizes[top] = sizes.get(top, 0) + size
+    if total > limit:
+        biggest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+        listing = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in biggest)
+        raise JobError(
+            f"working_dir {root} is {total / 2**20:.0f} MiB, over Ray's upload limit of {limit / 2**20:.0f} MiB; "
+            f"largest entries: {listing}. Exclude them with --exclude NAME or read large data from a URI"
+        )
+    return total
+
+
+# --------------------------------------------------------------------------- job entrypoints
+
+
+def job_main(stage: Callable[[PipelineConfig], object], argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one stage from the command line: ``--config PATH [section.field=value ...]``.
+
+    Used by every ``jobs/*.py`` file, so a job behaves the same under ``python``, ``ray job submit``
+    and ``fabric submit``. A config problem exits 2 with one line per problem; a FabricError raised by
+    the stage exits 1 with its message; neither prints a traceback.
+    """
+    import argparse
+
+    from fabric.config import load_config
+    from fabric.errors import ConfigError, FabricError
+
+    parser = argparse.ArgumentParser(prog=prog, description=(stage.__doc__ or "").strip().split("\n")[0] or None)
+    parser.add_argument("--config", help="pipeline YAML (default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_workers=2")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        stage(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FabricError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0

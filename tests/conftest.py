@@ -1,0 +1,69 @@
+"""Shared fixtures: a real local Ray per test module, project paths, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Keep Ray from spamming test output with its dedup notices and progress bars.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    """The repository root (where pyproject.toml is)."""
+    return ROOT
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 2 CPUs, shared by every test of a module (start-up costs seconds)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests where no CUDA GPU is present, saying why."""
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tmp_run_dir(tmp_path: Path) -> str:
+    """A fresh run_dir for one test."""
+    d = tmp_path / "runs"
+    d.mkdir()
+    return str(d)
+
+
+def which_ray() -> str:
+    """The `ray` executable of this environment."""
+    import sys
+
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
