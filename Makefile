@@ -1,0 +1,34 @@
+# fabric — `make demo` runs the main job end to end on the embedded default; `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fabric-installed
+# Extra pip arguments for torch (e.g. an index of CPU wheels where no local wheel folder is configured).
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first, so nothing that depends on torch pulls the CUDA build and its GBs of packages.
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	# Every version CI tested is pinned in constraints.txt (Ray, transformers, Evidently and MLflow move fast).
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python jobs/pipeline.py --config jobs/configs/pipeline_smoke.yaml
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Re-pin constraints.txt from the current environment (after upgrading on purpose and running the tests).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | sed -e 's/^torch==.*/torch==2.13.0/' > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs mlruns .pytest_cache

@@ -1,0 +1,167 @@
+"""`fabric status`: nodes with resources used and free, jobs, and Serve applications.
+
+Host readings (CPU, memory, GPU) are the psutil and pynvml samples each node's Ray agent reports to the
+dashboard; Ray's logical resources (what tasks and actors hold) come from the GCS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import urllib.error
+import urllib.request
+from collections import Counter
+from typing import Any
+
+from fabric import runtime
+from fabric.errors import ClusterError
+
+GIB = 2**30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `fabric status`."""
+    p.add_argument("--address", help="dashboard URL (default: `fabric up`'s head or RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--gcs", help="GCS host:port for logical resource use (default: `fabric up`'s head)")
+    p.add_argument("--jobs", type=int, default=5, help="recent jobs to show (default %(default)s)")
+
+
+def _get(url: str) -> Any:
+    req = urllib.request.Request(url, headers=runtime.auth_headers())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def _gcs_address(args: argparse.Namespace) -> str | None:
+    if args.gcs:
+        return args.gcs
+    head = runtime.read_head()
+    if head and not args.address:
+        return head.gcs_address
+    addr = os.environ.get("RAY_ADDRESS", "")
+    return addr if addr and "://" not in addr and addr != "auto" else None
+
+
+def logical_usage(gcs: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per node id: resource -> (used, total), from the GCS's cluster resource state."""
+    runtime.use_token_auth()
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(gcs)
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for node in [*status.active_nodes, *status.idle_nodes]:
+        usage = node.resource_usage.usage if node.resource_usage else []
+        out[node.node_id] = {u.resource_name: (u.used, u.total) for u in usage}
+    return out
+
+
+def _fmt_pair(used: float, total: float, scale: float = 1.0, unit: str = "") -> str:
+    return f"{used / scale:.1f}/{total / scale:.1f}{unit}"
+
+
+def node_rows(nodes: list[dict[str, Any]], usage: dict[str, dict[str, tuple[float, float]]] | None) -> list[tuple[str, ...]]:
+    """One row per node: address, role, state, Ray CPU/GPU use, host CPU%, host memory, GPUs."""
+    rows = [("NODE", "STATE", "RAY CPU used/total", "RAY GPU used/total", "HOST CPU", "HOST MEM used/total", "GPUS")]
+    for n in nodes:
+        raylet = n.get("raylet", {})
+        total = raylet.get("resourcesTotal", {})
+        use = (usage or {}).get(raylet.get("nodeId", ""), {})
+        cpu_used = use.get("CPU", (None, total.get("CPU", 0.0)))[0]
+        gpu_used = use.get("GPU", (None, total.get("GPU", 0.0)))[0]
+        cpu = _fmt_pair(cpu_used, total.get("CPU", 0.0)) if cpu_used is not None else f"?/{total.get('CPU', 0.0):.1f}"
+        gpu = _fmt_pair(gpu_used, total.get("GPU", 0.0)) if gpu_used is not None else f"?/{total.get('GPU', 0.0):.1f}"
+        mem = n.get("mem") or [0, 0, 0, 0]  # psutil.virtual_memory(): total, available, percent, used
+        gpus = n.get("gpus") or []  # pynvml readings
+        gpu_text = (
+            ", ".join(
+                f"{g.get('name', 'gpu')} {g.get('utilizationGpu') or 0:.0f}% {(g.get('memoryUsed') or 0) / 1024:.1f}/{(g.get('memoryTotal') or 0) / 1024:.1f}GiB"
+                for g in gpus
+            )
+            or "-"
+        )
+        role = " (head)" if raylet.get("isHeadNode") else ""
+        rows.append(
+            (
+                f"{n.get('ip', '?')}{role}",
+                raylet.get("state", "?"),
+                cpu,
+                gpu,
+                f"{n.get('cpu', 0):.0f}%",
+                _fmt_pair(mem[0] - mem[1], mem[0], GIB, " GiB"),
+                gpu_text,
+            )
+        )
+    return rows
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def serve_lines(apps: dict[str, Any]) -> list[str]:
+    """One line per Serve application with its deployments' replica states."""
+    out = []
+    for name, app in sorted(apps.items()):
+        deps = []
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            states = Counter(r.get("state", "?") for r in dep.get("replicas") or [])
+            replica_text = ", ".join(f"{s}={c}" for s, c in sorted(states.items())) or "no replicas"
+            deps.append(f"{dep_name} {dep.get('status', '?')} [{replica_text}]")
+        out.append(f"  {name}  {app.get('status', '?')}  {app.get('route_prefix') or ''}  " + "; ".join(deps))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the cluster's nodes, resources, jobs and Serve applications."""
+    url = args.address or runtime.default_job_address()
+    try:
+        summary = _get(f"{url}/nodes?view=summary")
+    except urllib.error.HTTPError as e:
+        raise ClusterError(f"the dashboard at {url} answered {e.code}: is the auth token ({runtime.token_location()}) the cluster's?") from None
+    except OSError as e:
+        raise ClusterError(f"no Ray dashboard at {url} ({getattr(e, 'reason', e)}); start one with `fabric up`") from None
+    nodes = summary.get("data", {}).get("summary", [])
+    gcs = _gcs_address(args)
+    usage = None
+    if gcs:
+        try:
+            usage = logical_usage(gcs)
+        except Exception as e:  # status still shows everything else when the GCS is not reachable from here
+            print(f"(logical resource use unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    alive = sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
+    print(f"Cluster {url}  {alive} node(s) alive")
+    print(table(node_rows(nodes, usage)))
+    if usage:
+        totals: dict[str, list[float]] = {}
+        for res in usage.values():
+            for k, (used, total) in res.items():
+                t = totals.setdefault(k, [0.0, 0.0])
+                t[0] += used
+                t[1] += total
+        parts = []
+        for key, scale, unit in (("CPU", 1, ""), ("GPU", 1, ""), ("memory", GIB, " GiB"), ("object_store_memory", GIB, " GiB")):
+            used, total = totals.get(key, [0.0, 0.0])
+            parts.append(f"{key} {used / scale:.1f} used, {(total - used) / scale:.1f} free of {total / scale:.1f}{unit}")
+        print("Resources: " + "; ".join(parts))
+
+    from fabric.cli.jobs import format_jobs, submitted_jobs
+
+    client = runtime.job_client(url)
+    jobs = submitted_jobs(client, limit=1000)
+    running = [j for j in jobs if j.status.value in ("PENDING", "RUNNING")]
+    recent = [j for j in jobs if j not in running][: args.jobs]
+    print(f"\nJobs: {len(running)} running, {len(jobs)} submitted")
+    if running or recent:
+        print(format_jobs(running + recent))
+
+    try:
+        apps = _get(f"{url}/api/serve/applications/").get("applications") or {}
+    except OSError:
+        apps = {}
+    print(f"\nServe applications: {len(apps) or 'none'}")
+    for line in serve_lines(apps):
+        print(line)
+    return 0
