@@ -67,6 +67,10 @@ class DataValidationError(FabricError):
         super().__init__(text)
 
 
+class UsageError(FabricError):
+    """A command was given something it cannot use (an unknown job id, an upload that is too big)."""
+
+
 class ClusterError(FabricError):
     """The local Ray head or the cluster at an address is unreachable or misconfigured."""
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.errors import ClusterError, JobError
+from fabric.errors import ClusterError, UsageError
 
 if TYPE_CHECKING:
     import psutil
@@ -369,8 +369,17 @@ def walk_working_dir(root: Path, excludes: list[str]) -> Iterator[tuple[str, int
                 continue
 
 
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def check_working_dir(root: Path, excludes: list[str], limit: int = UPLOAD_LIMIT_BYTES) -> int:
-    """Return the upload size of ``root``; JobError naming the biggest entries when over ``limit``."""
+    """Return the upload size of ``root``; UsageError naming the biggest entries when over ``limit``."""
     sizes: dict[str, int] = {}
     total = 0
     for rel, size in walk_working_dir(root, excludes):
@@ -379,9 +388,9 @@ def check_working_dir(root: Path, excludes: list[str], limit: int = UPLOAD_LIMIT
         sizes[top] = sizes.get(top, 0) + size
     if total > limit:
         biggest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
-        listing = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in biggest)
-        raise JobError(
-            f"working_dir {root} is {total / 2**20:.0f} MiB, over Ray's upload limit of {limit / 2**20:.0f} MiB; "
+        listing = ", ".join(f"{name} ({human_bytes(size)})" for name, size in biggest)
+        raise UsageError(
+            f"working_dir {root} is {human_bytes(total)}, over Ray's upload limit of {human_bytes(limit)}; "
             f"largest entries: {listing}. Exclude them with --exclude NAME or read large data from a URI"
         )
     return total

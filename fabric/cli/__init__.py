@@ -12,7 +12,7 @@ import re
 import sys
 
 from fabric import __version__
-from fabric.errors import ConfigError, FabricError
+from fabric.errors import ConfigError, FabricError, UsageError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         return int(module.run(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FabricError as e:

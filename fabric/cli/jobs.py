@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 
 from fabric import runtime
-from fabric.errors import JobError
+from fabric.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def _known(client, job_id: str) -> None:  # type: ignore[no-untyped-def]
     try:
         client.get_job_info(job_id)
     except Exception:  # the SDK raises RuntimeError for an unknown id
-        raise JobError(f"no job with id {job_id!r}; see `fabric jobs list`") from None
+        raise UsageError(f"no job with id {job_id!r}; see `fabric jobs list`") from None
 
 
 def run(args: argparse.Namespace) -> int:

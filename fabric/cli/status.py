@@ -70,7 +70,7 @@ def node_rows(nodes: list[dict[str, Any]], usage: dict[str, dict[str, tuple[floa
         cpu_used = use.get("CPU", (None, total.get("CPU", 0.0)))[0]
         gpu_used = use.get("GPU", (None, total.get("GPU", 0.0)))[0]
         cpu = _fmt_pair(cpu_used, total.get("CPU", 0.0)) if cpu_used is not None else f"?/{total.get('CPU', 0.0):.1f}"
-        gpu = _fmt_pair(gpu_used, total.get("GPU", 0.0)) if gpu_used is not None else f"?/{total.get('GPU', 0.0):.1f}"
+        gpu = _fmt_pair(gpu_used or 0.0, total["GPU"]) if total.get("GPU") else "-"
         mem = n.get("mem") or [0, 0, 0, 0]  # psutil.virtual_memory(): total, available, percent, used
         gpus = n.get("gpus") or []  # pynvml readings
         gpu_text = (

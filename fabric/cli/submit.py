@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # the SDK raises RuntimeError/ValueError with the server's message
         raise JobError(f"submission failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     address = args.address or runtime.default_job_address()
-    print(f"Submitted {job_id} ({size / 2**20:.1f} MiB uploaded): {entrypoint}", flush=True)
+    print(f"Submitted {job_id} ({runtime.human_bytes(size)} uploaded): {entrypoint}", flush=True)
     print(f"  logs: fabric jobs logs {job_id} --follow   stop: fabric jobs stop {job_id}   dashboard: {address}", flush=True)
     if args.no_wait:
         return 0
