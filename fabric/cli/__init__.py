@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("fabric.cli.jobs", "list Ray jobs, show their logs, stop one"),
     "validate": ("fabric.cli.validate", "check a pipeline config without running anything"),
     "run": ("fabric.cli.run", "run the whole pipeline from a config on the current Ray"),
+    "tune": ("fabric.cli.tune", "run the hyperparameter search alone (--resume continues an interrupted one)"),
 }
 
 

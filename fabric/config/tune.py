@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fabric.config._base import Section
+
+# train.* fields a search may vary (the rest shape the run, not the model).
+TUNABLE = ("lr", "hidden_size", "num_layers", "dropout", "batch_size", "weight_decay")
 
 
 class Param(Section):
@@ -57,9 +60,27 @@ class TuneConfig(Section):
     max_concurrent_trials: int = Field(default=2, ge=1)
     epochs_per_trial: int = Field(default=6, ge=1)
     """Maximum epochs a trial may run (ASHA's max_t)."""
+    workers_per_trial: int = Field(default=1, ge=1)
+    """Ray Train workers of each trial (DDP inside a trial); trials run side by side up to max_concurrent_trials."""
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     seed: int = 0
     search_space: dict[str, Param] = Field(default_factory=_default_space)
     """Keys are train.* fields (lr, hidden_size, dropout, batch_size, weight_decay)."""
     scheduler: Scheduler = Field(default_factory=Scheduler)
+
+    @field_validator("search_space")
+    @classmethod
+    def _names_train_fields(cls, v: dict[str, Param]) -> dict[str, Param]:
+        unknown = sorted(set(v) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"keys must be train fields among {', '.join(TUNABLE)}; got {', '.join(unknown)}")
+        return v
+
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> TuneConfig:
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.epochs_per_trial:
+            raise ValueError(
+                f"scheduler.grace_period ({self.scheduler.grace_period}) must be <= epochs_per_trial ({self.epochs_per_trial})"
+            )
+        return self

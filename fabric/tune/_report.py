@@ -1,0 +1,65 @@
+"""The search's results table and learning-curve plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.config import Param
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from ray.tune import ResultGrid
+
+
+def results_table(grid: ResultGrid, space: dict[str, Param], metric: str, mode: str) -> pd.DataFrame:
+    """One row per trial: its hyperparameters, epochs run, last and best ``metric``, and status; best first."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for result in grid:
+        history = result.metrics_dataframe
+        values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
+        row: dict[str, Any] = {"trial": (result.metrics or {}).get("trial_id", "?")}
+        row.update({k: result.config.get(k) for k in space})
+        row["epochs"] = int(len(values))
+        row[f"last_{metric}"] = float(values.iloc[-1]) if len(values) else float("nan")
+        row[f"best_{metric}"] = float(values.min() if mode == "min" else values.max()) if len(values) else float("nan")
+        row["status"] = "error" if result.error else ("stopped early" if len(values) < _max_epochs(grid) else "completed")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values(f"best_{metric}", ascending=mode == "min", na_position="last")
+    return table
+
+
+def _max_epochs(grid: ResultGrid) -> int:
+    lengths = [len(r.metrics_dataframe) for r in grid if r.metrics_dataframe is not None]
+    return max(lengths, default=0)
+
+
+def learning_curves_png(grid: ResultGrid, metric: str, path: Path) -> Path:
+    """Plot ``metric`` per epoch for every trial (ASHA's early stops show as short curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or metric not in df:
+            continue
+        x = df["epoch"] if "epoch" in df else range(1, len(df) + 1)
+        ax.plot(x, df[metric], marker="o", markersize=3, linewidth=1.2, label=(result.metrics or {}).get("trial_id"))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Trial learning curves ({metric})")
+    ax.grid(alpha=0.3)
+    if len(grid) <= 12:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
