@@ -10,6 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from fabric.config._base import Section, is_uri
 
 BUILTIN_PREFIX = "builtin:"
+# Datasets that `builtin:<name>` names (fabric.data._builtin loads them; a test keeps the two in step).
+BUILTIN_DATASETS = ("fair", "breast_cancer")
 
 
 class Range(Section):
@@ -57,8 +59,9 @@ class Split(Section):
 class DataConfig(Section):
     """Where the data is, what it must look like and how it is prepared."""
 
-    source: str = "builtin:breast_cancer"
-    """A local path, a pyarrow URI (s3://, gs://, file://) or ``builtin:<name>`` for a dataset fabric ships."""
+    source: str = "builtin:fair"
+    """A local file or folder, a pyarrow URI (s3://, gs://, file://) or ``builtin:<name>``: ``fair``
+    (Fair's affairs survey from statsmodels, 6,366 rows, the default) or ``breast_cancer`` (scikit-learn)."""
     format: Literal["auto", "parquet", "csv", "json", "text"] = "auto"
     """File format; ``auto`` picks it from the file extension."""
     target: str = "target"
@@ -67,7 +70,8 @@ class DataConfig(Section):
     features: list[str] | None = None
     """Feature columns; None means every column but the target."""
     categorical: list[str] = Field(default_factory=list)
-    """Columns one-hot encoded (fitted on the training split only)."""
+    """Columns one-hot encoded (fitted on the training split only). Feature columns holding only text are
+    treated as categorical even when not listed; a numeric column with stray text values is an error."""
     scaling: Literal["standard", "minmax", "none"] = "standard"
     expectations: Expectations = Field(default_factory=Expectations)
     split: Split = Field(default_factory=Split)
@@ -77,8 +81,25 @@ class DataConfig(Section):
     @field_validator("source")
     @classmethod
     def _source_exists(cls, v: str) -> str:
-        if v.startswith(BUILTIN_PREFIX) or is_uri(v):
+        if v.startswith(BUILTIN_PREFIX):
+            name = v[len(BUILTIN_PREFIX) :]
+            if name not in BUILTIN_DATASETS:
+                raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+            return v
+        if is_uri(v):
             return v
         if not Path(v).exists():
             raise ValueError(f"file not found: {v!r} (a local path, a URI such as s3://..., or builtin:<name>)")
         return v
+
+    @model_validator(mode="after")
+    def _target_is_not_a_feature(self) -> DataConfig:
+        if self.features is not None and self.target in self.features:
+            raise ValueError(f"target {self.target!r} must not be listed in features")
+        if self.target in self.categorical:
+            raise ValueError(f"target {self.target!r} must not be listed in categorical (classes are encoded anyway)")
+        if self.features is not None:
+            stray = [c for c in self.categorical if c not in self.features]
+            if stray:
+                raise ValueError(f"categorical column(s) {stray} are not in features")
+        return self

@@ -1,0 +1,300 @@
+"""The fitted preprocessor: scaling of numeric columns and one-hot encoding of categorical ones.
+
+It is fitted on the training split only (from the statistics the ingestion scan gathers), saved as
+``preprocessor.json`` next to the data and with the model, and applied unchanged by the writer of
+the splits and by serving replicas, so training and serving see the very same features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from fabric.errors import DataValidationError
+
+FORMAT_VERSION = 1
+MAX_EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------- category keys
+
+
+def _key(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return "True" if v else "False"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f):
+            return None
+        return str(int(f)) if f.is_integer() and abs(f) < 2**63 else repr(f)
+    if v is pd.NA or v is pd.NaT:
+        return None
+    return str(v)
+
+
+def category_keys(series: pd.Series) -> np.ndarray:
+    """The string key of every value (None for nulls), so 3, 3.0 and "3" are the same category.
+
+    Readers disagree on types (a CSV gives int64, a JSON request gives str or float); keying
+    categories by a canonical string keeps training and serving in agreement.
+    """
+    dtype = series.dtype
+    if pd.api.types.is_integer_dtype(dtype) and not isinstance(dtype, pd.api.extensions.ExtensionDtype):
+        return series.astype(str).to_numpy(dtype=object)
+    if pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype):
+        out = series.astype(object).to_numpy(dtype=object)
+        out[series.isna().to_numpy()] = None
+        return out
+    return np.array([_key(v) for v in series.astype(object)], dtype=object)
+
+
+def sort_categories(keys: Iterable[str]) -> list[str]:
+    """Numbers in numeric order first, then other strings in lexical order."""
+
+    def order(k: str) -> tuple[int, float, str]:
+        try:
+            return (0, float(k), k)
+        except ValueError:
+            return (1, 0.0, k)
+
+    return sorted(set(keys), key=order)
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def json_value(v: Any) -> Any:
+    """A JSON-safe Python value (numpy scalars unwrapped, NaN/NA as None)."""
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+def example_rows(df: pd.DataFrame, mask: np.ndarray, first: str | None = None, limit: int = MAX_EXAMPLES) -> list[dict]:
+    """Up to ``limit`` rows of ``df`` where ``mask`` holds, as JSON-safe dicts.
+
+    Wide rows are cut to 12 columns, keeping ``first`` (the offending column) in front.
+    """
+    idx = np.flatnonzero(mask)[:limit]
+    if len(idx) == 0:
+        return []
+    cols = list(df.columns)
+    if first in cols:
+        cols.remove(first)
+        cols.insert(0, first)
+    cols = cols[:12]
+    rows = df.iloc[idx][cols]
+    return [{c: json_value(v) for c, v in zip(cols, r, strict=True)} for r in rows.itertuples(index=False)]
+
+
+def numeric_values(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 values of a column and a mask of values that are present but not numbers."""
+    if pd.api.types.is_bool_dtype(series.dtype) or pd.api.types.is_numeric_dtype(series.dtype):
+        return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan), np.zeros(
+            len(series), dtype=bool
+        )
+    values = series.astype(object)
+    present = values.notna().to_numpy()
+    # Booleans inside object columns (JSON true/false) count as 1/0, like a bool column.
+    values = values.map(lambda v: float(v) if isinstance(v, (bool, np.bool_)) else v)
+    nums = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    return nums, present & np.isnan(nums)
+
+
+# --------------------------------------------------------------------------- the preprocessor
+
+
+@dataclass(frozen=True)
+class NumericColumn:
+    """A numeric input: nulls become ``fill`` (the training mean), then ``(x - center) / scale``."""
+
+    name: str
+    center: float
+    scale: float
+    fill: float
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [self.name]
+
+
+@dataclass(frozen=True)
+class CategoricalColumn:
+    """A categorical input, one-hot encoded; unseen values and nulls encode as all zeros."""
+
+    name: str
+    categories: list[str]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"{self.name}={c}" for c in self.categories]
+
+
+Scaling = Literal["standard", "minmax", "none"]
+
+
+@dataclass
+class Preprocessor:
+    """Turns raw named columns into the float32 feature matrix the model is trained on."""
+
+    columns: list[NumericColumn | CategoricalColumn]
+    scaling: Scaling = "standard"
+    _lookup: dict[str, pd.CategoricalDtype] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for c in self.columns:
+            if isinstance(c, CategoricalColumn):
+                self._lookup[c.name] = pd.CategoricalDtype(categories=c.categories)
+
+    # ------------------------------------------------------------------ fitting
+
+    @classmethod
+    def fit(
+        cls,
+        numeric: Mapping[str, Mapping[str, float]],
+        categorical: Mapping[str, Iterable[str]],
+        order: list[str],
+        scaling: Scaling = "standard",
+    ) -> Preprocessor:
+        """Build from training-split statistics.
+
+        Args:
+            numeric: per numeric column ``{"mean", "std", "min", "max"}`` of the training split.
+            categorical: per categorical column, the category keys seen in the training split.
+            order: the input columns in the order their features appear.
+            scaling: ``standard`` (mean 0, std 1), ``minmax`` (to [0, 1]) or ``none``.
+        """
+        columns: list[NumericColumn | CategoricalColumn] = []
+        for name in order:
+            if name in categorical:
+                columns.append(CategoricalColumn(name, sort_categories(categorical[name])))
+                continue
+            s = numeric[name]
+            mean = _finite(s.get("mean"), 0.0)
+            if scaling == "standard":
+                center, scale = mean, _finite(s.get("std"), 1.0)
+            elif scaling == "minmax":
+                lo, hi = _finite(s.get("min"), 0.0), _finite(s.get("max"), 1.0)
+                center, scale = lo, hi - lo
+            else:
+                center, scale = 0.0, 1.0
+            columns.append(NumericColumn(name, float(center), float(scale) if scale > 0 else 1.0, float(mean)))
+        return cls(columns, scaling)
+
+    # ------------------------------------------------------------------ applying
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the encoded features, in matrix column order."""
+        return [n for c in self.columns for n in c.feature_names]
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The raw columns ``transform`` reads."""
+        return [c.name for c in self.columns]
+
+    def transform(self, df: pd.DataFrame) -> np.ndarray:
+        """Encode raw named columns into a float32 matrix ``(len(df), len(feature_names))``.
+
+        Raises:
+            DataValidationError: a required column is missing, or a numeric column holds non-numbers.
+        """
+        missing = [c for c in self.input_columns if c not in df.columns]
+        if missing:
+            raise DataValidationError(
+                f"input lacks column {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+                + f"; expected columns: {', '.join(self.input_columns)}",
+                column=missing[0],
+                rows=len(df),
+                examples=example_rows(df, np.ones(len(df), dtype=bool)),
+            )
+        n = len(df)
+        out = np.empty((n, len(self.feature_names)), dtype=np.float32)
+        j = 0
+        for col in self.columns:
+            if isinstance(col, NumericColumn):
+                x, bad = numeric_values(df[col.name])
+                if bad.any():
+                    raise DataValidationError(
+                        f"column {col.name!r} must be numeric but {int(bad.sum())} row(s) hold non-numeric values",
+                        column=col.name,
+                        rows=int(bad.sum()),
+                        examples=example_rows(df, bad, first=col.name),
+                    )
+                x = np.where(np.isnan(x), col.fill, x)
+                out[:, j] = (x - col.center) / col.scale
+                j += 1
+            else:
+                k = len(col.categories)
+                codes = pd.Categorical(category_keys(df[col.name]), dtype=self._lookup[col.name]).codes
+                block = np.zeros((n, k), dtype=np.float32)
+                hit = codes >= 0
+                block[np.flatnonzero(hit), codes[hit]] = 1.0
+                out[:, j : j + k] = block
+                j += k
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_dict(self) -> dict[str, Any]:
+        cols: list[dict[str, Any]] = []
+        for c in self.columns:
+            if isinstance(c, NumericColumn):
+                cols.append({"name": c.name, "kind": "numeric", "center": c.center, "scale": c.scale, "fill": c.fill})
+            else:
+                cols.append({"name": c.name, "kind": "categorical", "categories": list(c.categories)})
+        return {
+            "format_version": FORMAT_VERSION,
+            "scaling": self.scaling,
+            "columns": cols,
+            "feature_names": self.feature_names,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessor:
+        cols: list[NumericColumn | CategoricalColumn] = []
+        for c in d["columns"]:
+            if c["kind"] == "numeric":
+                cols.append(NumericColumn(c["name"], float(c["center"]), float(c["scale"]), float(c["fill"])))
+            else:
+                cols.append(CategoricalColumn(c["name"], [str(k) for k in c["categories"]]))
+        return cls(cols, d.get("scaling", "standard"))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+def load_preprocessor(path: str | Path) -> Preprocessor:
+    """Load a fitted preprocessor saved by ingestion (``preprocessor.json``, or the folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "preprocessor.json"
+    return Preprocessor.from_dict(json.loads(p.read_text()))
+
+
+def _finite(v: Any, default: float) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return default
+    return f if math.isfinite(f) else default
