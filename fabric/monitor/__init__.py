@@ -1,0 +1,81 @@
+"""Drift monitoring of the serving stream: statistics, a plain DriftMonitor, its Ray actor and a client.
+
+Serving replicas feed it through ``MonitorClient(cfg.monitor).submit(rows, predictions)`` and read it
+through ``MonitorClient.drift_json()`` / ``report_html()``; ``run(cfg)`` starts it over ingestion's reference.
+Importing this package loads neither Ray nor Evidently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fabric.monitor.actor import MonitorActor, get_actor, start
+from fabric.monitor.client import MonitorClient, MonitorUnavailableError
+from fabric.monitor.monitor import DriftMonitor, load_reference
+from fabric.monitor.resources import ResourceSampler, start_samplers, stop_samplers
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from fabric.config import PipelineConfig
+
+__all__ = [
+    "DriftMonitor",
+    "MonitorActor",
+    "MonitorClient",
+    "MonitorUnavailableError",
+    "ResourceSampler",
+    "checkpoint_path",
+    "get_actor",
+    "load_reference",
+    "run",
+    "start",
+    "start_samplers",
+    "stop",
+    "stop_samplers",
+]
+
+
+def checkpoint_path(cfg: PipelineConfig) -> str:
+    """Where the monitor checkpoints: ``cfg.monitor.checkpoint_path`` or ``<run_dir>/monitor/state.pkl``."""
+    return cfg.monitor.checkpoint_path or str(Path(cfg.run_dir) / "monitor" / "state.pkl")
+
+
+def run(cfg: PipelineConfig) -> ActorHandle:
+    """Start (or get) the named drift-monitor actor over ``<run_dir>/data/reference.parquet``.
+
+    Connects to Ray (``cfg.cluster``), reads ingestion's reference sample and meta.json, starts the actor in
+    namespace ``fabric`` under ``cfg.monitor.actor_name`` (restartable, checkpointed to ``checkpoint_path``)
+    and, with ``cfg.monitor.resources``, a resource sampler on every node.
+
+    Returns:
+        The actor's handle.
+    """
+    from fabric.runtime import connect
+
+    connect(cfg.cluster)
+    reference, meta = load_reference(cfg.run_dir)
+    target = meta.get("target") or (cfg.data.target if cfg.data.target in reference.columns else None)
+    handle = start(
+        cfg.monitor,
+        reference,
+        target=target,
+        task=meta.get("task") or cfg.data.task,
+        checkpoint_path=checkpoint_path(cfg),
+        run_dir=cfg.run_dir,
+    )
+    if cfg.monitor.resources:
+        start_samplers(cfg.monitor.resource_interval_s, detached=cfg.monitor.detached)
+    return handle
+
+
+def stop(cfg: PipelineConfig) -> bool:
+    """Stop the monitor actor (for good) and the resource samplers; False when no monitor was running."""
+    from fabric.monitor.actor import stop as stop_actor
+    from fabric.runtime import connect
+
+    connect(cfg.cluster)
+    stopped = stop_actor(cfg.monitor.actor_name)
+    stop_samplers()
+    return stopped

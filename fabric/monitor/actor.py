@@ -1,0 +1,294 @@
+"""The drift monitor as a named, restartable Ray actor: a thin shell around DriftMonitor.
+
+The shell adds what needs Ray or real time: a background thread that computes on the schedule and
+checkpoints, Prometheus metrics through ``ray.util.metrics``, and restoring from the checkpoint when Ray
+restarts the actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.errors import FabricError
+from fabric.monitor.monitor import DriftMonitor
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from ray.actor import ActorHandle
+
+    from fabric.config import MonitorConfig
+
+log = logging.getLogger("fabric.monitor")
+
+NAMESPACE = "fabric"
+# Calls in flight when the actor dies are retried on the restarted actor (adds are then at-least-once).
+MAX_TASK_RETRIES = 3
+# add() must never wait behind a drift computation or an HTML report.
+MAX_CONCURRENCY = 4
+
+
+class MonitorMetrics:
+    """The monitor's Prometheus metrics (``ray_`` is prefixed by Ray's exporter); all tagged ``monitor``."""
+
+    def __init__(self, name: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"monitor": name}
+        m = ("monitor",)
+        self.drift_share = Gauge("fabric_monitor_drift_share", "Share of feature columns drifted", m)
+        self.dataset_drift = Gauge("fabric_monitor_dataset_drift", "1 when drift share >= threshold", m)
+        self.drift_detected = Gauge("fabric_monitor_drift_detected", "1 when dataset or prediction drift", m)
+        self.feature_score = Gauge(
+            "fabric_monitor_feature_drift_score",
+            "Drift score of a feature (a p-value or a distance: see the test tag)",
+            ("monitor", "feature", "test"),
+        )
+        self.feature_drifted = Gauge("fabric_monitor_feature_drifted", "1 when the feature drifted", ("monitor", "feature"))
+        self.prediction_score = Gauge(
+            "fabric_monitor_prediction_drift_score", "Drift score of the prediction", ("monitor", "test")
+        )
+        self.prediction_drifted = Gauge("fabric_monitor_prediction_drifted", "1 when the prediction drifted", m)
+        self.window_size = Gauge("fabric_monitor_window_size", "Rows in the rolling window", m)
+        self.compute_seconds = Gauge("fabric_monitor_compute_seconds", "Seconds the last computation took", m)
+        self.received = Counter("fabric_monitor_received_samples", "Rows received by the monitor", m)
+        self.drift_events = Counter("fabric_monitor_drift_events", "Times drift started", m)
+
+    def publish(self, result: dict[str, Any], started: bool) -> None:
+        """Set the gauges from a drift result."""
+        if result.get("status") != "ok":
+            return
+        t = self.tags
+        self.drift_share.set(result["drift_share"], t)
+        self.dataset_drift.set(float(result["dataset_drift"]), t)
+        self.drift_detected.set(float(result["drift_detected"]), t)
+        for feature, col in result["columns"].items():
+            if col["score"] is not None:
+                self.feature_score.set(col["score"], {**t, "feature": feature, "test": str(col["test"])})
+            self.feature_drifted.set(float(col["drifted"]), {**t, "feature": feature})
+        pred = result.get("prediction")
+        if pred and pred.get("score") is not None:
+            self.prediction_score.set(pred["score"], {**t, "test": str(pred["test"])})
+            self.prediction_drifted.set(float(pred["drifted"]), t)
+        if "duration_s" in result:
+            self.compute_seconds.set(result["duration_s"], t)
+        if started:
+            self.drift_events.inc(1.0, t)
+
+
+class MonitorActor:
+    """Holds one DriftMonitor; Ray runs it as a threaded, named, restartable actor (see ``start``).
+
+    Args:
+        cfg: the monitor's settings.
+        reference: the reference sample, or None to take everything from the checkpoint.
+        target: the reference's label column.
+        task: ``classification`` or ``regression`` (None: inferred).
+        checkpoint_path: where state is checkpointed (absolute, or a pyarrow URI); None: no checkpoints.
+        run_dir: the run's folder (retraining jobs get it as ``{run_dir}``).
+    """
+
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        reference: pd.DataFrame | None,
+        target: str | None = None,
+        task: str | None = None,
+        checkpoint_path: str | None = None,
+        run_dir: str | None = None,
+    ) -> None:
+        import ray
+
+        logging.basicConfig(level=logging.INFO)
+        self.cfg = cfg
+        self.checkpoint_path = checkpoint_path
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        work_dir = str(Path(checkpoint_path).parent) if checkpoint_path and "://" not in checkpoint_path else None
+        kwargs: dict[str, Any] = {"name": cfg.actor_name, "run_dir": run_dir, "work_dir": work_dir}
+        state = DriftMonitor.read_state(checkpoint_path) if checkpoint_path else None
+        self.restored = False
+        if state is not None and (restarted or reference is None):
+            self.monitor = DriftMonitor.from_state(cfg, state, **kwargs)
+            self.restored = True
+        elif reference is not None:
+            self.monitor = DriftMonitor(cfg, reference, target=target, task=task, **kwargs)  # type: ignore[arg-type]
+            if state is not None and state.get("fingerprint") == self.monitor.fingerprint:
+                # Same reference as the checkpoint (the same run, started again): carry on with its window.
+                self.monitor.restore(state, window_only=True)
+                self.restored = True
+        else:
+            raise FabricError(f"drift monitor {cfg.actor_name}: no reference given and no checkpoint at {checkpoint_path}")
+        self.metrics = MonitorMetrics(cfg.actor_name)
+        self._saved_marker: tuple[int, int, int] | None = None
+        self._saved_at = 0.0
+        self.checkpoints = 0
+        if self.restored:
+            self._saved_marker = self._marker()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="drift-schedule", daemon=True)
+        self._thread.start()
+        log.info(
+            "drift monitor %s %s: %d reference rows, %d features, window %d/%d",
+            cfg.actor_name,
+            "restored from " + str(checkpoint_path) if self.restored else "started",
+            len(self.monitor.reference),
+            len(self.monitor.features),
+            self.monitor.window_size,
+            cfg.window_size,
+        )
+
+    # ------------------------------------------------------------------ the schedule
+
+    def _marker(self) -> tuple[int, int, int]:
+        m = self.monitor
+        return (m.received, m.computations, m.dropped)
+
+    def _loop(self) -> None:
+        tick = min(1.0, self.cfg.interval_s / 2, self.cfg.checkpoint_interval_s / 2)
+        while not self._stop.wait(tick):
+            try:
+                result = self.monitor.maybe_compute()
+                if result is not None:
+                    self._published(result)
+                self.metrics.window_size.set(self.monitor.window_size, self.metrics.tags)
+                if time.monotonic() - self._saved_at >= self.cfg.checkpoint_interval_s:
+                    self._checkpoint_if_changed()
+            except Exception:  # the schedule must survive one bad computation
+                log.exception("drift monitor %s: scheduled work failed", self.cfg.actor_name)
+
+    def _published(self, result: dict[str, Any]) -> dict[str, Any]:
+        self.metrics.publish(result, bool(result.get("drift_started")))
+        return result
+
+    def _checkpoint_if_changed(self) -> bool:
+        if not self.checkpoint_path or self._marker() == self._saved_marker:
+            return False
+        self.checkpoint()
+        return True
+
+    # ------------------------------------------------------------------ remote methods
+
+    def add(self, rows: list[dict[str, Any]], predictions: list[Any] | None = None, dropped: int = 0) -> int:
+        """Append rows to the window (see ``DriftMonitor.add``)."""
+        n = self.monitor.add(rows, predictions, dropped=dropped)
+        if n:
+            self.metrics.received.inc(float(n), self.metrics.tags)
+        return n
+
+    def compute(self) -> dict[str, Any]:
+        """Compute drift now and return the result."""
+        return self._published(self.monitor.compute())
+
+    def drift(self, refresh: bool = False) -> dict[str, Any]:
+        """The last result; computed now when ``refresh`` or when there is none yet."""
+        result = self.monitor.last_result
+        if refresh or result is None:
+            return self.compute()
+        return {**result, "monitor": self.monitor.counters()}
+
+    def report_html(self, fresh: bool = False) -> str:
+        """Evidently's HTML report of the last computation's window (``fresh``: the current window)."""
+        return self.monitor.report_html(fresh=fresh)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, window size, whether this actor was restored from a checkpoint, checkpoints written."""
+        saved = self._saved_marker
+        return {
+            **self.monitor.counters(),
+            "restored": self.restored,
+            "checkpoints": self.checkpoints,
+            "checkpoint_path": self.checkpoint_path,
+            "checkpointed_received": saved[0] if saved else None,
+            "reference_fingerprint": self.monitor.fingerprint,
+        }
+
+    def count_dropped(self, n: int) -> None:
+        """Count samples a client dropped."""
+        self.monitor.count_dropped(n)
+
+    def checkpoint(self) -> str | None:
+        """Write the checkpoint now; returns its path (None when checkpoints are off)."""
+        if not self.checkpoint_path:
+            return None
+        marker = self._marker()
+        self.monitor.save(self.checkpoint_path)
+        self._saved_marker = marker
+        self._saved_at = time.monotonic()
+        self.checkpoints += 1
+        return self.checkpoint_path
+
+    def set_reference(self, reference: pd.DataFrame, target: str | None = None, task: str | None = None) -> None:
+        """Compare with a new reference from now on, and checkpoint it."""
+        self.monitor.set_reference(reference, target, task)  # type: ignore[arg-type]
+        self._saved_marker = None
+        self._checkpoint_if_changed()
+
+    def ping(self) -> bool:
+        """True (the actor is up)."""
+        return True
+
+
+# --------------------------------------------------------------------------- starting and finding it
+
+
+def get_actor(name: str) -> ActorHandle | None:
+    """The running monitor actor called ``name`` in the ``fabric`` namespace, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start(
+    cfg: MonitorConfig,
+    reference: pd.DataFrame | None,
+    *,
+    target: str | None = None,
+    task: str | None = None,
+    checkpoint_path: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    timeout_s: float = 120.0,
+) -> ActorHandle:
+    """Start the named monitor actor (or get the running one) and wait until it answers.
+
+    Ray must be connected. Local paths are made absolute here, because the actor's working directory is
+    not the caller's.
+    """
+    import ray
+
+    def absolute(p: str | Path | None) -> str | None:
+        if p is None:
+            return None
+        return str(p) if "://" in str(p) else str(Path(p).expanduser().resolve())
+
+    actor_cls = ray.remote(MonitorActor)
+    handle = actor_cls.options(  # type: ignore[attr-defined]
+        name=cfg.actor_name,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached" if cfg.detached else None,
+        max_restarts=-1,
+        max_task_retries=MAX_TASK_RETRIES,
+        max_concurrency=MAX_CONCURRENCY,
+    ).remote(cfg, reference, target, task, absolute(checkpoint_path), absolute(run_dir))
+    try:
+        ray.get(handle.ping.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise FabricError(f"drift monitor {cfg.actor_name} did not start within {timeout_s:.0f}s") from None
+    return handle
+
+
+def stop(name: str) -> bool:
+    """Kill the monitor actor called ``name`` for good; False when none was running."""
+    import ray
+
+    handle = get_actor(name)
+    if handle is None:
+        return False
+    ray.kill(handle, no_restart=True)
+    return True

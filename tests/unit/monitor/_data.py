@@ -1,0 +1,41 @@
+"""Reference data, serving-shaped rows and a fake clock for the drift-monitor tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+N_REF = 1000
+WINDOW = 400
+CITIES = ["paris", "rome", "oslo"]
+
+
+def make_frame(n: int, seed: int, *, age_shift: float = 0.0, city_p: list[float] | None = None) -> pd.DataFrame:
+    """Two numeric, one integer-coded categorical and one string categorical column, plus a binary target."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "age": rng.normal(40 + age_shift, 10, n),
+        "income": rng.lognormal(10, 0.5, n),
+        "plan": rng.choice([1, 2, 3], n),
+        "city": rng.choice(CITIES, n, p=city_p),
+        "target": rng.integers(0, 2, n),
+    })  # fmt: skip
+
+
+class FakeClock:
+    """Seconds that move only when a test says so."""
+
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+def rows_and_preds(frame: pd.DataFrame) -> tuple[list[dict], list[int]]:
+    """Serving-shaped input: JSON-like row dicts without the target, and the 'model's' predictions."""
+    rows = frame.drop(columns=["target"]).to_dict("records")
+    return rows, [int(v) for v in frame["target"]]
