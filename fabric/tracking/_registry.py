@@ -1,0 +1,425 @@
+"""Record a training run in MLflow, register its model as the ``candidate``, promote it to ``champion``.
+
+Promotion pairs candidate and champion on the test split: the same rows through both models, a one-sided
+paired t-test on per-row losses and a bootstrap CI of the mean difference. The candidate is promoted
+unless it is significantly worse; the decision and its numbers go to the run (metrics, tags), to the
+model version (tags) and to stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fabric.errors import FabricError, UsageError, require
+from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, quiet_mlflow, tracking_uri
+from fabric.tracking._predict import data_dir, read_split, score
+from fabric.tracking._promotion import Decision, compare, decide
+from fabric.tracking._rank import on_rank_zero
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fabric.config import PipelineConfig
+    from fabric.tracking._pyfunc import FabricModel
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model_dir"
+"""Name of the model folder among the pyfunc model's artifacts."""
+
+
+class TrainOutput(Protocol):
+    """What the registry needs from the training stage's result."""
+
+    model_path: Path
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+@dataclass
+class RegistryResult:
+    """The registered version, where the aliases point and why."""
+
+    model_name: str
+    version: str
+    aliases: list[str]
+    """This version's aliases after promotion (``candidate``, plus ``champion`` when promoted)."""
+    promoted: bool
+    decision: str
+    """One line: the verdict and the numbers behind it."""
+    numbers: dict[str, float]
+    """Test-split scores of the candidate (``test.*``) and the comparison (``promotion.*``)."""
+    champion_version: str
+    """The champion after this stage (this version when promoted)."""
+    run_id: str
+    tracking_uri: str
+    candidate_uri: str
+    model_uri: str = field(default="")
+    """``models:/<name>@champion``: what serving and export load."""
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[Any]:
+    """Point MLflow's fluent API (log_model, load_model, downloads) at ``uri`` for a block, then restore."""
+    mlflow = require("mlflow", "track")
+    quiet_mlflow()
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _client(uri: str) -> Any:
+    return require("mlflow", "track").MlflowClient(uri)
+
+
+def alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version ``alias`` points at, or None (no such alias, or no such model yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def stage_model_folder(model_dir: Path, data: Path, into: Path) -> Path:
+    """A copy of the training artifact folder carrying the ingestion stage's ``preprocessor.json``."""
+    from fabric.tracking._pyfunc import PREPROCESSOR_FILE
+
+    if not (model_dir / "model.json").is_file():
+        raise FabricError(f"{model_dir} is not a model folder (no model.json)")
+    out = into / "model"
+    shutil.copytree(model_dir, out)
+    if not (out / PREPROCESSOR_FILE).is_file() and (data / PREPROCESSOR_FILE).is_file():
+        shutil.copy2(data / PREPROCESSOR_FILE, out / PREPROCESSOR_FILE)
+    return out
+
+
+def log_model(
+    cfg: PipelineConfig,
+    model_dir: Path,
+    run_id: str,
+    *,
+    model_loader: str,
+    preprocessor_loader: str,
+) -> str:
+    """Log ``model_dir`` as a pyfunc model of run ``run_id``, register it, point ``candidate`` at it.
+
+    Returns:
+        The new version of ``cfg.track.model_name``.
+    """
+    from mlflow.models import infer_signature
+
+    from fabric.tracking import _mlflow_model
+    from fabric.tracking._pyfunc import FabricModel
+
+    uri = tracking_uri(cfg)
+    data = data_dir(cfg.run_dir)
+    config = {"model_loader": model_loader, "preprocessor_loader": preprocessor_loader}
+    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(uri) as mlflow:
+        staged = stage_model_folder(Path(model_dir), data, Path(tmp))
+        local = FabricModel().load(staged, model_loader, preprocessor_loader)
+        example = input_example(data, local)
+        signature = None
+        if example is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "integer column" hints
+                signature = infer_signature(example, local.predict(None, example))
+        else:
+            print("registry: no raw sample (data/reference.parquet) to infer the input signature from", flush=True)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=_mlflow_model.__file__,  # models from code: nothing pickled
+                artifacts={MODEL_ARTIFACT: str(staged)},
+                model_config=config,
+                signature=signature,
+                input_example=example.head(2) if example is not None else None,
+                registered_model_name=cfg.track.model_name,
+                pip_requirements=_requirements(),
+            )
+    version = str(info.registered_model_version)
+    _client(uri).set_registered_model_alias(cfg.track.model_name, CANDIDATE, version)
+    return version
+
+
+def input_example(data: Path, model: FabricModel) -> pd.DataFrame | None:
+    """A few rows of what a client sends: raw columns from ingestion's ``reference.parquet`` when the model
+    carries a preprocessor, else the model's feature columns from the test split. None when neither is there.
+    """
+    import pandas as pd
+
+    if model.preprocessor is not None:
+        ref = data / "reference.parquet"
+        if not ref.is_file():
+            return None
+        raw = pd.read_parquet(ref).head(5)
+        columns = getattr(model.preprocessor, "input_columns", None) or list(raw.columns)
+        return raw[list(columns)].reset_index(drop=True)
+    names = model.feature_names or None
+    try:
+        x, _, names = read_split(data, "test", names)
+    except FabricError:
+        if not names:
+            return None
+        x = [[0.0] * len(names)]
+    return pd.DataFrame(x[:5], columns=names).astype("float32")
+
+
+def _requirements() -> list[str]:
+    """Pin what the served model imports (MLflow's own inference would miss the lazy imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("mlflow", "torch", "numpy", "pandas", "pyarrow", "scikit-learn"):
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def load_registered(uri: str, model_uri: str) -> FabricModel:
+    """Load a registered fabric model (``models:/name/3``, ``models:/name@champion``) with its loaders."""
+    with using_tracking_uri(uri) as mlflow:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()  # type: ignore[no-any-return]
+
+
+def promote(cfg: PipelineConfig, version: str) -> tuple[Decision, dict[str, float], str]:
+    """Compare ``version`` with the champion on the test split; move ``champion`` to it unless worse.
+
+    Returns:
+        The decision, the numbers (``test.*`` of the candidate, ``promotion.*``) and the champion version after.
+    """
+    name = cfg.track.model_name
+    uri = tracking_uri(cfg)
+    client = _client(uri)
+    champion = alias_version(client, name, CHAMPION)
+    numbers: dict[str, float] = {}
+    candidate = load_registered(uri, f"models:/{name}/{version}")
+    data = data_dir(cfg.run_dir)
+    task = candidate.task
+    try:
+        x, y, _ = read_split(data, "test", candidate.feature_names or None)
+    except FabricError:
+        if champion is not None:
+            raise
+        x = y = None  # first model and no data folder: nothing to score, nothing to compare
+    cand_out = None
+    if x is not None:
+        cand_out = candidate.outputs(x)
+        numbers.update({f"test.{k}": v for k, v in score(cand_out, y, task).items()})  # type: ignore[arg-type]
+
+    if champion is None:
+        decision = decide(None)
+    else:
+        from fabric.tracking._predict import per_row_loss
+
+        incumbent = load_registered(uri, f"models:/{name}/{champion}")
+        if incumbent.feature_names and incumbent.feature_names != candidate.feature_names:
+            decision = Decision(True, f"champion v{champion} reads other features than the test split; replaced")
+        elif incumbent.task != task:
+            decision = Decision(True, f"champion v{champion} solves another task ({incumbent.task}); replaced")
+        else:
+            champ_out = incumbent.outputs(x)  # type: ignore[arg-type]
+            numbers.update({f"test.champion_{k}": v for k, v in score(champ_out, y, task).items()})  # type: ignore[arg-type]
+            comparison = compare(
+                per_row_loss(cand_out, y, task),  # type: ignore[arg-type]
+                per_row_loss(champ_out, y, task),  # type: ignore[arg-type]
+                alpha=cfg.track.promotion.alpha,
+                bootstrap_samples=cfg.track.promotion.bootstrap_samples,
+                seed=cfg.seed,
+            )
+            decision = decide(comparison)
+    numbers.update({f"promotion.{k}": v for k, v in decision.numbers().items()})
+    numbers["promotion.promoted"] = float(decision.promote)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        champion = version
+    for key, value in {"promotion.decision": decision.label, "promotion.reason": decision.reason[:5000]}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return decision, numbers, str(champion)
+
+
+def _params(cfg: PipelineConfig) -> dict[str, Any]:
+    """What a run is remembered by: the whole train section and the data settings that shape the model."""
+    return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "train": cfg.train.model_dump(mode="json"),
+        "data": {k: v for k, v in cfg.data.model_dump(mode="json").items() if k != "expectations"},
+    }
+
+
+@on_rank_zero
+def run(
+    cfg: PipelineConfig,
+    train_result: TrainOutput,
+    *,
+    model_loader: str | None = None,
+    preprocessor_loader: str | None = None,
+) -> RegistryResult:
+    """The registry stage: log the training run, register its model as ``candidate``, decide promotion.
+
+    Args:
+        cfg: the pipeline config (``track`` section; the test split is read from ``<run_dir>/data``).
+        train_result: the training stage's result (``model_path``, ``history``, ``metrics``).
+        model_loader: ``"module:function"`` the served model loads its torch module with
+            (default ``fabric.models:load_model``).
+        preprocessor_loader: ``"module:function"`` reading ``preprocessor.json``
+            (default ``fabric.data:load_preprocessor``).
+
+    Returns:
+        The new version, its aliases, the decision and its numbers; None off rank 0.
+
+    Raises:
+        MissingExtraError: mlflow/scipy (``track``) or, with W&B enabled, wandb (``wandb``) is missing.
+        FabricError: the model folder or (with a champion to compare against) the test split is missing.
+    """
+    from fabric.config import dump_config
+    from fabric.tracking._pyfunc import DEFAULT_MODEL_LOADER, DEFAULT_PREPROCESSOR_LOADER
+
+    require("scipy", "track")
+    uri = tracking_uri(cfg)
+    name = cfg.track.model_name
+    mlf = MLflowLogger.from_config(cfg, tags={"fabric.stage": "train"})
+    loggers: list[Any] = [mlf]
+    if cfg.track.wandb.enabled and cfg.track.wandb.mode != "disabled":
+        loggers.append(WandbLogger.from_config(cfg))
+    status = "failed"
+    try:
+        params = _params(cfg)
+        for lg in loggers:
+            lg.log_params(params)
+        for i, row in enumerate(train_result.history):
+            step = int(row.get("epoch", i))
+            metrics = {k: v for k, v in numeric(row).items() if k != "epoch"}
+            for lg in loggers:
+                lg.log_metrics(metrics, step=step)
+        final = numeric(train_result.metrics or {})
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_file = Path(tmp) / "config.yaml"
+            cfg_file.write_text(dump_config(cfg))
+            mlf.log_artifact(cfg_file)
+
+        version = log_model(
+            cfg,
+            Path(train_result.model_path),
+            mlf.run_id,  # type: ignore[arg-type]
+            model_loader=model_loader or DEFAULT_MODEL_LOADER,
+            preprocessor_loader=preprocessor_loader or DEFAULT_PREPROCESSOR_LOADER,
+        )
+        decision, numbers, champion = promote(cfg, version)
+        summary = {**{f"final.{k}": v for k, v in final.items()}, **numbers}
+        last_step = int(train_result.history[-1].get("epoch", len(train_result.history) - 1)) if train_result.history else 0
+        for lg in loggers:
+            lg.log_metrics(summary, step=last_step)
+        mlf.set_tags({
+            "promotion.decision": decision.label,
+            "promotion.reason": decision.reason[:5000],
+            "registry.model": name,
+            "registry.version": version,
+        })  # fmt: skip
+        aliases = sorted(_client(uri).get_model_version(name, version).aliases)
+        status = "success"
+    finally:
+        for lg in loggers:
+            lg.finish(status)  # type: ignore[arg-type]
+    verdict = f"-> {CHAMPION}" if decision.promote else f"stays {CANDIDATE}; {CHAMPION} remains v{champion}"
+    print(f"registry: {name} v{version} {decision.label} ({verdict}): {decision.reason}", flush=True)
+    return RegistryResult(
+        model_name=name,
+        version=version,
+        aliases=aliases,
+        promoted=decision.promote,
+        decision=decision.reason,
+        numbers=numbers,
+        champion_version=champion,
+        run_id=str(mlf.run_id),
+        tracking_uri=uri,
+        candidate_uri=f"models:/{name}/{version}",
+        model_uri=f"models:/{name}@{CHAMPION}",
+    )
+
+
+# --------------------------------------------------------------------------- resolving a model for serving
+
+_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+
+
+def _model_folder(mlflow_model: Path) -> Path:
+    """The fabric model folder inside a downloaded pyfunc model."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(mlflow_model)).flavors.get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get(MODEL_ARTIFACT)
+    if not entry:
+        raise UsageError(f"{mlflow_model} is an MLflow model but not one fabric registered (no {MODEL_ARTIFACT!r})")
+    return mlflow_model / entry["path"]
+
+
+def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
+    """A local model folder (``model.pt``, ``model.json``, ``preprocessor.json``) for a path or a registry URI.
+
+    Args:
+        uri_or_path: a model folder, a downloaded MLflow model folder, ``models:/<name>@<alias>``,
+            ``models:/<name>/<version>`` or any other MLflow model URI.
+        cfg: where the registry is (``track.tracking_uri`` or the run folder's store) and where downloads
+            are cached (``<run_dir>/registry/``, one folder per resolved version, reused).
+
+    Raises:
+        UsageError: nothing at the path, an unknown alias or version, or an MLflow model fabric did not log.
+    """
+    text = str(uri_or_path)
+    if "://" not in text and not text.startswith(("models:/", "runs:/")):
+        path = Path(text)
+        if (path / "model.json").is_file():
+            return path
+        if (path / "MLmodel").is_file():
+            return _model_folder(path)
+        raise UsageError(f"no model at {path} (expected a folder with model.json, or an MLflow model)")
+
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    client = _client(uri)
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+    try:
+        if m := _ALIAS.match(text):
+            mv = client.get_model_version_by_alias(m["name"], m["alias"])
+            key = f"{m['name']}/v{mv.version}"
+        elif m := _VERSION.match(text):
+            mv = client.get_model_version(m["name"], m["version"])
+            key = f"{m['name']}/v{mv.version}"
+    except MlflowException as e:
+        raise UsageError(f"cannot resolve {text} at {uri}: {e.message}") from None
+    cache = Path(cfg.run_dir).resolve() / "registry" / key
+    if not (cache / "MLmodel").is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".download-"))
+        try:
+            with using_tracking_uri(uri) as mlflow:
+                mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(staging))
+            try:
+                staging.rename(cache)  # atomic: replicas resolving at once never see a half-written folder
+            except OSError:
+                if not (cache / "MLmodel").is_file():
+                    raise
+        except MlflowException as e:
+            raise UsageError(f"cannot download {text} from {uri}: {e.message}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _model_folder(cache)
