@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fabric.data._preprocess import MAX_EXAMPLES, category_keys, example_rows, numeric_values, sort_categories
-from fabric.data._split import SPLITS, TRAIN, split_codes
+from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import DataValidationError
 
 # A categorical feature or a class label with more distinct values than this is almost surely a
@@ -45,6 +45,8 @@ class ScanSpec:
     val: float = 0.15
     test: float = 0.15
     seed: int = 42
+    sample_size: int = 1000
+    """Rows of the training split kept as the drift monitor's reference sample."""
 
     @property
     def columns(self) -> list[str]:
@@ -83,8 +85,9 @@ class Violation:
         )
 
     def describe(self) -> str:
-        where = f"column {self.column!r}: " if self.column else ""
-        return f"{where}{self.detail}"
+        if self.column is None:
+            return self.detail
+        return f"column {self.column!r}, {self.rows} row(s): {self.detail}"
 
 
 @dataclass
@@ -169,9 +172,14 @@ class BatchScan:
     types: dict[str, TypeStats] = field(default_factory=dict)
     train: dict[str, ColumnStats] = field(default_factory=dict)
     labels: ColumnStats | None = None
+    sample_keys: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """The smallest sample keys of training rows (at most ``sample_cap`` of them), sorted."""
+    sample_cap: int = 0
 
     def merge(self, o: BatchScan) -> BatchScan:
         out = BatchScan(self.rows + o.rows, [a + b for a, b in zip(self.split_rows, o.split_rows, strict=True)])
+        out.sample_cap = max(self.sample_cap, o.sample_cap)
+        out.sample_keys = np.sort(np.concatenate([self.sample_keys, o.sample_keys]))[: out.sample_cap]
         for attr in ("violations", "types", "train"):
             mine, theirs, merged = getattr(self, attr), getattr(o, attr), getattr(out, attr)
             for k in mine.keys() | theirs.keys():
@@ -201,7 +209,7 @@ def _fmt(v: float | None, open_end: str) -> str:
 def scan_batch(df: pd.DataFrame, spec: ScanSpec) -> BatchScan:
     """Check and summarise one batch of raw rows (all splits checked, training rows summarised)."""
     n = len(df)
-    scan = BatchScan(rows=n)
+    scan = BatchScan(rows=n, sample_cap=spec.sample_size)
     if n == 0:
         return scan
     v = scan.violations
@@ -214,25 +222,31 @@ def scan_batch(df: pd.DataFrame, spec: ScanSpec) -> BatchScan:
     present = set(df.columns)
     for c in spec.required:
         if c not in present:
-            flag("missing", c, np.ones(n, dtype=bool), "column is missing")
+            flag("missing", c, np.ones(n, dtype=bool), "the column is absent from these rows")
 
-    codes = split_codes(df, spec.columns, spec.train, spec.val, spec.seed)
+    hashes = row_hash(df, spec.columns)
+    codes = assign(unit_interval(hashes, spec.seed), spec.train, spec.val)
     scan.split_rows = [int((codes == i).sum()) for i in range(len(SPLITS))]
+    keys = unit_interval(hashes[codes == TRAIN], spec.seed, stream=1)
+    if len(keys) > spec.sample_size:
+        keys = np.partition(keys, spec.sample_size - 1)[: spec.sample_size]
+    scan.sample_keys = np.sort(keys)
 
     for c in dict.fromkeys([*spec.not_null, spec.target]):
         if c in present:
-            flag("not_null", c, df[c].isna().to_numpy(), "null value(s)")
+            why = "null target" if c == spec.target else "null (expectations.not_null)"
+            flag("not_null", c, df[c].isna().to_numpy(), why)
     for c, lo, hi in spec.ranges:
         if c in present:
             x, other = numeric_values(df[c])
             with np.errstate(invalid="ignore"):
                 out = other | (x < (lo if lo is not None else -np.inf)) | (x > (hi if hi is not None else np.inf))
-            flag("range", c, out, f"value(s) outside [{_fmt(lo, '-inf')}, {_fmt(hi, 'inf')}]")
+            flag("range", c, out, f"outside [{_fmt(lo, '-inf')}, {_fmt(hi, 'inf')}] (expectations.ranges)")
     for c, keys in spec.allowed:
         if c in present:
             k = category_keys(df[c])
             out = pd.notna(k) & ~pd.Series(k, dtype=object).isin(keys).to_numpy()
-            flag("allowed", c, out, f"value(s) not in the allowed set {sorted(keys)}")
+            flag("allowed", c, out, f"not in expectations.allowed {sorted(keys)}")
 
     # Type of every column that is not declared categorical: numbers, or non-numbers, or a mix (an error).
     numeric_expected = [c for c in spec.features if c not in spec.categorical]
@@ -273,6 +287,8 @@ class Plan:
     classes: list[str] | None
     rows: dict[str, int]
     train: dict[str, ColumnStats]
+    sample_threshold: float = 1.0
+    """Training rows whose sample key is <= this form the reference sample (inf: every training row)."""
 
     def numeric_stats(self) -> dict[str, dict[str, float]]:
         return {
@@ -358,7 +374,9 @@ def evaluate(scan: BatchScan, spec: ScanSpec) -> Plan:
 
     if violations:
         raise validation_error(list(violations.values()))
-    return Plan(kinds, inferred, classes, rows, {c: s for c, s in scan.train.items()})
+    keys = scan.sample_keys
+    threshold = float(keys[spec.sample_size - 1]) if len(keys) >= spec.sample_size else math.inf
+    return Plan(kinds, inferred, classes, rows, dict(scan.train), threshold)
 
 
 def validation_error(violations: list[Violation]) -> DataValidationError:
@@ -366,12 +384,10 @@ def validation_error(violations: list[Violation]) -> DataValidationError:
     ordered = sorted(violations, key=lambda v: (_CHECK_ORDER.index(v.check), v.column or ""))
     first = ordered[0]
     if len(ordered) == 1:
-        head = f"data check failed ({first.check}): {first.describe()} in {first.rows} row(s)"
+        head = f"data check failed [{first.check}] {first.describe()}"
     else:
-        lines = "\n".join(f"  - [{v.check}] {v.describe()}: {v.rows} row(s)" for v in ordered)
+        lines = "\n".join(f"  - [{v.check}] {v.describe()}" for v in ordered)
         head = f"data failed {len(ordered)} checks:\n{lines}"
-    if first.check in ("min_rows", "split", "classes"):
-        head = head.replace(f" in {first.rows} row(s)", "")
     err = DataValidationError(head, column=first.column, rows=first.rows, examples=first.examples)
     err.violations = [  # type: ignore[attr-defined]
         {"check": v.check, "column": v.column, "rows": v.rows, "detail": v.detail, "examples": v.examples}

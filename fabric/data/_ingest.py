@@ -1,16 +1,16 @@
 """The ingestion stage: read → check → fit on train → write splits and the drift monitor's reference.
 
-Three streaming Ray Data passes over the source, none of which holds the dataset in memory or in the
-object store as a whole (so data larger than the object store goes through):
+Two streaming Ray Data passes over the source, neither of which holds the dataset in memory or in
+the object store as a whole (so data larger than the object store goes through):
 
 1. **scan** — every block is checked (schema, types, expectations) and summarised (split sizes,
-   training-split statistics); only the small summaries reach the driver, which merges them and
-   either raises one DataValidationError or fits the preprocessor. Nothing is written before this
-   succeeds.
+   training-split statistics, the smallest reference-sample keys); only these small summaries reach
+   the driver, which merges them and either raises one DataValidationError or fits the
+   preprocessor. Nothing is written before this succeeds.
 2. **write** — every block is split, encoded with the fitted preprocessor and written as parquet,
-   partitioned by split, in one pass.
-3. **sample** — the reference sample for the drift monitor: the training rows with the smallest
-   seeded hash, so it is a uniform, reproducible sample drawn without a shuffle.
+   partitioned by split; the same tasks set aside the raw training rows whose seeded sample key is
+   among the smallest ``reference_sample_size`` (known from the scan), which become the reference
+   sample: uniform, reproducible, and drawn without a shuffle or a third pass.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pandas as pd
 from fabric.data._checks import BatchScan, Plan, ScanSpec, evaluate, scan_batch
 from fabric.data._preprocess import Preprocessor, category_keys, numeric_values
 from fabric.data._readers import Source, diagnose, read, read_error, resolve
-from fabric.data._split import SPLITS, TRAIN, assign, row_hash, split_codes, unit_interval
+from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
 
 if TYPE_CHECKING:
@@ -106,31 +106,38 @@ def _encode_labels(df: pd.DataFrame, target: str, classes: list[str] | None) -> 
     return codes
 
 
-def _write_block(block: Any, spec: ScanSpec, pre: Preprocessor, classes: list[str] | None) -> pa.Table:
+def _write_block(
+    block: Any,
+    spec: ScanSpec,
+    pre: Preprocessor,
+    classes: list[str] | None,
+    kinds: dict[str, str],
+    threshold: float,
+    sample_dir: str,
+) -> pa.Table:
+    import hashlib
+
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     df = _pandas(block)
-    codes = split_codes(df, spec.columns, spec.train, spec.val, spec.seed)
+    hashes = row_hash(df, spec.columns)
+    codes = assign(unit_interval(hashes, spec.seed), spec.train, spec.val)
     x = pre.transform(df)
     cols: dict[str, Any] = {name: pa.array(x[:, i]) for i, name in enumerate(pre.feature_names)}
     cols["label"] = pa.array(_encode_labels(df, spec.target, classes))
     cols["split"] = pa.array(np.asarray(SPLITS, dtype=object)[codes].tolist(), type=pa.string())
+
+    keys = unit_interval(hashes, spec.seed, stream=1)
+    chosen = (codes == TRAIN) & (keys <= threshold)
+    if chosen.any():
+        sub = df.loc[chosen]
+        raw = {c: _raw_column(sub[c], kinds[c]) for c in spec.columns}
+        raw[_SAMPLE_KEY] = pa.array(keys[chosen])
+        # Named by content, so a retried task overwrites its own file instead of adding rows.
+        name = hashlib.sha1(np.sort(keys[chosen]).tobytes()).hexdigest()
+        pq.write_table(pa.table(raw), f"{sample_dir}/{name}.parquet")
     return pa.table(cols)
-
-
-def _sample_block(block: Any, spec: ScanSpec, kinds: dict[str, str], p: float) -> pa.Table:
-    import pyarrow as pa
-
-    df = _pandas(block)
-    h = row_hash(df, spec.columns)
-    keep = (assign(unit_interval(h, spec.seed), spec.train, spec.val) == TRAIN) & (
-        unit_interval(h, spec.seed, stream=1) < p
-    )
-    sub = df.loc[keep]
-    out = {c: _raw_column(sub[c], kinds.get(c, "numeric")) for c in spec.features}
-    out[spec.target] = _raw_column(sub[spec.target], "label" if kinds.get(spec.target) == "label" else "numeric")
-    out[_SAMPLE_KEY] = pa.array(unit_interval(h[keep], spec.seed, stream=1))
-    return pa.table(out)
 
 
 def _raw_column(s: pd.Series, kind: str) -> pa.Array:
@@ -166,6 +173,7 @@ def build_spec(data: DataConfig, columns: list[str]) -> ScanSpec:
         val=data.split.val,
         test=data.split.test,
         seed=data.split.seed,
+        sample_size=data.reference_sample_size,
     )
 
 
@@ -221,6 +229,8 @@ def _scan_source(source: Source, data: DataConfig) -> tuple[ray.data.Dataset, Sc
         except FabricError:
             raise
         except Exception as e:  # Ray wraps reader failures (ArrowInvalid, ValueError) in RayTaskError
+            if not _is_read_failure(e):
+                raise
             problems = diagnose(source, e, string_columns)
             col = problems.conversion_column if problems is not None else None
             if problems is not None and not problems.malformed and col and col not in string_columns:
@@ -230,17 +240,45 @@ def _scan_source(source: Source, data: DataConfig) -> tuple[ray.data.Dataset, Sc
         return ds, spec, evaluate(scan, spec), scan
 
 
-def _write_splits(ds: ray.data.Dataset, spec: ScanSpec, pre: Preprocessor, plan: Plan, out_dir: Path) -> None:
-    """Pass 2: encode and write every split in one streaming pass, then move them into place."""
+def _is_read_failure(e: BaseException) -> bool:
+    """True when a Ray Data failure came from a reader (bad files), not from a bug in a map function."""
+    import pyarrow as pa
+
+    text = str(e)
+    return isinstance(e, (pa.ArrowException, OSError)) or any(
+        marker in text for marker in ("Failed to read", "ArrowInvalid", "ArrowTypeError", "Read", "JSON", "Empty CSV")
+    )
+
+
+def _column_kinds(spec: ScanSpec, plan: Plan) -> dict[str, str]:
+    kinds: dict[str, str] = dict(plan.kinds)
+    kinds[spec.target] = "label" if plan.classes is not None else "numeric"
+    return kinds
+
+
+def _write_splits(ds: ray.data.Dataset, spec: ScanSpec, pre: Preprocessor, plan: Plan, out_dir: Path) -> pd.DataFrame:
+    """Pass 2: encode and write every split in one streaming pass, then move them into place.
+
+    Returns the reference sample: raw training rows (features and target) set aside by the same tasks.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     staging = out_dir / "_staging"
+    sample_dir = out_dir / "_sample"
+    sample_dir.mkdir(parents=True)
     encoded = ds.map_batches(
         _write_block,
         batch_format=None,
         batch_size=None,
-        fn_kwargs={"spec": spec, "pre": pre, "classes": plan.classes},
+        fn_kwargs={
+            "spec": spec,
+            "pre": pre,
+            "classes": plan.classes,
+            "kinds": _column_kinds(spec, plan),
+            "threshold": plan.sample_threshold,
+            "sample_dir": str(sample_dir),
+        },
     )
     encoded.write_parquet(str(staging), partition_cols=["split"])
     label_type = pa.int64() if plan.classes is not None else pa.float32()
@@ -255,33 +293,15 @@ def _write_splits(ds: ray.data.Dataset, spec: ScanSpec, pre: Preprocessor, plan:
             pq.write_table(schema.empty_table(), dest / "empty.parquet")
     shutil.rmtree(staging, ignore_errors=True)
 
-
-def _reference_sample(ds: ray.data.Dataset, spec: ScanSpec, plan: Plan, size: int) -> pd.DataFrame:
-    """Pass 3: the ``size`` training rows with the smallest seeded hash (a uniform, reproducible sample)."""
-    import pyarrow as pa
-
-    n_train = plan.rows["train"]
-    kinds: dict[str, str] = dict(plan.kinds)
-    kinds[spec.target] = "label" if plan.classes is not None else "numeric"
-    # Oversample so the smallest `size` keys are almost surely among the candidates; retry with all if not.
-    p = min(1.0, (2 * size + 64) / max(n_train, 1))
-    while True:
-        cand = ds.map_batches(
-            _sample_block, batch_format=None, batch_size=None, fn_kwargs={"spec": spec, "kinds": kinds, "p": p}
-        )
-        tables = list(cand.iter_batches(batch_size=None, batch_format="pyarrow"))
-        table = pa.concat_tables(tables) if tables else None
-        got = table.num_rows if table is not None else 0
-        if got >= min(size, n_train) or p >= 1.0:
-            break
-        p = 1.0
-    if table is None:
-        return pd.DataFrame(columns=spec.columns)
-    df = table.to_pandas().sort_values(_SAMPLE_KEY, kind="stable").head(size)
-    df = df.drop(columns=[_SAMPLE_KEY]).reset_index(drop=True)
+    parts = [pq.read_table(f) for f in sorted(sample_dir.glob("*.parquet"))]
+    shutil.rmtree(sample_dir, ignore_errors=True)
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in spec.columns})
+    sample = pa.concat_tables(parts).to_pandas().sort_values(_SAMPLE_KEY, kind="stable")
+    sample = sample.head(spec.sample_size).drop(columns=[_SAMPLE_KEY]).reset_index(drop=True)
     if plan.classes is not None and all(_is_int(c) for c in plan.classes):
-        df[spec.target] = df[spec.target].astype("int64")
-    return df
+        sample[spec.target] = sample[spec.target].astype("int64")
+    return sample
 
 
 def _is_int(s: str) -> bool:
@@ -368,8 +388,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
     if out_dir.exists():  # a previous run's outputs: replaced as a whole, never mixed with these
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    _write_splits(ds, spec, pre, plan, out_dir)
-    sample = _reference_sample(ds, spec, plan, data.reference_sample_size)
+    sample = _write_splits(ds, spec, pre, plan, out_dir)
 
     import pyarrow as pa
     import pyarrow.parquet as pq

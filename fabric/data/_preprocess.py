@@ -53,7 +53,7 @@ def category_keys(series: pd.Series) -> np.ndarray:
     if pd.api.types.is_integer_dtype(dtype) and not isinstance(dtype, pd.api.extensions.ExtensionDtype):
         return series.astype(str).to_numpy(dtype=object)
     if pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype):
-        out = series.astype(object).to_numpy(dtype=object)
+        out = np.array(series.astype(object).to_numpy(dtype=object), dtype=object, copy=True)
         out[series.isna().to_numpy()] = None
         return out
     return np.array([_key(v) for v in series.astype(object)], dtype=object)

@@ -67,6 +67,14 @@ class Source:
     root: str = ""
     """The listed folder (a file's parent): hive partitions (``key=value/``) are parsed below it only."""
 
+    @property
+    def uris(self) -> list[str]:
+        """The files as URIs (for readers that resolve the filesystem themselves)."""
+        if not is_uri(self.location):
+            return list(self.files)
+        scheme = self.location.split("://", 1)[0]
+        return [f"{scheme}://{f.lstrip('/') if scheme != 'file' else f}" for f in self.files]
+
     def describe(self) -> str:
         if self.builtin:
             return f"builtin:{self.builtin}"
@@ -147,7 +155,8 @@ def read(source: Source, csv_string_columns: tuple[str, ...] = ()) -> ray.data.D
         convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in csv_string_columns})
         return ray.data.read_csv(source.files, convert_options=convert, **common)
     if source.format == "json":
-        return ray.data.read_json(source.files, lines=True, **common)
+        # The streaming JSON-lines reader (pandas, chunked) resolves filesystems itself.
+        return ray.data.read_json(source.uris, lines=True, **{**common, "filesystem": None})
     if source.format == "text":
         return ray.data.read_text(source.files, **{**common, "partitioning": None})
     raise ConfigError([ConfigProblem("data.format", f"unknown format {source.format!r}; one of {', '.join(FORMATS)}")])
