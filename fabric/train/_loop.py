@@ -1,0 +1,283 @@
+"""What every Ray Train worker runs: `train_loop_per_worker`, with a DDP or a DeepSpeed strategy."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fabric.errors import require
+from fabric.models import build_from_spec, model_spec, write_spec
+from fabric.train._checkpoint import DS_TAG, load_ddp, save_ddp
+from fabric.train._data import collate, iter_local, local_shard
+from fabric.train._metrics import EpochSums, compute_loss, epoch_line
+
+# Hyperparameters the Tune stage varies per trial (through train_loop_config); the rest comes from
+# `loop_config(cfg)`.
+DEFAULTS: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "dropout": 0.1,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "epochs": 5,
+    "seed": 0,
+    "strategy": "ddp",
+    "zero_stage": 2,
+    "offload_optimizer": False,
+}
+
+
+def spec_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The model.json spec (builder, kwargs, task metadata) a loop config describes."""
+    classification = config["task"] == "classification"
+    kwargs = {
+        "input_dim": len(config["feature_names"]),
+        "output_dim": int(config["num_classes"]) if classification else 1,
+        "hidden_size": int(config["hidden_size"]),
+        "num_layers": int(config["num_layers"]),
+        "dropout": float(config["dropout"]),
+    }
+    return model_spec(
+        "mlp",
+        kwargs,
+        task=config["task"],
+        target=config.get("target"),
+        feature_names=list(config["feature_names"]),
+        num_classes=int(config["num_classes"]) if classification else None,
+    )
+
+
+def deepspeed_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for a loop config (fp32; ZeRO stage and offload from the config)."""
+    zero: dict[str, Any] = {"stage": int(config["zero_stage"])}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": int(config["batch_size"]),
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": int(config["batch_size"]) * world_size,
+        "zero_optimization": zero,
+        # Our optimizer is a plain torch AdamW (DeepSpeed's fused one needs CUDA).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,  # the epoch line says enough
+        "wall_clock_breakdown": False,
+    }
+    if config.get("offload_optimizer"):
+        # Offloading needs DeepSpeed's own CPU Adam, so DeepSpeed builds the optimizer from this section.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": config["lr"], "weight_decay": config["weight_decay"]}}
+    return ds
+
+
+class _DDP:
+    """torch DDP through `ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], rank: int) -> None:
+        import ray.train.torch
+
+        self.rank = rank
+        self.device = ray.train.torch.get_device()
+        self.module = model
+        self.wrapped = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
+        self.optimizer = torch.optim.AdamW(self.wrapped.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self.wrapped.train()
+        out = self.wrapped(x)
+        loss = compute_loss(task, out, y)  # type: ignore[arg-type]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return out, loss
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        return self.module(x)  # the unwrapped module: no collectives while evaluating
+
+    def save(self, folder: Path, epoch: int, spec: dict[str, Any]) -> bool:
+        if self.rank != 0:  # replicas are identical: rank 0's copy is the checkpoint
+            return False
+        save_ddp(folder, self.module, self.optimizer, epoch, spec)
+        return True
+
+    def load(self, folder: Path) -> int:
+        return load_ddp(folder, self.module, self.optimizer)
+
+
+class _DeepSpeed:
+    """A DeepSpeed ZeRO engine on the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], rank: int) -> None:
+        import ray.train.torch
+
+        deepspeed = require("deepspeed", "deepspeed")
+        self.rank = rank
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        ds_config = deepspeed_config(config, ray.train.get_context().get_world_size())
+        optimizer = None
+        if "optimizer" not in ds_config:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=None if optimizer is not None else model.parameters(),
+            config=ds_config,
+        )
+        self.device = self.engine.device
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self.engine.train()
+        out = self.engine(x)
+        loss = compute_loss(task, out, y)  # type: ignore[arg-type]
+        self.engine.backward(loss)
+        self.engine.step()
+        return out, loss
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        return self.engine(x)  # through the engine: ZeRO-3 gathers partitioned weights here
+
+    def save(self, folder: Path, epoch: int, spec: dict[str, Any]) -> bool:
+        # Every rank writes its ZeRO partition; Ray Train merges the ranks' folders into one checkpoint.
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={"epoch": epoch})
+        if self.rank == 0:
+            write_spec(folder, spec)
+        return True
+
+    def load(self, folder: Path) -> int:
+        path, client = self.engine.load_checkpoint(str(folder), tag=DS_TAG)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint tagged {DS_TAG!r} in {folder}")
+        return int(client["epoch"])
+
+
+class _Batches:
+    """This worker's batches of a split: its Ray Data shard, or (no datasets given) its rows of the parquet."""
+
+    def __init__(self, config: dict[str, Any], rank: int, world_size: int, device: torch.device) -> None:
+        import ray.train
+
+        self.config = config
+        self.device = device
+        self.features = list(config["feature_names"])
+        self.task = config["task"]
+        self.batch_size = int(config["batch_size"])
+        self.shards: dict[str, Any] = {}
+        self.local: dict[str, Any] = {}
+        for split in ("train", "val"):
+            if config.get("ray_data_shards"):
+                self.shards[split] = ray.train.get_dataset_shard(split)
+            else:
+                self.local[split] = local_shard(Path(config["data_dir"]), split, self.features, rank, world_size)
+
+    def __call__(self, split: str, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shuffle = split == "train"
+        seed = int(self.config["seed"]) * 100_003 + epoch
+        if split in self.shards:
+            batches = self.shards[split].iter_batches(
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=max(8 * self.batch_size, 1024) if shuffle else None,
+                local_shuffle_seed=seed if shuffle else None,
+            )
+            pairs: Iterator[tuple[torch.Tensor, torch.Tensor]] = (collate(b, self.features, self.task) for b in batches)
+        else:
+            pairs = iter_local(self.local[split], self.batch_size, self.features, self.task, seed if shuffle else None)
+        for x, y in pairs:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _say(line: str) -> None:
+    # The worker's real stdout (which Ray forwards to the driver): Ray Train's print patch would
+    # both log and echo a plain print, showing every line twice.
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _maybe_crash(config: dict[str, Any], epoch: int, rank: int) -> None:
+    """Fault injection for recovery tests: exit this worker process once, at a given epoch and rank.
+
+    ``config["fault_injection"] = {"epoch": 2, "rank": 1, "marker": "/tmp/x"}``; the marker file makes
+    it happen once across restarts.
+    """
+    spec = config.get("fault_injection")
+    if not spec or epoch != spec["epoch"] or rank != spec.get("rank", 0):
+        return
+    marker = Path(spec["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"worker rank {rank} exited at the start of epoch {epoch}\n")
+    os._exit(1)  # like a killed process: no exception, no cleanup
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train the model on this worker's shard, reporting metrics and a checkpoint every epoch.
+
+    Used by the training stage's TorchTrainer and by every Ray Tune trial. Resumes from
+    ``ray.train.get_checkpoint()`` (after a worker failure, or a rerun of the same run), continuing the
+    epoch counter. Rank 0 prints one line per epoch.
+
+    Args:
+        config: ``fabric.train.loop_config(cfg)`` plus any overrides (Tune's hyperparameters: lr,
+            hidden_size, num_layers, dropout, batch_size, weight_decay). Keys: data_dir, task,
+            feature_names, num_classes, target, epochs, seed, strategy (ddp|deepspeed), zero_stage,
+            offload_optimizer, ray_data_shards (True when the trainer was given ``train``/``val`` datasets),
+            fault_injection (tests only).
+    """
+    import ray.train
+
+    config = {**DEFAULTS, **config}
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    task, epochs = config["task"], int(config["epochs"])
+    torch.manual_seed(int(config["seed"]))  # the same initial weights on every rank
+    spec = spec_from_config(config)
+    model = build_from_spec(spec)
+    strategy: _DDP | _DeepSpeed = (_DeepSpeed if config["strategy"] == "deepspeed" else _DDP)(model, config, rank)
+
+    start = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = strategy.load(Path(folder)) + 1
+        if rank == 0:
+            _say(f"resumed from the checkpoint of epoch {start - 1}")
+
+    batches = _Batches(config, rank, world_size, strategy.device)
+    for epoch in range(start, epochs + 1):
+        _maybe_crash(config, epoch, rank)
+        began = time.perf_counter()
+        train = EpochSums(task)
+        for x, y in batches("train", epoch):
+            out, loss = strategy.train_step(x, y, task)
+            train.add(out, y, loss)
+        val = EpochSums(task)
+        with torch.no_grad():
+            for x, y in batches("val", epoch):
+                out = strategy.eval_forward(x)
+                val.add(out, y, compute_loss(task, out, y))
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            **train.all_reduce().metrics("train"),
+            **val.all_reduce().metrics("val"),
+            "train_rows": train.rows,
+            "epoch_s": time.perf_counter() - began,
+            "world_size": world_size,
+        }
+        with tempfile.TemporaryDirectory(prefix="fabric-ckpt-") as tmp:
+            wrote = strategy.save(Path(tmp), epoch, spec)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
+                checkpoint_dir_name=f"epoch_{epoch:04d}",
+            )
+        if rank == 0:
+            _say(epoch_line(metrics, epochs))
