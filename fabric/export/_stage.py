@@ -131,7 +131,7 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
         result.metrics["fp32"] = score(fp32_out, y, task)
     print(
         f"export: {onnx_path} (opset {cfg.export.opset}, {result.providers[0]}); parity vs torch on "
-        f"{len(x)} {parity_data}: max abs diff {diff:.3g} <= tolerance {cfg.export.tolerance:g}",
+        f"{len(x)} rows ({parity_data}): max abs diff {diff:.3g} <= tolerance {cfg.export.tolerance:g}",
         flush=True,
     )
 

@@ -20,6 +20,7 @@ from fabric.tracking._rank import is_rank_zero, on_rank_zero, world_rank
 from fabric.tracking._registry import (
     CANDIDATE,
     CHAMPION,
+    Promotion,
     RegistryResult,
     alias_version,
     load_registered,
@@ -37,6 +38,7 @@ __all__ = [
     "MetricLogger",
     "MultiLogger",
     "NullLogger",
+    "Promotion",
     "RegistryResult",
     "WandbLogger",
     "alias_version",

@@ -15,13 +15,13 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fabric.errors import FabricError, UsageError, require
 from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, quiet_mlflow, tracking_uri
-from fabric.tracking._predict import data_dir, read_split, score
+from fabric.tracking._predict import data_dir, per_row_loss, read_split, score
 from fabric.tracking._promotion import Decision, compare, decide
 from fabric.tracking._rank import on_rank_zero
 
@@ -63,7 +63,8 @@ class RegistryResult:
     run_id: str
     tracking_uri: str
     candidate_uri: str
-    model_uri: str = field(default="")
+    """``models:/<name>/<version>``: this version."""
+    model_uri: str
     """``models:/<name>@champion``: what serving and export load."""
 
 
@@ -197,11 +198,22 @@ def load_registered(uri: str, model_uri: str) -> FabricModel:
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()  # type: ignore[no-any-return]
 
 
-def promote(cfg: PipelineConfig, version: str) -> tuple[Decision, dict[str, float], str]:
-    """Compare ``version`` with the champion on the test split; move ``champion`` to it unless worse.
+@dataclass
+class Promotion:
+    """The outcome of :func:`promote`."""
 
-    Returns:
-        The decision, the numbers (``test.*`` of the candidate, ``promotion.*``) and the champion version after.
+    decision: Decision
+    numbers: dict[str, float]
+    """``test.*`` (the candidate's scores), ``test.champion_*`` and ``promotion.*`` (the comparison)."""
+    champion_version: str
+    """Where ``champion`` points afterwards."""
+
+
+def promote(cfg: PipelineConfig, version: str) -> Promotion:
+    """Compare ``version`` with the champion on the test split; move ``champion`` to it unless it is worse.
+
+    Both models score the same test rows (the data folder's encoded features); the decision is recorded
+    as tags on the model version.
     """
     name = cfg.track.model_name
     uri = tracking_uri(cfg)
@@ -225,13 +237,10 @@ def promote(cfg: PipelineConfig, version: str) -> tuple[Decision, dict[str, floa
     if champion is None:
         decision = decide(None)
     else:
-        from fabric.tracking._predict import per_row_loss
-
         incumbent = load_registered(uri, f"models:/{name}/{champion}")
-        if incumbent.feature_names and incumbent.feature_names != candidate.feature_names:
-            decision = Decision(True, f"champion v{champion} reads other features than the test split; replaced")
-        elif incumbent.task != task:
-            decision = Decision(True, f"champion v{champion} solves another task ({incumbent.task}); replaced")
+        if incumbent.task != task or (incumbent.feature_names and incumbent.feature_names != candidate.feature_names):
+            # The data's encoding (or the task) changed: the champion cannot be scored on this test split.
+            decision = Decision(True, f"champion v{champion} reads other features or solves another task; replaced")
         else:
             champ_out = incumbent.outputs(x)  # type: ignore[arg-type]
             numbers.update({f"test.champion_{k}": v for k, v in score(champ_out, y, task).items()})  # type: ignore[arg-type]
@@ -250,7 +259,7 @@ def promote(cfg: PipelineConfig, version: str) -> tuple[Decision, dict[str, floa
         champion = version
     for key, value in {"promotion.decision": decision.label, "promotion.reason": decision.reason[:5000]}.items():
         client.set_model_version_tag(name, version, key, value)
-    return decision, numbers, str(champion)
+    return Promotion(decision, numbers, str(champion))
 
 
 def _params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -321,7 +330,8 @@ def run(
             model_loader=model_loader or DEFAULT_MODEL_LOADER,
             preprocessor_loader=preprocessor_loader or DEFAULT_PREPROCESSOR_LOADER,
         )
-        decision, numbers, champion = promote(cfg, version)
+        outcome = promote(cfg, version)
+        decision, numbers, champion = outcome.decision, outcome.numbers, outcome.champion_version
         summary = {**{f"final.{k}": v for k, v in final.items()}, **numbers}
         last_step = int(train_result.history[-1].get("epoch", len(train_result.history) - 1)) if train_result.history else 0
         for lg in loggers:

@@ -116,6 +116,11 @@ def test_only_rank_zero_writes(rank_one: None, tmp_run_dir: str) -> None:
     lg.log_metrics({"b": 2.0}, step=0)
     lg.finish()
     assert lg.run_id is None and not (Path(tmp_run_dir) / "mlflow.db").exists()
+    # the registry stage too: nothing registered, nothing written
+    from fabric.tracking import run
+
+    assert run(cfg, object()) is None  # type: ignore[arg-type]
+    assert list(Path(tmp_run_dir).iterdir()) == []
 
 
 def test_rank_outside_ray_train(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,12 +30,13 @@ class Registry:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     """Three candidates in one store: a trained model, an untrained one, then the trained one again."""
     root = tmp_path_factory.mktemp("registry")
-    cfg = load_config(None, [f"run_dir={root / 'run'}", f"track.model_name={NAME}", "track.promotion.bootstrap_samples=300"])
+    overrides = [f"run_dir={root / 'run'}", f"track.model_name={NAME}", "track.promotion.bootstrap_samples=300"]
+    cfg = load_config(None, overrides)
     data = fx.make_data(cfg.run_dir)
     good = fx.make_model(root / "good", data, steps=150)
     bad = fx.make_model(root / "bad", data, steps=0, seed=1)
     loaders = {"model_loader": fx.MODEL_LOADER}  # the preprocessor loader stays fabric.data's
-    first = run(cfg, fx.train_result(good), **loaders)
+    first = run(load_config(None, [*overrides, "track.wandb.enabled=true"]), fx.train_result(good), **loaders)
     worse = run(cfg, fx.train_result(bad), **loaders)
     same = shutil.copytree(good, root / "good-again")
     equal = run(cfg, fx.train_result(same), **loaders)
@@ -55,6 +56,8 @@ def test_first_candidate_becomes_champion(registry: Registry) -> None:
     assert r.model_uri == f"models:/{NAME}@champion" and r.candidate_uri == f"models:/{NAME}/1"
     assert r.numbers["test.accuracy"] > 0.85
     assert Path(registry.cfg.run_dir, "mlflow.db").is_file()
+    # W&B was enabled for this run: offline, its folder under the run folder
+    assert len(list(Path(registry.cfg.run_dir, "wandb").glob("offline-run-*/run-*.wandb"))) == 1
 
 
 def test_run_records_params_per_epoch_metrics_and_decision(registry: Registry) -> None:
