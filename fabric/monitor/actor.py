@@ -8,8 +8,10 @@ restarts the actor.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,15 @@ NAMESPACE = "fabric"
 MAX_TASK_RETRIES = 3
 # add() must never wait behind a drift computation or an HTML report.
 MAX_CONCURRENCY = 4
+
+
+def _log_to_stderr() -> None:
+    """Send fabric.monitor's INFO lines to the worker's stderr (Ray's log files, and the driver's console)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 class MonitorMetrics:
@@ -102,10 +113,12 @@ class MonitorActor:
     ) -> None:
         import ray
 
-        logging.basicConfig(level=logging.INFO)
+        _log_to_stderr()
         self.cfg = cfg
         self.checkpoint_path = checkpoint_path
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray's property trips its own deprecation warning (Ray 2.60)
+            warnings.simplefilter("ignore")
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         work_dir = str(Path(checkpoint_path).parent) if checkpoint_path and "://" not in checkpoint_path else None
         kwargs: dict[str, Any] = {"name": cfg.actor_name, "run_dir": run_dir, "work_dir": work_dir}
         state = DriftMonitor.read_state(checkpoint_path) if checkpoint_path else None
@@ -194,7 +207,7 @@ class MonitorActor:
         return self.monitor.report_html(fresh=fresh)
 
     def stats(self) -> dict[str, Any]:
-        """Counters, window size, whether this actor was restored from a checkpoint, checkpoints written."""
+        """Counters, window size, whether this actor was restored from a checkpoint, checkpoints written, pid."""
         saved = self._saved_marker
         return {
             **self.monitor.counters(),
@@ -203,6 +216,7 @@ class MonitorActor:
             "checkpoint_path": self.checkpoint_path,
             "checkpointed_received": saved[0] if saved else None,
             "reference_fingerprint": self.monitor.fingerprint,
+            "pid": os.getpid(),
         }
 
     def count_dropped(self, n: int) -> None:
