@@ -1,0 +1,72 @@
+"""Serving: tabular models over the Open Inference Protocol v2 on Ray Serve, with a traffic split.
+
+Public surface:
+
+* :func:`build_app` — ``args -> serve.Application`` (``import_path: fabric.serve.app:build_app``)
+* :func:`run` — the pipeline's serve stage: deploy the app of a config and return where it answers
+* :func:`deploy`, :func:`set_traffic`, :func:`status`, :func:`delete` — driving a running Serve
+* ``protocol`` (wire models), ``engines`` (``Engine`` ABC: onnx, torch), ``router`` (``TrafficSplit``)
+
+Importing this package loads neither Ray nor torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+    from fabric.config import PipelineConfig
+    from fabric.serve.deploy import ServeResult
+
+__all__ = ["build_app", "delete", "deploy", "run", "set_traffic", "status"]
+
+
+def build_app(args: Any = None) -> Application:
+    """The Serve application for a pipeline config (see :func:`fabric.serve.app.build_app`)."""
+    from fabric.serve.app import build_app as _build
+
+    return _build(args)
+
+
+def run(cfg: PipelineConfig) -> ServeResult:
+    """The serve stage: deploy ``cfg``'s app on Serve (fast path) and return its URL once it answers.
+
+    The app keeps running after this returns, for as long as the Ray cluster does (``fabric serve``
+    keeps a local Ray up until interrupted).
+    """
+    from fabric.serve.deploy import deploy as _deploy
+
+    result = _deploy(cfg)
+    print(f"serve: {result.app_name} at {result.url} (model {result.model_name}, traffic {result.traffic}, "
+          f"fast path {'on' if result.fast_path else 'off'})", flush=True)
+    return result
+
+
+def deploy(cfg: PipelineConfig, timeout_s: float = 300.0) -> ServeResult:
+    """Deploy (or update) ``cfg``'s app and wait until it runs."""
+    from fabric.serve.deploy import deploy as _deploy
+
+    return _deploy(cfg, timeout_s)
+
+
+def set_traffic(weights: dict[str, float], app: str = "fabric") -> dict[str, float]:
+    """Change a running app's traffic split (no replica restarts); returns the new percentages."""
+    from fabric.serve.deploy import set_traffic as _set
+
+    return _set(weights, app)
+
+
+def status(app: str | None = None) -> list[dict[str, Any]]:
+    """Serve apps with their deployments' replica states and fabric apps' traffic."""
+    from fabric.serve.deploy import status as _status
+
+    return _status(app)
+
+
+def delete(app: str = "fabric") -> None:
+    """Remove an app from Serve."""
+    from fabric.serve.deploy import delete as _delete
+
+    _delete(app)

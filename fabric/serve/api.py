@@ -1,0 +1,193 @@
+"""The thin HTTP layer: Open Inference Protocol v2 routes over a :class:`TabularService`.
+
+Routes (``{name}`` is the model name, ``{version}`` pins a version and bypasses the traffic split):
+
+* ``POST /v2/models/{name}/infer``, ``POST /v2/models/{name}/versions/{version}/infer``
+* ``GET /v2/models/{name}``, ``GET /v2/models/{name}/versions/{version}`` (metadata)
+* ``GET /v2/models/{name}/ready``, ``GET /v2/models/{name}/versions/{version}/ready``
+* ``GET /v2/models/{name}/stats`` (this replica's batching counters, after Triton's statistics extension)
+* ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``
+* ``GET /monitor/drift``, ``GET /monitor/report`` (the drift monitor, through the monitor hook)
+* ``GET /openapi.json``, ``GET /docs``
+
+Every error is an :class:`~fabric.serve.protocol.ErrorResponse` JSON body with its status; the answering
+version is in the ``x-fabric-model-version`` header and the body's ``model_version``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fabric.serve.protocol import (
+    VERSION_HEADER,
+    ErrorResponse,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadataResponse,
+    ProtocolError,
+    ReadyResponse,
+    RecordsRequest,
+    ServerMetadataResponse,
+)
+from fabric.serve.service import TabularService
+
+JSON = "application/json"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not JSON"},
+    404: {"model": ErrorResponse, "description": "Unknown model or version"},
+    413: {"model": ErrorResponse, "description": "The body is larger than serve.max_body_bytes"},
+    422: {"model": ErrorResponse, "description": "Wrong shape, datatype, missing feature or forbidden value"},
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/InferenceRequest"},
+                        {"$ref": "#/components/schemas/RecordsRequest"},
+                    ]
+                }
+            }
+        },
+    }
+}
+
+
+def error_response(e: ProtocolError, headers: dict[str, str] | None = None) -> Response:
+    """The JSON error body of a ProtocolError with its status."""
+    return Response(e.body(), status_code=e.status, media_type=JSON, headers=headers)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) one over ``limit`` bytes before or while reading it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ProtocolError(400, f"invalid Content-Length {declared!r}", "invalid_request", "content-length") from None
+        if size > limit:
+            raise ProtocolError(413, f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)", "body_too_large", "content-length")
+        return await request.body()
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ProtocolError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI app serving ``service`` (used by the Serve deployment and by the bare benchmark server)."""
+    from fabric import __version__
+
+    app = FastAPI(
+        title="fabric model server",
+        version=__version__,
+        description="Open Inference Protocol v2 (KServe, Triton, Seldon) for fabric's tabular models. "
+        "Send encoded features as one tensor [rows, features] or named columns (OIP inputs per column, or "
+        "`instances` records); the `x-fabric-model-version` header names the version that answered.",
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        text = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return error_response(ProtocolError(exc.status_code, text, kind), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(ProtocolError(422, f"{loc}: {first.get('msg')}", "invalid_request", loc))
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request: Request, exc: ProtocolError) -> Response:
+        return error_response(exc)
+
+    async def infer(name: str, version: str | None, request: Request) -> Response:
+        try:
+            chosen, body = await service.infer(name, version, request.headers, lambda: read_limited(request, max_body_bytes))
+        except ProtocolError as e:
+            return error_response(e)
+        return Response(body, media_type=JSON, headers={VERSION_HEADER: chosen})
+
+    infer_doc: dict[str, Any] = {"response_model": InferenceResponse, "responses": _ERRORS, "openapi_extra": _INFER_BODY}
+
+    @app.post("/v2/models/{name}/infer", summary="Infer (the traffic split picks the version)", **infer_doc)
+    async def infer_split(name: str, request: Request) -> Response:
+        return await infer(name, None, request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", summary="Infer with a pinned version", **infer_doc)
+    async def infer_pinned(name: str, version: str, request: Request) -> Response:
+        return await infer(name, version, request)
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS, summary="Model metadata")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        return service.model_metadata(name)
+
+    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataResponse, responses=_ERRORS, summary="Version metadata")
+    async def version_metadata(name: str, version: str) -> dict[str, Any]:
+        return service.model_metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", response_model=ReadyResponse, responses=_ERRORS, summary="Model readiness")
+    async def model_ready(name: str) -> Response:
+        service.check_model(name)
+        return JSONResponse({"name": name, "ready": service.ready()}, status_code=200 if service.ready() else 503)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=ReadyResponse, responses=_ERRORS, summary="Version readiness")
+    async def version_ready(name: str, version: str) -> dict[str, Any]:
+        service.check_model(name, version)
+        return {"name": name, "version": version, "ready": True}
+
+    @app.get("/v2/models/{name}/stats", responses=_ERRORS, summary="Batching statistics of the answering replica")
+    async def model_stats(name: str) -> dict[str, Any]:
+        return service.statistics(name)
+
+    @app.get("/v2", response_model=ServerMetadataResponse, summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return service.server_metadata()
+
+    @app.get("/v2/health/live", response_model=ReadyResponse, summary="Liveness")
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", response_model=ReadyResponse, summary="Readiness")
+    async def ready() -> Response:
+        ok = service.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    # Drift monitor mount points: answered by the monitor hook (404 when monitoring is off).
+    @app.get("/monitor/drift", responses=_ERRORS, summary="Drift of the served inputs against the training reference")
+    async def monitor_drift(refresh: bool = False) -> dict[str, Any]:
+        return await service.monitor.drift(refresh)
+
+    @app.get("/monitor/report", response_class=HTMLResponse, responses=_ERRORS, summary="The HTML drift report")
+    async def monitor_report() -> HTMLResponse:
+        return HTMLResponse(await service.monitor.report())
+
+    def openapi() -> dict[str, Any]:
+        # The infer routes read the raw body (for the size limit and our own 4xx bodies), so their request
+        # schemas are added here from the pydantic models.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (InferenceRequest, RecordsRequest):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

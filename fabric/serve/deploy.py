@@ -1,0 +1,291 @@
+"""Driver side: start Serve on the fast path, deploy the app, change its traffic at run time, report status.
+
+The app is always deployed declaratively (``import_path`` + ``args``, as ``serve deploy`` and ``serve run
+<yaml>`` do), so that a traffic change is a *lightweight* config update: only the deployment's
+``user_config`` changes, and Serve calls ``reconfigure`` on the live replicas instead of replacing them;
+requests in flight finish undisturbed.
+
+The private Serve client calls (``ray.serve.context``, ``apply_config``, ``get_app_configs``) are those
+``serve deploy`` itself makes; they are confined to this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fabric.errors import ClusterError, UsageError
+from fabric.serve.spec import DEPLOYMENT, IMPORT_PATH, app_config, fast_path_env, model_name, serving_versions, traffic
+
+if TYPE_CHECKING:
+    from fabric.config import PipelineConfig
+
+DEPLOY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class ServeResult:
+    """Where the deployed app answers."""
+
+    app_name: str
+    url: str
+    model_name: str
+    traffic: dict[str, float]
+    fast_path: bool
+    routes: list[str] = field(default_factory=list)
+
+
+def _state_file() -> Any:
+    from fabric.runtime import fabric_home
+
+    return fabric_home() / "serve.json"
+
+
+def connect(cfg: PipelineConfig) -> bool:
+    """Connect to Ray, starting a local one with the fast-path environment when none is configured.
+
+    Returns:
+        True when the fast-path variables were in the environment of a Ray started here.
+    """
+    from fabric import runtime
+
+    # Before `import ray`: Ray reads RAY_AUTH_MODE once, at import, and a driver that imported it in the
+    # default mode cannot talk to a local head started with token auth.
+    runtime.use_token_auth()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = fast_path_env(cfg)
+    address = os.environ.get("RAY_ADDRESS") or cfg.cluster.address
+    head = None if address else runtime.running_head()
+    if head is not None:
+        # `fabric up`'s head: the Serve controller gets the variables through controller_options.
+        ray.init(address=head.gcs_address)
+        return False
+    if not address:
+        # A Ray started here inherits this process's environment, controller and proxies included.
+        os.environ.update(env)
+    runtime.connect(cfg.cluster)
+    return bool(env) and not address
+
+
+def _client() -> Any:
+    from ray.serve.context import _get_global_client
+
+    try:
+        return _get_global_client()
+    except Exception as e:  # RayServeException: no controller
+        raise ClusterError(f"Serve is not running on this Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+def start(cfg: PipelineConfig) -> dict[str, Any]:
+    """Start Serve (or join the running one) with ``cfg.serve``'s host and port and the fast path.
+
+    Returns:
+        The HTTP options in effect (a running Serve keeps the ones it started with).
+    """
+    from ray import serve
+
+    env = fast_path_env(cfg)
+    options: dict[str, Any] = {"http_options": {"host": cfg.serve.host, "port": cfg.serve.port}}
+    if env:
+        options["controller_options"] = {"runtime_env": {"env_vars": env}}
+    serve.start(**options)
+    http = _client().http_config
+    return {"host": http.host, "port": http.port}
+
+
+def _wait_running(app: str, timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = serve.status().applications.get(app)
+        if st is not None and st.status == ApplicationStatus.RUNNING:
+            return
+        if st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise ClusterError(f"Serve app {app!r} is {st.status.value}: {st.message.strip()[-2000:]}")
+        if time.monotonic() > deadline:
+            where = f" (status {st.status.value}: {st.message.strip()[-500:]})" if st else ""
+            raise ClusterError(f"Serve app {app!r} was not running after {timeout_s:.0f}s{where}")
+        time.sleep(0.2)
+
+
+def _apply(client: Any, apps: dict[str, dict[str, Any]]) -> None:
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate({"applications": list(apps.values())})
+    ray.get(client._controller.apply_config.remote(schema))
+
+
+def _declared(client: Any) -> dict[str, dict[str, Any]]:
+    """The declaratively deployed apps, as their config dicts (apply_config replaces the whole set)."""
+    import ray
+
+    configs = ray.get(client._controller.get_app_configs.remote())
+    return {name: c.model_dump(exclude_unset=True) for name, c in configs.items()}
+
+
+def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeResult:
+    """Deploy (or update) the app of ``cfg`` and wait until it answers.
+
+    Connects to Ray (a local one with the fast path when no cluster is configured), starts Serve on
+    ``serve.host:serve.port``, and deploys ``fabric.serve.app:build_app`` with this config.
+
+    Raises:
+        UsageError: a model cannot be found.
+        ClusterError: the app failed to deploy (the message carries Serve's reason).
+    """
+    from fabric.serve.engines import locate
+
+    for version in serving_versions(cfg):
+        locate(version, cfg)  # a readable error here rather than a traceback in Serve's status
+    started_fast = connect(cfg)
+    http = start(cfg)
+    client = _client()
+    apps = _declared(client)
+    apps[cfg.serve.app_name] = app_config(cfg)
+    _apply(client, apps)
+    _wait_running(cfg.serve.app_name, timeout_s)
+    import ray
+
+    _state_file().parent.mkdir(parents=True, exist_ok=True)
+    _state_file().write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": cfg.serve.app_name}))
+    prefix = cfg.serve.route_prefix.rstrip("/")
+    url = f"http://{http['host']}:{http['port']}{prefix}"
+    name = model_name(cfg)
+    return ServeResult(
+        app_name=cfg.serve.app_name,
+        url=url,
+        model_name=name,
+        traffic=traffic(cfg),
+        fast_path=started_fast or is_fast_path(),
+        routes=[f"POST {url}/v2/models/{name}/infer", f"GET {url}/v2/models/{name}", f"GET {url}/v2/health/ready", f"GET {url}/docs"],
+    )
+
+
+def is_fast_path() -> bool:
+    """True when the running Serve ingress is HAProxy (the fast path)."""
+    import ray
+
+    try:
+        proxies = ray.get(_client()._controller.get_proxies.remote(), timeout=10)
+    except Exception:
+        return False
+    return any(h._ray_actor_creation_function_descriptor.class_name == "HAProxyManager" for h in proxies.values())
+
+
+def attach(address: str | None = None) -> None:
+    """Connect to the cluster running Serve: ``address``, RAY_ADDRESS, the last ``fabric serve``'s, or
+    ``fabric up``'s head."""
+    from fabric import runtime
+
+    runtime.use_token_auth()  # before `import ray` (see connect)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        state = _state_file()
+        if state.is_file():
+            address = json.loads(state.read_text()).get("gcs_address")
+        elif (head := runtime.running_head()) is not None:
+            address = head.gcs_address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        raise UsageError("no running Serve found: start one with `fabric serve <config>` or pass --address")
+    try:
+        ray.init(address=address, namespace="serve", log_to_driver=False)
+    except Exception as e:  # ConnectionError and friends, with Ray's long messages
+        raise ClusterError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(e).splitlines()[0]}") from None
+
+
+def current_traffic(app: str) -> dict[str, float]:
+    """The traffic weights the app's deployment is configured with now."""
+    apps = _declared(_client())
+    if app not in apps:
+        raise UsageError(_not_declared(app, apps))
+    cfg = _app_pipeline_config(apps[app])
+    for dep in apps[app].get("deployments") or []:
+        if dep.get("name") == DEPLOYMENT and (dep.get("user_config") or {}).get("traffic"):
+            return dict(dep["user_config"]["traffic"])
+    return traffic(cfg)
+
+
+def _not_declared(app: str, apps: dict[str, Any]) -> str:
+    known = ", ".join(sorted(apps)) or "none"
+    return (
+        f"no Serve app {app!r} deployed from a config (declarative apps: {known}); traffic changes need an app "
+        "started by `fabric serve`, `fabric.serve.deploy` or `serve run/deploy <yaml>`"
+    )
+
+
+def _app_pipeline_config(app: dict[str, Any]) -> PipelineConfig:
+    from fabric.serve.spec import config_from_args
+
+    return config_from_args(app.get("args") or {})
+
+
+def set_traffic(weights: dict[str, float], app: str = "fabric", timeout_s: float = 120.0) -> dict[str, float]:
+    """Change the traffic split of a running app without restarting its replicas.
+
+    Versions not named get weight 0. Validated against the app's versions before anything is sent.
+
+    Returns:
+        The new weights as percentages.
+
+    Raises:
+        UsageError: an unknown app or version, a negative weight, or all weights 0.
+    """
+    from fabric.serve.router import TrafficSplit
+
+    client = _client()
+    apps = _declared(client)
+    if app not in apps:
+        raise UsageError(_not_declared(app, apps))
+    cfg = _app_pipeline_config(apps[app])
+    split = TrafficSplit(traffic(cfg))
+    full = split.check(weights)
+    split.update(full)
+    deployments = [d for d in apps[app].get("deployments") or [] if d.get("name") != DEPLOYMENT]
+    deployments.append({"name": DEPLOYMENT, "user_config": {"traffic": full}})
+    apps[app]["deployments"] = deployments
+    _apply(client, apps)
+    _wait_running(app, timeout_s)
+    return split.weights
+
+
+def status(app: str | None = None) -> list[dict[str, Any]]:
+    """Per app: status, deployments with replica states, and (for fabric apps) the traffic split."""
+    from ray import serve
+
+    st = serve.status()
+    apps = _declared(_client())
+    out = []
+    for name, a in st.applications.items():
+        if app and name != app:
+            continue
+        deps = {
+            d_name: {"status": getattr(d.status, "value", d.status), "replicas": {getattr(k, "value", k): v for k, v in d.replica_states.items()}}
+            for d_name, d in a.deployments.items()
+        }
+        row: dict[str, Any] = {"app": name, "status": getattr(a.status, "value", a.status), "message": a.message, "deployments": deps}
+        if name in apps and apps[name].get("import_path") == IMPORT_PATH:
+            try:
+                row["traffic"] = current_traffic(name)
+            except Exception:  # a status line must not fail on one odd app
+                pass
+        out.append(row)
+    return out
+
+
+def delete(app: str = "fabric") -> None:
+    """Remove the app (Serve and the cluster stay up)."""
+    from ray import serve
+
+    serve.delete(app)

