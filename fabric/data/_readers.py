@@ -37,6 +37,8 @@ _EXTENSIONS = {
 }
 _COMPRESSION = (".gz", ".bz2", ".zst", ".zstd", ".br", ".lz4")
 _MAX_EXAMPLES = 5
+_MIN_BLOCK_BYTES = 8 * 1024 * 1024
+_V1_PARQUET_MAX_FILES = 256
 
 
 def format_of(path: str) -> str | None:
@@ -66,6 +68,8 @@ class Source:
     builtin: str | None = None
     root: str = ""
     """The listed folder (a file's parent): hive partitions (``key=value/``) are parsed below it only."""
+    nbytes: int = 0
+    """Total size of the files on storage."""
 
     @property
     def uris(self) -> list[str]:
@@ -103,13 +107,16 @@ def resolve(location: str, fmt: str = "auto") -> Source:
     if info.type == pafs.FileType.NotFound:
         raise DataValidationError(f"no data at {location}")
     if info.type == pafs.FileType.File:
-        files, root = [path], path.rsplit("/", 1)[0]
+        sizes, root = {path: info.size or 0}, path.rsplit("/", 1)[0]
     else:
         root = path
         listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = sorted(
-            i.path for i in listing if i.type == pafs.FileType.File and not _hidden(i.path[len(path) :].lstrip("/"))
-        )
+        sizes = {
+            i.path: i.size or 0
+            for i in listing
+            if i.type == pafs.FileType.File and not _hidden(i.path[len(path) :].lstrip("/"))
+        }
+    files = sorted(sizes)
     if fmt == "auto":
         found = {f: format_of(f) for f in files}
         kinds = {k for k in found.values() if k}
@@ -125,12 +132,30 @@ def resolve(location: str, fmt: str = "auto") -> Source:
         files = [f for f, k in found.items() if k == fmt]
     elif not files:
         raise DataValidationError(f"no files at {location}")
-    return Source(location, fmt, fs, files, root=root)
+    return Source(location, fmt, fs, files, root=root, nbytes=sum(sizes[f] for f in files))
+
+
+def _block_budget(source: Source, default: int | None) -> int | None:
+    """Bytes per block: small enough to stream through the object store, enough blocks for every CPU.
+
+    Ray Data's default (128 MiB) suits clusters; a single 100 MiB file would then be one block, read
+    by one task on one CPU, and one block larger than a small object store.
+    """
+    import ray
+
+    if default is None:
+        return None
+    res = ray.cluster_resources()
+    cpus = max(1, int(res.get("CPU", 1)))
+    store = int(res.get("object_store_memory", default * 8))
+    want = min(source.nbytes // (4 * cpus) if source.nbytes else default, store // 8)
+    return int(min(default, max(_MIN_BLOCK_BYTES, want)))
 
 
 def read(source: Source, csv_string_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
     """A lazy Ray Dataset over ``source`` (nothing is read until it executes)."""
     import ray.data
+    from ray.data import DataContext
 
     if source.builtin is not None:
         from fabric.data._builtin import load_builtin
@@ -139,6 +164,21 @@ def read(source: Source, csv_string_columns: tuple[str, ...] = ()) -> ray.data.D
         # A few blocks, so that even the small builtin datasets exercise parallel scans.
         step = max(1, -(-len(df) // 4))
         return ray.data.from_pandas([df.iloc[i : i + step] for i in range(0, len(df), step)])
+    # Datasets keep a copy of the context they were made under: this block size applies to this
+    # dataset (and those derived from it) only, not to other Ray Data work in the process.
+    ctx = DataContext.get_current().copy()
+    ctx.target_max_block_size = _block_budget(source, ctx.target_max_block_size)
+    if source.format == "parquet" and len(source.files) <= _V1_PARQUET_MAX_FILES:
+        # Ray Data 2.60's DataSourceV2 parquet reader starts footer-reader actors on every execution:
+        # seconds of fixed cost per pass (most of an ingestion of a few files). It pays off only
+        # for many files; the file-task reader is faster below that.
+        ctx.use_datasource_v2 = False
+    with DataContext.current(ctx):
+        return _read(source, csv_string_columns)
+
+
+def _read(source: Source, csv_string_columns: tuple[str, ...]) -> ray.data.Dataset:
+    import ray.data
     from ray.data.datasource import Partitioning
 
     common: dict[str, Any] = {
