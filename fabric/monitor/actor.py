@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.errors import FabricError
-from fabric.monitor.monitor import DriftMonitor
+from fabric.monitor.monitor import DriftMonitor, reference_fingerprint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -270,8 +270,9 @@ def start(
 ) -> ActorHandle:
     """Start the named monitor actor (or get the running one) and wait until it answers.
 
-    Ray must be connected. Local paths are made absolute here, because the actor's working directory is
-    not the caller's.
+    Ray must be connected. A running monitor with another reference is switched to ``reference`` (its
+    window and settings stay). Local paths are made absolute here, because the actor's working directory
+    is not the caller's.
     """
     import ray
 
@@ -291,9 +292,14 @@ def start(
         max_concurrency=MAX_CONCURRENCY,
     ).remote(cfg, reference, target, task, absolute(checkpoint_path), absolute(run_dir))
     try:
-        ray.get(handle.ping.remote(), timeout=timeout_s)
+        running = ray.get(handle.stats.remote(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise FabricError(f"drift monitor {cfg.actor_name} did not start within {timeout_s:.0f}s") from None
+    if reference is not None and running["reference_fingerprint"] != reference_fingerprint(reference):
+        # A monitor of an earlier run is still up (it is detached): compare with this run's reference from now
+        # on. Its other settings stay; `fabric.monitor.stop` first to change them.
+        log.info("drift monitor %s: already running with another reference; replacing it", cfg.actor_name)
+        ray.get(handle.set_reference.remote(reference, target, task), timeout=timeout_s)
     return handle
 
 

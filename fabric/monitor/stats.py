@@ -338,15 +338,21 @@ def report_html(
     ev = evidently()
     from evidently.presets import DataDriftPreset
 
+    import pandas as pd
+
     options = options or DriftOptions()
     all_kinds = dict(kinds)
     if prediction is not None and prediction[0] in current and prediction[0] in reference:
         all_kinds[prediction[0]] = prediction[1]
+    ref = {c: align(reference[c], k) for c, k in all_kinds.items()}
+    cur = {c: align(current[c], k) for c, k in all_kinds.items() if c in current}
+    # Evidently raises on a column with no values; compute_drift lists such columns as skipped.
+    all_kinds = {c: k for c, k in all_kinds.items() if c in cur and cur[c].notna().any() and ref[c].notna().any()}
+    if not all_kinds:
+        raise ValueError("no column has values in both the reference and the window")
     cols = list(all_kinds)
-    import pandas as pd
-
-    ref_df = pd.DataFrame({c: align(reference[c], k) for c, k in all_kinds.items()}, columns=cols)
-    cur_df = pd.DataFrame({c: align(current[c], k) for c, k in all_kinds.items() if c in current}, columns=cols)
+    ref_df = pd.DataFrame({c: ref[c] for c in cols})
+    cur_df = pd.DataFrame({c: cur[c] for c in cols})
     definition = ev.DataDefinition(
         numerical_columns=[c for c, k in all_kinds.items() if k == "num"],
         categorical_columns=[c for c, k in all_kinds.items() if k == "cat"],

@@ -144,6 +144,9 @@ def test_run_starts_the_monitor_over_ingestion_outputs(ray_local: None, tmp_path
         assert stats["features"] == ["age", "income", "plan", "city"]
         assert stats["checkpoint_path"] == str((tmp_path / "monitor" / "state.pkl").resolve())
         assert fm.run(cfg)._actor_id == handle._actor_id  # get-or-create by name
+        make_frame(300, seed=9).to_parquet(data / "reference.parquet")  # a later run's reference
+        assert fm.run(cfg)._actor_id == handle._actor_id
+        assert ray.get(handle.stats.remote())["reference_fingerprint"] != stats["reference_fingerprint"]
         sampler = ray.get_actor(f"fabric-resources-{ray.get_runtime_context().get_node_id()[:16]}", namespace="fabric")
         reading = ray.get(sampler.sample.remote())
         assert 0 <= reading["cpu_percent"] <= 100 and reading["memory_total_bytes"] > 0

@@ -116,6 +116,8 @@ def test_a_column_missing_from_the_window_is_skipped(reference: pd.DataFrame, cl
     result = mon.compute()
     assert "income" not in result["columns"] and "income" in result["skipped_columns"]
     assert result["number_of_columns"] == 3
+    html = mon.report_html()  # Evidently would raise on the empty column: it is left out
+    assert "city" in html and "income" not in html
 
 
 def test_too_few_rows_is_not_an_error(reference: pd.DataFrame, clock: FakeClock) -> None:
