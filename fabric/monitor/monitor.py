@@ -377,11 +377,32 @@ class DriftMonitor:
         if path is None:
             base = self.work_dir or str(Path(self.run_dir or ".") / "monitor")
             path = f"{base.rstrip('/')}/windows/window-{int(self.clock() * 1000)}.parquet"
-        frame = self.window_frame()
+        frame = self._like_reference(self.window_frame())
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
         write_bytes(path, buf.getvalue())
         return str(path)
+
+    def _like_reference(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Columns typed for parquet: numeric where the reference is (or the values all are), else strings.
+
+        Rows from JSON can mix ``1``, ``1.0`` and ``"1"`` in one column, which parquet cannot store.
+        """
+        import pandas as pd
+
+        out = {}
+        for col in frame.columns:
+            s = frame[col]
+            ref = self.reference[col] if col in self.reference.columns else None
+            if ref is not None and pd.api.types.is_numeric_dtype(ref) and not pd.api.types.is_bool_dtype(ref):
+                s = pd.to_numeric(s, errors="coerce")
+            elif s.dtype == object:
+                try:
+                    s = pd.to_numeric(s)
+                except (TypeError, ValueError):
+                    s = s.map(stats.category_key, na_action="ignore")
+            out[col] = s
+        return pd.DataFrame(out, index=frame.index)
 
     def submit_retrain(self, reason: str = "drift") -> str | None:
         """Submit the retraining job with the window as new data, unless in cooldown; returns the job id."""

@@ -342,6 +342,16 @@ def test_retraining_job_gets_the_window_and_respects_cooldown(
     assert len(jobs.calls) == 2
 
 
+def test_window_with_json_mixed_types_writes_as_parquet(reference: pd.DataFrame, clock: FakeClock, tmp_path: Path) -> None:
+    mon = _monitor(reference, clock)
+    mon.add([{"age": "41.5", "plan": 1, "city": "rome", "note": 3}, {"age": 39, "plan": "2", "city": 7, "note": "x"}],
+            [1, [0.9, 0.1]])  # fmt: skip
+    written = pd.read_parquet(mon.write_window(tmp_path / "w.parquet"))
+    assert written["age"].tolist() == [41.5, 39.0] and written["plan"].tolist() == [1, 2]
+    assert written["city"].tolist() == ["rome", "7"] and written["note"].tolist() == ["3", "x"]
+    assert written["prediction"].tolist() == [1, 0]
+
+
 def test_retraining_is_off_by_default(reference: pd.DataFrame, clock: FakeClock) -> None:
     jobs = _FakeJobs()
     mon = DriftMonitor(MonitorConfig(window_size=WINDOW), reference, target="target", clock=clock,
