@@ -24,19 +24,32 @@ from fabric.export import export_onnx, quantize, session
 from fabric.models import build_mlp
 
 
-def measure(fn: Callable[[], object], batch: int, seconds: float, warmup: int = 50) -> dict[str, float]:
-    """Call ``fn`` repeatedly for about ``seconds``: per-call p50/p90 in ms and rows per second."""
-    for _ in range(warmup):
-        fn()
+def timings(fn: Callable[[], object], seconds: float) -> list[float]:
+    """Per-call seconds of ``fn`` called repeatedly for about ``seconds``."""
     times: list[float] = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    total = sum(times)
-    arr = np.asarray(times) * 1e3
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)), "rows_s": batch * len(times) / total}
+    return times
+
+
+def compare(engines: dict[str, Callable[[], object]], batch: int, seconds: float, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Time every engine in interleaved rounds (so background load hits all alike): p50/p90 ms, rows/s."""
+    for fn in engines.values():
+        for _ in range(50):  # warm-up: allocations, thread pools, ORT's first-run graph work
+            fn()
+    calls: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, fn in engines.items():
+            calls[name] += timings(fn, seconds / rounds)
+    out = {}
+    for name, times in calls.items():
+        ms = np.asarray(times) * 1e3
+        out[name] = {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+                     "rows_s": batch * len(times) / sum(times)}  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-dim", type=int, default=32)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per engine and batch size")
+    p.add_argument("--seconds", type=float, default=2.5, help="timed seconds per engine and batch size")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for both engines (default: torch's)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     args = p.parse_args(argv)
@@ -56,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_onnx(module, args.input_dim, Path(tmp) / "model.onnx")
         int8_path = quantize(fp32_path, Path(tmp) / "model.int8.onnx")
-        engines = {"onnxruntime": session(fp32_path, threads=threads), "onnxruntime int8": session(int8_path, threads=threads)}
+        sessions = {"onnxruntime": session(fp32_path, threads=threads), "onnxruntime int8": session(int8_path, threads=threads)}
+        providers = sessions["onnxruntime"].get_providers()
         rng = np.random.default_rng(0)
         rows = []
         for batch in args.batches:
@@ -67,15 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     return module(xt)
 
-            base = measure(eager, batch, args.seconds)
-            rows.append(("torch eager", batch, base, None))
-            for name, sess in engines.items():
-                feed = {sess.get_inputs()[0].name: x}
-                res = measure(lambda sess=sess, feed=feed: sess.run(None, feed), batch, args.seconds)
-                rows.append((name, batch, res, base))
+            engines: dict[str, Callable[[], object]] = {"torch eager": eager}
+            for name, sess in sessions.items():
+                engines[name] = lambda sess=sess, feed={sess.get_inputs()[0].name: x}: sess.run(None, feed)
+            res = compare(engines, batch, args.seconds)
+            rows += [(name, batch, r, res["torch eager"] if name != "torch eager" else None) for name, r in res.items()]
 
     print(f"MLP {args.input_dim}->{args.hidden_size}x{args.num_layers}->2, {threads} intra-op thread(s), "
-          f"torch {torch.__version__}, providers {engines['onnxruntime'].get_providers()}")  # fmt: skip
+          f"torch {torch.__version__}, onnxruntime providers {providers}")  # fmt: skip
     header = f"{'engine':<18}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'rows/s':>13}{'p50 speedup':>13}{'rows/s ratio':>14}"
     print(header)
     print("-" * len(header))
