@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from fabric.monitor.actor import MonitorActor, get_actor, start
 from fabric.monitor.client import MonitorClient, MonitorUnavailableError
-from fabric.monitor.monitor import DriftMonitor, load_reference
+from fabric.monitor.monitor import DriftMonitor, load_reference, reference_spec
 from fabric.monitor.resources import ResourceSampler, start_samplers, stop_samplers
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_path",
     "get_actor",
     "load_reference",
+    "reference_spec",
     "run",
     "start",
     "start_samplers",
@@ -56,12 +57,10 @@ def run(cfg: PipelineConfig) -> ActorHandle:
 
     connect(cfg.cluster)
     reference, meta = load_reference(cfg.run_dir)
-    target = meta.get("target") or (cfg.data.target if cfg.data.target in reference.columns else None)
     handle = start(
         cfg.monitor,
         reference,
-        target=target,
-        task=meta.get("task") or cfg.data.task,
+        **reference_spec(cfg, reference, meta),
         checkpoint_path=checkpoint_path(cfg),
         run_dir=cfg.run_dir,
     )

@@ -58,7 +58,9 @@ class MonitorMetrics:
             "Drift score of a feature (a p-value or a distance: see the test tag)",
             ("monitor", "feature", "test"),
         )
-        self.feature_drifted = Gauge("fabric_monitor_feature_drifted", "1 when the feature drifted", ("monitor", "feature"))
+        self.feature_drifted = Gauge(
+            "fabric_monitor_feature_drifted", "1 when the feature drifted", ("monitor", "feature")
+        )
         self.prediction_score = Gauge(
             "fabric_monitor_prediction_drift_score", "Drift score of the prediction", ("monitor", "test")
         )
@@ -100,6 +102,8 @@ class MonitorActor:
         task: ``classification`` or ``regression`` (None: inferred).
         checkpoint_path: where state is checkpointed (absolute, or a pyarrow URI); None: no checkpoints.
         run_dir: the run's folder (retraining jobs get it as ``{run_dir}``).
+        features: the raw feature columns (None: all but target and prediction).
+        categorical: columns compared as categories whatever their dtype.
     """
 
     def __init__(
@@ -110,6 +114,8 @@ class MonitorActor:
         task: str | None = None,
         checkpoint_path: str | None = None,
         run_dir: str | None = None,
+        features: list[str] | None = None,
+        categorical: list[str] | tuple[str, ...] = (),
     ) -> None:
         import ray
 
@@ -127,13 +133,17 @@ class MonitorActor:
             self.monitor = DriftMonitor.from_state(cfg, state, **kwargs)
             self.restored = True
         elif reference is not None:
-            self.monitor = DriftMonitor(cfg, reference, target=target, task=task, **kwargs)  # type: ignore[arg-type]
+            self.monitor = DriftMonitor(
+                cfg, reference, target=target, task=task, features=features, categorical=categorical, **kwargs
+            )
             if state is not None and state.get("fingerprint") == self.monitor.fingerprint:
                 # Same reference as the checkpoint (the same run, started again): carry on with its window.
                 self.monitor.restore(state, window_only=True)
                 self.restored = True
         else:
-            raise FabricError(f"drift monitor {cfg.actor_name}: no reference given and no checkpoint at {checkpoint_path}")
+            raise FabricError(
+                f"drift monitor {cfg.actor_name}: no reference given and no checkpoint at {checkpoint_path}"
+            )
         self.metrics = MonitorMetrics(cfg.actor_name)
         self._saved_marker: tuple[int, int, int] | None = None
         self._saved_at = 0.0
@@ -234,9 +244,16 @@ class MonitorActor:
         self.checkpoints += 1
         return self.checkpoint_path
 
-    def set_reference(self, reference: pd.DataFrame, target: str | None = None, task: str | None = None) -> None:
+    def set_reference(
+        self,
+        reference: pd.DataFrame,
+        target: str | None = None,
+        task: str | None = None,
+        features: list[str] | None = None,
+        categorical: list[str] | tuple[str, ...] = (),
+    ) -> None:
         """Compare with a new reference from now on, and checkpoint it."""
-        self.monitor.set_reference(reference, target, task)  # type: ignore[arg-type]
+        self.monitor.set_reference(reference, target, task, features, categorical)  # type: ignore[arg-type]
         self._saved_marker = None
         self._checkpoint_if_changed()
 
@@ -264,6 +281,8 @@ def start(
     *,
     target: str | None = None,
     task: str | None = None,
+    features: list[str] | None = None,
+    categorical: list[str] | tuple[str, ...] = (),
     checkpoint_path: str | Path | None = None,
     run_dir: str | Path | None = None,
     timeout_s: float = 120.0,
@@ -290,7 +309,7 @@ def start(
         max_restarts=-1,
         max_task_retries=MAX_TASK_RETRIES,
         max_concurrency=MAX_CONCURRENCY,
-    ).remote(cfg, reference, target, task, absolute(checkpoint_path), absolute(run_dir))
+    ).remote(cfg, reference, target, task, absolute(checkpoint_path), absolute(run_dir), features, list(categorical))
     try:
         running = ray.get(handle.stats.remote(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -299,7 +318,7 @@ def start(
         # A monitor of an earlier run is still up (it is detached): compare with this run's reference from now
         # on. Its other settings stay; `fabric.monitor.stop` first to change them.
         log.info("drift monitor %s: already running with another reference; replacing it", cfg.actor_name)
-        ray.get(handle.set_reference.remote(reference, target, task), timeout=timeout_s)
+        ray.get(handle.set_reference.remote(reference, target, task, features, list(categorical)), timeout=timeout_s)
     return handle
 
 

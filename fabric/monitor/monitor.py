@@ -106,6 +106,18 @@ def load_reference(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return pd.read_parquet(ref_path), meta
 
 
+def reference_spec(cfg: PipelineConfig, reference: pd.DataFrame, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``target``, ``task``, ``features`` and ``categorical`` of a reference, from ingestion's meta.json."""
+    target = meta.get("target") or (cfg.data.target if cfg.data.target in reference.columns else None)
+    features = [c for c in meta.get("input_columns") or [] if c in reference.columns] or None
+    return {
+        "target": target,
+        "task": meta.get("task") or cfg.data.task,
+        "features": features,
+        "categorical": [c for c in meta.get("categorical") or cfg.data.categorical if c in reference.columns],
+    }
+
+
 # --------------------------------------------------------------------------- the monitor
 
 
@@ -121,6 +133,10 @@ class DriftMonitor:
             no prediction column).
         task: ``classification`` (the prediction is categorical) or ``regression`` (numerical); None infers
             it from the prediction's reference column.
+        features: the raw feature columns (ingestion's ``input_columns``); None: every column of the
+            reference but the target and the prediction.
+        categorical: columns compared as categories whatever their dtype (ingestion's ``categorical``, e.g.
+            integer codes with many values); the others are typed as Evidently infers them.
         clock: seconds, wall time; injected so tests drive the schedule.
         name: named in log lines and webhook bodies.
         work_dir: where windows for retraining jobs are written (a local path or a pyarrow URI).
@@ -135,6 +151,8 @@ class DriftMonitor:
         *,
         target: str | None = None,
         task: Task | None = None,
+        features: Sequence[str] | None = None,
+        categorical: Sequence[str] = (),
         clock: Clock = time.time,
         name: str | None = None,
         work_dir: str | Path | None = None,
@@ -161,16 +179,31 @@ class DriftMonitor:
         self.drift_active = False
         self._next_at = clock() + cfg.interval_s
         self._last_frame: pd.DataFrame | None = None
-        self._set_reference(reference, target, task)
+        self._set_reference(reference, target, task, features, categorical)
 
     # ------------------------------------------------------------------ reference
 
-    def _set_reference(self, reference: pd.DataFrame, target: str | None, task: Task | None) -> None:
+    def _set_reference(
+        self,
+        reference: pd.DataFrame,
+        target: str | None,
+        task: Task | None,
+        features: Sequence[str] | None = None,
+        categorical: Sequence[str] = (),
+    ) -> None:
         pred = self.cfg.prediction_column
         if target is not None and target not in reference.columns:
             raise DataValidationError(f"target column {target!r} is not in the reference sample", column=target)
-        features = [c for c in reference.columns if c not in (target, pred)]
-        kinds, skipped = stats.infer_kinds(reference, features)
+        missing = [c for c in features or () if c not in reference.columns]
+        if missing:
+            raise DataValidationError(f"feature columns {missing} are not in the reference sample", column=missing[0])
+        cols = [c for c in (features or reference.columns) if c not in (target, pred)]
+        kinds, skipped = stats.infer_kinds(reference, cols)
+        for col in categorical:
+            if col in cols:
+                kinds[col] = "cat"
+                skipped.pop(col, None)
+        kinds = {c: kinds[c] for c in cols if c in kinds}  # reference order
         pred_ref = pred if pred in reference.columns else target
         if task is None and pred_ref is not None:
             kind = stats.infer_kinds(reference, [pred_ref])[0].get(pred_ref, "cat")
@@ -179,14 +212,23 @@ class DriftMonitor:
             self.reference = reference.reset_index(drop=True)
             self.target = target
             self.task = task
+            self.spec = {"target": target, "task": task, "features": list(features) if features else None,
+                         "categorical": list(categorical)}  # fmt: skip
             self.kinds = kinds
             self.skipped = skipped
             self.prediction_reference = pred_ref
             self.fingerprint = reference_fingerprint(reference)
 
-    def set_reference(self, reference: pd.DataFrame, target: str | None = None, task: Task | None = None) -> None:
+    def set_reference(
+        self,
+        reference: pd.DataFrame,
+        target: str | None = None,
+        task: Task | None = None,
+        features: Sequence[str] | None = None,
+        categorical: Sequence[str] = (),
+    ) -> None:
         """Compare with a new reference from now on (after retraining); the window is kept."""
-        self._set_reference(reference, target, task)
+        self._set_reference(reference, target, task, features, categorical)
 
     @property
     def features(self) -> list[str]:
@@ -195,7 +237,9 @@ class DriftMonitor:
 
     # ------------------------------------------------------------------ the window
 
-    def add(self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any] | None = None, *, dropped: int = 0) -> int:
+    def add(
+        self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any] | None = None, *, dropped: int = 0
+    ) -> int:
         """Append served rows (and their predictions) to the window; the oldest fall out past ``window_size``.
 
         Args:
@@ -210,7 +254,7 @@ class DriftMonitor:
             raise DataValidationError(f"{len(rows)} rows but {len(predictions)} predictions", rows=len(rows))
         preds = [stats.prediction_value(p) for p in predictions] if predictions is not None else [None] * len(rows)
         with self._lock:
-            for row, p in zip(rows, preds):
+            for row, p in zip(rows, preds, strict=True):
                 self._window.append((dict(row), p))
             self.received += len(rows)
             self.dropped += int(dropped)
@@ -443,8 +487,7 @@ class DriftMonitor:
                 "version": STATE_VERSION,
                 "name": self.name,
                 "reference": self.reference,
-                "target": self.target,
-                "task": self.task,
+                "spec": dict(self.spec),
                 "fingerprint": self.fingerprint,
                 "window": list(self._window),
                 "received": self.received,
@@ -465,14 +508,14 @@ class DriftMonitor:
         if state.get("version") != STATE_VERSION:
             raise FabricError(f"drift monitor state version {state.get('version')!r}, expected {STATE_VERSION}")
         kwargs.setdefault("name", state.get("name"))
-        mon = cls(cfg, state["reference"], target=state["target"], task=state["task"], **kwargs)
+        mon = cls(cfg, state["reference"], **state["spec"], **kwargs)
         mon.restore(state)
         return mon
 
     def restore(self, state: Mapping[str, Any], *, window_only: bool = False) -> None:
         """Take the window and counters (and unless ``window_only``, the reference) from ``state()``."""
         if not window_only:
-            self._set_reference(state["reference"], state["target"], state["task"])
+            self._set_reference(state["reference"], **state["spec"])
         with self._lock:
             self._window.clear()
             self._window.extend(state["window"])
@@ -508,6 +551,5 @@ class DriftMonitor:
     def from_run_dir(cls, cfg: PipelineConfig, **kwargs: Any) -> DriftMonitor:
         """A monitor over ingestion's reference sample in ``<cfg.run_dir>/data``."""
         reference, meta = load_reference(cfg.run_dir)
-        target = meta.get("target") or (cfg.data.target if cfg.data.target in reference.columns else None)
         kwargs.setdefault("run_dir", cfg.run_dir)
-        return cls(cfg.monitor, reference, target=target, task=meta.get("task") or cfg.data.task, **kwargs)
+        return cls(cfg.monitor, reference, **reference_spec(cfg, reference, meta), **kwargs)

@@ -199,9 +199,8 @@ def column_drift(
         depending on the test (None when not finite), and ``drifted`` is the test's own verdict.
     """
     stattests = _stattests()
-    from evidently.legacy.core import ColumnType
-
     import numpy as np
+    from evidently.legacy.core import ColumnType
 
     ref = reference.replace([np.inf, -np.inf], np.nan).dropna()
     cur = current.replace([np.inf, -np.inf], np.nan).dropna()
@@ -336,9 +335,8 @@ def report_html(
     Same columns, tests and thresholds as ``compute_drift``; the prediction is one more column of the report.
     """
     ev = evidently()
-    from evidently.presets import DataDriftPreset
-
     import pandas as pd
+    from evidently.presets import DataDriftPreset
 
     options = options or DriftOptions()
     all_kinds = dict(kinds)

@@ -217,10 +217,14 @@ def test_no_checkpoint_and_a_torn_one_read_as_none(reference: pd.DataFrame, tmp_
 def test_from_run_dir_reads_ingestion_outputs(reference: pd.DataFrame, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    reference.rename(columns={"target": "label"}).to_parquet(data / "reference.parquet")
-    (data / "meta.json").write_text(json.dumps({"task": "classification", "target": "label", "num_classes": 2}))
+    ref = reference.rename(columns={"target": "label"}).assign(zip=lambda d: d.index % 50, row_id=range(len(reference)))
+    ref.to_parquet(data / "reference.parquet")
+    meta = {"task": "classification", "target": "label", "num_classes": 2,
+            "input_columns": ["age", "income", "plan", "city", "zip"], "categorical": ["city", "zip"]}  # fmt: skip
+    (data / "meta.json").write_text(json.dumps(meta))
     mon = DriftMonitor.from_run_dir(PipelineConfig(run_dir=str(tmp_path)))
-    assert mon.target == "label" and mon.features == ["age", "income", "plan", "city"]
+    assert mon.target == "label" and mon.features == ["age", "income", "plan", "city", "zip"]  # not row_id
+    assert mon.kinds["zip"] == "cat"  # declared categorical: 50 integer codes Evidently would call numerical
 
 
 def test_from_run_dir_without_ingestion_says_so(tmp_path: Path) -> None:
@@ -288,7 +292,8 @@ def test_webhook_is_posted_once_when_drift_starts(reference: pd.DataFrame, clock
 def test_unreachable_webhook_is_logged_not_raised(
     reference: pd.DataFrame, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mon = _drifted(_monitor(reference, clock, webhook_url="http://127.0.0.1:9/hook", webhook_timeout_s=1), reference, clock)
+    mon = _monitor(reference, clock, webhook_url="http://127.0.0.1:9/hook", webhook_timeout_s=1)
+    _drifted(mon, reference, clock)
     result = mon.compute()
     assert result["drift_detected"]
     assert "webhook" in caplog.text and "failed" in caplog.text
@@ -342,7 +347,9 @@ def test_retraining_job_gets_the_window_and_respects_cooldown(
     assert len(jobs.calls) == 2
 
 
-def test_window_with_json_mixed_types_writes_as_parquet(reference: pd.DataFrame, clock: FakeClock, tmp_path: Path) -> None:
+def test_window_with_json_mixed_types_writes_as_parquet(
+    reference: pd.DataFrame, clock: FakeClock, tmp_path: Path
+) -> None:
     mon = _monitor(reference, clock)
     mon.add([{"age": "41.5", "plan": 1, "city": "rome", "note": 3}, {"age": 39, "plan": "2", "city": 7, "note": "x"}],
             [1, [0.9, 0.1]])  # fmt: skip
@@ -360,7 +367,9 @@ def test_retraining_is_off_by_default(reference: pd.DataFrame, clock: FakeClock)
     assert mon.compute()["drift_detected"] and jobs.calls == []
 
 
-def test_unreachable_job_api_does_not_break_the_monitor(reference: pd.DataFrame, clock: FakeClock, tmp_path: Path) -> None:
+def test_unreachable_job_api_does_not_break_the_monitor(
+    reference: pd.DataFrame, clock: FakeClock, tmp_path: Path
+) -> None:
     def broken(address: str | None) -> Any:
         raise FabricError("cannot reach the Ray job API")
 

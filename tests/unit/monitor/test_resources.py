@@ -35,8 +35,10 @@ def _fake_pynvml(count: int = 2, fail_index: int | None = None, init_error: bool
     nv.nvmlShutdown = lambda: state.__setitem__("shutdown", state["shutdown"] + 1)  # type: ignore[attr-defined]
     nv.nvmlDeviceGetCount = lambda: count  # type: ignore[attr-defined]
     nv.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
-    nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=40 + h, memory=10)  # type: ignore[attr-defined]
-    nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30, free=0)  # type: ignore[attr-defined]
+    ns = types.SimpleNamespace
+    nv.nvmlDeviceGetUtilizationRates = lambda h: ns(gpu=40 + h, memory=10)  # type: ignore[attr-defined]
+    gib = 2**30
+    nv.nvmlDeviceGetMemoryInfo = lambda h: ns(used=(h + 1) * gib, total=80 * gib, free=0)  # type: ignore[attr-defined]
     nv.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"  # type: ignore[attr-defined]
     nv.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"  # type: ignore[attr-defined]
     nv.nvmlDeviceGetTemperature = lambda h, sensor: 50  # type: ignore[attr-defined]

@@ -12,8 +12,7 @@ import pytest
 
 from fabric.config import MonitorConfig, load_config
 from fabric.errors import ConfigError, DataValidationError
-from fabric.monitor import MonitorClient, MonitorUnavailableError
-from fabric.monitor import stats
+from fabric.monitor import MonitorClient, MonitorUnavailableError, stats
 
 
 @pytest.mark.parametrize(
