@@ -43,10 +43,10 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def read_split(folder: Path, name: str) -> ray.data.Dataset:
-    """One split as a Ray Dataset (the one place to switch to ``fabric.data.read_split``)."""
-    import ray.data
+    """One split as a Ray Dataset, read the way the ingestion stage defines."""
+    from fabric.data import read_split
 
-    return ray.data.read_parquet(str(folder / name))
+    return read_split(folder, name)
 
 
 def collate(batch: dict[str, np.ndarray], features: list[str], task: str) -> tuple[torch.Tensor, torch.Tensor]:

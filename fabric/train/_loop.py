@@ -84,6 +84,8 @@ class _DDP:
 
         self.rank = rank
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives (the metric all-reduce) use the current device
         self.module = model
         self.wrapped = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
         self.optimizer = torch.optim.AdamW(self.wrapped.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])

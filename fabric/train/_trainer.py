@@ -112,20 +112,24 @@ def build_trainer(cfg: PipelineConfig, loop_overrides: dict[str, Any] | None = N
 
 
 def _datasets(folder: Path, num_workers: int) -> dict[str, Any]:
-    """The train/val splits for the trainer, streamed from parquet when Ray Data has CPUs to run on.
+    """The train/val splits the workers stream their shards of, read once into the object store when
+    that is cheap or necessary, else re-read from parquet every epoch.
 
-    Ray Train reserves one CPU per worker and Ray Data may only use what is left; on a cluster with no
-    CPU to spare (2 workers on a 2-core laptop) reading would wait forever, so the splits are read into
-    the object store first and the workers stream their shards from there.
+    Re-reading costs a Ray Data execution per epoch, seconds even for small splits, so a split that
+    takes under a tenth of the object store is read once. And Ray Data may only use the CPUs Ray Train
+    leaves (one per worker is reserved): with none to spare (2 workers on a 2-core laptop) a per-epoch
+    read would wait forever, so then the splits are read once whatever their size (spilling to disk).
     """
     import ray
 
-    spare = ray.cluster_resources().get("CPU", 0) - num_workers
+    spare_cpus = ray.cluster_resources().get("CPU", 0) - num_workers
+    store = ray.cluster_resources().get("object_store_memory", 0)
     out = {}
     for split in ("train", "val"):
         ds = read_split(folder, split)
         ds.context.enable_progress_bars = False  # per-epoch shard bars would bury the epoch lines
-        out[split] = ds if spare >= 1 else ds.materialize()
+        on_disk = sum(f.stat().st_size for f in (folder / split).rglob("*") if f.is_file())
+        out[split] = ds if spare_cpus >= 1 and on_disk > store / 10 else ds.materialize()
     return out
 
 
