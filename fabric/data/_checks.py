@@ -114,10 +114,8 @@ class ColumnStats:
             st.m2 = float(((finite - st.mean) ** 2).sum())
             st.min, st.max = float(finite.min()), float(finite.max())
         if track_counts:
-            keys = category_keys(series)
-            keys = keys[pd.notna(keys)]
-            vals, cnts = np.unique(keys.astype(str), return_counts=True) if len(keys) else ([], [])
-            st.counts = {str(k): int(c) for k, c in zip(vals, cnts, strict=True)}
+            counts = pd.Series(category_keys(series), dtype=object).value_counts(dropna=True)
+            st.counts = {str(k): int(c) for k, c in counts.items()}
             st._cap()
         return st
 

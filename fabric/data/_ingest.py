@@ -29,7 +29,7 @@ import pandas as pd
 
 from fabric.data._checks import BatchScan, Plan, ScanSpec, evaluate, scan_batch
 from fabric.data._preprocess import Preprocessor, category_keys, numeric_values
-from fabric.data._readers import Source, diagnose, read, read_error, resolve
+from fabric.data._readers import Source, data_context, diagnose, read, read_error, resolve
 from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
 
@@ -382,13 +382,15 @@ def run(cfg: PipelineConfig) -> IngestResult:
     out_dir = Path(cfg.run_dir).expanduser().resolve() / "data"
     source = resolve(data.source, data.format)
 
-    ds, spec, plan, _ = _scan_source(source, data)
-    pre = Preprocessor.fit(plan.numeric_stats(), plan.categories(), list(spec.features), data.scaling)
+    from ray.data import DataContext
 
-    if out_dir.exists():  # a previous run's outputs: replaced as a whole, never mixed with these
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    sample = _write_splits(ds, spec, pre, plan, out_dir)
+    with DataContext.current(data_context(source)):
+        ds, spec, plan, _ = _scan_source(source, data)
+        pre = Preprocessor.fit(plan.numeric_stats(), plan.categories(), list(spec.features), data.scaling)
+        if out_dir.exists():  # a previous run's outputs: replaced as a whole, never mixed with these
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        sample = _write_splits(ds, spec, pre, plan, out_dir)
 
     import pyarrow as pa
     import pyarrow.parquet as pq

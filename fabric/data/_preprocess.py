@@ -43,20 +43,26 @@ def _key(v: Any) -> str | None:
     return str(v)
 
 
+def by_uniques(series: pd.Series, fn: Any, null: Any) -> np.ndarray:
+    """``fn`` applied to each distinct value only, spread back over the rows (nulls become ``null``).
+
+    Text columns are mostly categorical: a handful of distinct values over millions of rows, so this
+    turns per-row Python work into per-category work.
+    """
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    mapped = np.empty(len(uniques) + 1, dtype=object)
+    mapped[:-1] = [fn(v) for v in uniques]
+    mapped[-1] = null
+    return mapped[codes]  # code -1 (null) picks the last slot
+
+
 def category_keys(series: pd.Series) -> np.ndarray:
     """The string key of every value (None for nulls), so 3, 3.0 and "3" are the same category.
 
     Readers disagree on types (a CSV gives int64, a JSON request gives str or float); keying
     categories by a canonical string keeps training and serving in agreement.
     """
-    dtype = series.dtype
-    if pd.api.types.is_integer_dtype(dtype) and not isinstance(dtype, pd.api.extensions.ExtensionDtype):
-        return series.astype(str).to_numpy(dtype=object)
-    if pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype):
-        out = np.array(series.astype(object).to_numpy(dtype=object), dtype=object, copy=True)
-        out[series.isna().to_numpy()] = None
-        return out
-    return np.array([_key(v) for v in series.astype(object)], dtype=object)
+    return by_uniques(series, _key, None)
 
 
 def sort_categories(keys: Iterable[str]) -> list[str]:
@@ -104,18 +110,26 @@ def example_rows(df: pd.DataFrame, mask: np.ndarray, first: str | None = None, l
     return [{c: json_value(v) for c, v in zip(cols, r, strict=True)} for r in rows.itertuples(index=False)]
 
 
+def _number(v: Any) -> float:
+    # Booleans inside object columns (JSON true/false) count as 1/0, like a bool column.
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    try:
+        return float(str(v).strip())
+    except ValueError:
+        return math.nan
+
+
 def numeric_values(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Float64 values of a column and a mask of values that are present but not numbers."""
     if pd.api.types.is_bool_dtype(series.dtype) or pd.api.types.is_numeric_dtype(series.dtype):
         return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan), np.zeros(
             len(series), dtype=bool
         )
-    values = series.astype(object)
-    present = values.notna().to_numpy()
-    # Booleans inside object columns (JSON true/false) count as 1/0, like a bool column.
-    values = values.map(lambda v: float(v) if isinstance(v, (bool, np.bool_)) else v)
-    nums = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    return nums, present & np.isnan(nums)
+    nums = by_uniques(series, _number, math.nan).astype(np.float64)
+    return nums, series.notna().to_numpy() & np.isnan(nums)
 
 
 # --------------------------------------------------------------------------- the preprocessor

@@ -135,6 +135,12 @@ def resolve(location: str, fmt: str = "auto") -> Source:
     return Source(location, fmt, fs, files, root=root, nbytes=sum(sizes[f] for f in files))
 
 
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _block_budget(source: Source, default: int | None) -> int | None:
     """Bytes per block: small enough to stream through the object store, enough blocks for every CPU.
 
@@ -146,16 +152,36 @@ def _block_budget(source: Source, default: int | None) -> int | None:
     if default is None:
         return None
     res = ray.cluster_resources()
-    cpus = max(1, int(res.get("CPU", 1)))
+    cpus = _cluster_cpus()
     store = int(res.get("object_store_memory", default * 8))
     want = min(source.nbytes // (4 * cpus) if source.nbytes else default, store // 8)
     return int(min(default, max(_MIN_BLOCK_BYTES, want)))
 
 
+def data_context(source: Source) -> ray.data.DataContext:
+    """Ray Data settings for reading ``source``: use it as ``with DataContext.current(ctx):`` around
+    both building and executing the datasets (Ray plans read parallelism at execution time from the
+    current context), so other Ray Data work in the process keeps its own settings."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current().copy()
+    if source.builtin is not None:
+        return ctx
+    ctx.target_max_block_size = _block_budget(source, ctx.target_max_block_size)
+    # Ray Data aims at >= 200 read blocks; on a small cluster that makes ~1 MB blocks whose per-task
+    # overhead dwarfs the work. A few blocks per CPU keeps every CPU busy (block size caps the rest).
+    ctx.read_op_min_num_blocks = 4 * _cluster_cpus()
+    if source.format == "parquet" and len(source.files) <= _V1_PARQUET_MAX_FILES:
+        # Ray Data 2.60's DataSourceV2 parquet reader starts footer-reader actors on every execution:
+        # seconds of fixed cost per pass (most of an ingestion of a few files). It pays off only
+        # for many files; the file-task reader is faster below that.
+        ctx.use_datasource_v2 = False
+    return ctx
+
+
 def read(source: Source, csv_string_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
     """A lazy Ray Dataset over ``source`` (nothing is read until it executes)."""
     import ray.data
-    from ray.data import DataContext
 
     if source.builtin is not None:
         from fabric.data._builtin import load_builtin
@@ -164,17 +190,7 @@ def read(source: Source, csv_string_columns: tuple[str, ...] = ()) -> ray.data.D
         # A few blocks, so that even the small builtin datasets exercise parallel scans.
         step = max(1, -(-len(df) // 4))
         return ray.data.from_pandas([df.iloc[i : i + step] for i in range(0, len(df), step)])
-    # Datasets keep a copy of the context they were made under: this block size applies to this
-    # dataset (and those derived from it) only, not to other Ray Data work in the process.
-    ctx = DataContext.get_current().copy()
-    ctx.target_max_block_size = _block_budget(source, ctx.target_max_block_size)
-    if source.format == "parquet" and len(source.files) <= _V1_PARQUET_MAX_FILES:
-        # Ray Data 2.60's DataSourceV2 parquet reader starts footer-reader actors on every execution:
-        # seconds of fixed cost per pass (most of an ingestion of a few files). It pays off only
-        # for many files; the file-task reader is faster below that.
-        ctx.use_datasource_v2 = False
-    with DataContext.current(ctx):
-        return _read(source, csv_string_columns)
+    return _read(source, csv_string_columns)
 
 
 def _read(source: Source, csv_string_columns: tuple[str, ...]) -> ray.data.Dataset:
@@ -204,7 +220,11 @@ def _read(source: Source, csv_string_columns: tuple[str, ...]) -> ray.data.Datas
 
 def read_text(location: str) -> ray.data.Dataset:
     """Text files as a Dataset with one ``text`` row per non-empty line (for language models)."""
-    return read(resolve(location, "text"))
+    from ray.data import DataContext
+
+    source = resolve(location, "text")
+    with DataContext.current(data_context(source)):
+        return read(source)
 
 
 # --------------------------------------------------------------------------- diagnosing a failed read

@@ -40,8 +40,11 @@ def _normalised(series: pd.Series) -> pd.Series:
     """
     if pd.api.types.is_bool_dtype(series.dtype) or pd.api.types.is_numeric_dtype(series.dtype):
         return pd.to_numeric(series, errors="coerce").astype("float64")
-    values = series.astype(object)
-    return values.where(values.notna(), None).map(lambda v: None if v is None else str(v)).astype(object)
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    mapped = np.empty(len(uniques) + 1, dtype=object)
+    mapped[:-1] = [str(v) for v in uniques]
+    mapped[-1] = None
+    return pd.Series(mapped[codes], dtype=object)
 
 
 def row_hash(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
