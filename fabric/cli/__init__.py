@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("fabric.cli.validate", "check a pipeline config without running anything"),
     "run": ("fabric.cli.run", "run the whole pipeline from a config on the current Ray"),
     "tune": ("fabric.cli.tune", "run the hyperparameter search alone (--resume continues an interrupted one)"),
+    "serve": ("fabric.cli.serve", "serve a model over HTTP (Open Inference Protocol v2); set-traffic, status"),
 }
 
 

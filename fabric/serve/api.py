@@ -29,7 +29,9 @@ from fabric.serve.protocol import (
     ErrorResponse,
     InferenceRequest,
     InferenceResponse,
+    LiveResponse,
     ModelMetadataResponse,
+    ModelReadyResponse,
     ProtocolError,
     ReadyResponse,
     RecordsRequest,
@@ -140,12 +142,12 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def version_metadata(name: str, version: str) -> dict[str, Any]:
         return service.model_metadata(name, version)
 
-    @app.get("/v2/models/{name}/ready", response_model=ReadyResponse, responses=_ERRORS, summary="Model readiness")
+    @app.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, responses=_ERRORS, summary="Model readiness")
     async def model_ready(name: str) -> Response:
         service.check_model(name)
         return JSONResponse({"name": name, "ready": service.ready()}, status_code=200 if service.ready() else 503)
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=ReadyResponse, responses=_ERRORS, summary="Version readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReadyResponse, responses=_ERRORS, summary="Version readiness")
     async def version_ready(name: str, version: str) -> dict[str, Any]:
         service.check_model(name, version)
         return {"name": name, "version": version, "ready": True}
@@ -158,7 +160,7 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def server_metadata() -> dict[str, Any]:
         return service.server_metadata()
 
-    @app.get("/v2/health/live", response_model=ReadyResponse, summary="Liveness")
+    @app.get("/v2/health/live", response_model=LiveResponse, summary="Liveness")
     async def live() -> dict[str, Any]:
         return {"live": True}
 

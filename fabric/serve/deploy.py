@@ -44,6 +44,28 @@ def _state_file() -> Any:
     return fabric_home() / "serve.json"
 
 
+def owns_ray(cfg: PipelineConfig) -> bool:
+    """True when :func:`connect` would start a local Ray (no address configured, no `fabric up` head)."""
+    from fabric import runtime
+
+    return not (os.environ.get("RAY_ADDRESS") or cfg.cluster.address or runtime.running_head())
+
+
+def clear_state() -> None:
+    """Forget the Serve that `fabric serve` recorded (it is shutting down)."""
+    _state_file().unlink(missing_ok=True)
+
+
+def app_running(app: str) -> bool:
+    """True while Serve lists ``app`` (False also when Ray is gone)."""
+    from ray import serve
+
+    try:
+        return app in serve.status().applications
+    except Exception:  # the cluster went away
+        return False
+
+
 def connect(cfg: PipelineConfig) -> bool:
     """Connect to Ray, starting a local one with the fast-path environment when none is configured.
 
@@ -199,10 +221,25 @@ def attach(address: str | None = None) -> None:
             address = head.gcs_address
     if address is None and not os.environ.get("RAY_ADDRESS"):
         raise UsageError("no running Serve found: start one with `fabric serve <config>` or pass --address")
+    target = address or os.environ["RAY_ADDRESS"]
+    if "://" not in target and target != "auto" and not _reachable(target):
+        # ray.init retries an absent GCS for minutes; say so at once instead.
+        raise ClusterError(f"no Ray cluster answers at {target} (is `fabric serve` still running?)")
     try:
         ray.init(address=address, namespace="serve", log_to_driver=False)
     except Exception as e:  # ConnectionError and friends, with Ray's long messages
         raise ClusterError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(e).splitlines()[0]}") from None
+
+
+def _reachable(address: str, timeout_s: float = 3.0) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def current_traffic(app: str) -> dict[str, float]:

@@ -172,11 +172,24 @@ class ServerMetadataResponse(_Model):
     extensions: list[str] = Field(default_factory=list)
 
 
-class ReadyResponse(_Model):
-    """Health and readiness answers."""
+class LiveResponse(_Model):
+    """``GET /v2/health/live``."""
 
-    live: bool | None = None
-    ready: bool | None = None
+    live: bool
+
+
+class ReadyResponse(_Model):
+    """``GET /v2/health/ready``."""
+
+    ready: bool
+
+
+class ModelReadyResponse(_Model):
+    """``GET /v2/models/{name}[/versions/{version}]/ready``."""
+
+    name: str
+    version: str | None = None
+    ready: bool
 
 
 # --------------------------------------------------------------------------- decoding

@@ -1,0 +1,240 @@
+"""The HTTP layer end to end without Ray: FastAPI TestClient over the real service and engines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from fabric.config import load_config
+from fabric.serve.api import make_api
+from fabric.serve.service import build_service
+from tests.unit.serve.models import FEATURES, encode, make_model, reference, softmax, tensor_request
+
+URL = "/v2/models/m/infer"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "clf": make_model(root / "clf", seed=0),
+        "clf2": make_model(root / "clf2", seed=1, onnx=False),
+        "reg": make_model(root / "reg", task="regression", preprocessor=False, onnx=False),
+    }
+
+
+class Recorder:
+    """A monitor hook that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any, Any]] = []
+
+    def observe(self, version: str, rows: Any, predictions: Any) -> None:
+        self.seen.append((version, rows, predictions))
+
+    async def drift(self, refresh: bool = False) -> dict[str, Any]:
+        return {"drift": False, "refresh": refresh}
+
+    async def report(self) -> str:
+        return "<html>report</html>"
+
+
+def _client(tmp_path: Path, overrides: list[str], monitor: Any = None) -> TestClient:
+    cfg = load_config(None, ["serve.model_name=m", "monitor.enabled=false", f"run_dir={tmp_path}", *overrides])
+    return TestClient(make_api(build_service(cfg, monitor=monitor), cfg.serve.max_body_bytes))
+
+
+@pytest.fixture(scope="module")
+def client(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    with _client(tmp_path_factory.mktemp("run"), [f"serve.model_uri={folders['clf']}", "serve.max_body_bytes=4096"]) as c:
+        yield c
+
+
+def _check_classification(body: dict[str, Any], expected_logits: np.ndarray) -> None:
+    outs = {o["name"]: o for o in body["outputs"]}
+    probs = np.asarray(outs["probabilities"]["data"], dtype=np.float32).reshape(outs["probabilities"]["shape"])
+    np.testing.assert_allclose(probs, softmax(expected_logits), atol=1e-5)
+    assert outs["label"]["data"] == softmax(expected_logits).argmax(axis=1).tolist()
+    assert outs["label"]["datatype"] == "INT64" and outs["probabilities"]["datatype"] == "FP32"
+
+
+def test_tensor_input_matches_the_model_run_directly(client: TestClient, folders: dict[str, Path]) -> None:
+    x = np.random.default_rng(0).standard_normal((5, len(FEATURES))).astype(np.float32)
+    r = client.post(URL, json=tensor_request(x, id="req-1"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == "m" and body["model_version"] == "v1" and body["id"] == "req-1"
+    assert r.headers["x-fabric-model-version"] == "v1"
+    _check_classification(body, reference(folders["clf"], x))
+
+
+def test_nested_tensor_data_and_integer_datatypes_are_accepted(client: TestClient, folders: dict[str, Path]) -> None:
+    x = np.array([[1, 0, 1, 0], [2, 1, 0, 1]])
+    req = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "INT64", "data": x.tolist()}]}
+    r = client.post(URL, json=req)
+    assert r.status_code == 200, r.text
+    _check_classification(r.json(), reference(folders["clf"], x.astype(np.float32)))
+
+
+ROWS = [{"age": 35, "income": 80.5, "city": "oslo"}, {"age": 61, "income": 20, "city": "paris"}, {"age": 18, "income": 55, "city": "rome"}]
+
+
+def test_named_columns_go_through_the_preprocessor(client: TestClient, folders: dict[str, Path]) -> None:
+    req = {
+        "inputs": [
+            {"name": "age", "shape": [3], "datatype": "INT32", "data": [r["age"] for r in ROWS]},
+            {"name": "income", "shape": [3, 1], "datatype": "FP64", "data": [r["income"] for r in ROWS]},
+            {"name": "city", "shape": [3], "datatype": "BYTES", "data": [r["city"] for r in ROWS]},
+        ]
+    }
+    r = client.post(URL, json=req)
+    assert r.status_code == 200, r.text
+    _check_classification(r.json(), reference(folders["clf"], encode(ROWS)))
+
+
+def test_records_input(client: TestClient, folders: dict[str, Path]) -> None:
+    rows = [*ROWS, {"age": None, "income": 70, "city": None, "extra": "ignored"}]
+    r = client.post(URL, json={"instances": rows})
+    assert r.status_code == 200, r.text
+    _check_classification(r.json(), reference(folders["clf"], encode(rows)))
+
+
+def test_requested_outputs_only(client: TestClient) -> None:
+    r = client.post(URL, json=tensor_request(np.zeros((2, 4), np.float32), outputs=[{"name": "label"}]))
+    assert [o["name"] for o in r.json()["outputs"]] == ["label"]
+
+
+def _big(n: int) -> bytes:
+    return b'{"instances": [' + b",".join([b'{"age": 1, "income": 2, "city": "oslo"}'] * n) + b"]}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "kind", "names"),
+    [
+        ({"content": b"{not json"}, 400, "invalid_json", None),
+        ({"content": b"[1]"}, 422, "invalid_request", None),
+        ({"json": tensor_request(np.zeros((1, 3), np.float32))}, 422, "invalid_shape", "[rows, 4]"),
+        ({"json": tensor_request(np.zeros((4,), np.float32))}, 422, "invalid_shape", "[rows, 4]"),
+        ({"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, "three", 4]}]}}, 422, "invalid_datatype", "'three'"),
+        ({"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "BYTES", "data": ["a"] * 4}]}}, 422, "invalid_datatype", "numeric"),
+        ({"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, None, 3, 4]}]}}, 422, "invalid_value", "'income'"),
+        ({"content": b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, NaN, 4]}]}'}, 422, "invalid_value", "'city=oslo'"),
+        ({"content": b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, Infinity]}]}'}, 422, "invalid_value", "finite"),
+        ({"json": {"instances": [{"age": 1, "city": "oslo"}]}}, 422, "missing_feature", "'income'"),
+        ({"json": {"inputs": [{"name": "age", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "city", "shape": [1], "datatype": "BYTES", "data": ["oslo"]}]}}, 422, "missing_feature", "'income'"),
+        ({"json": {"inputs": [{"name": "age", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "zip", "shape": [1], "datatype": "FP32", "data": [1]}]}}, 422, "unknown_input", "'zip'"),
+        ({"json": {"inputs": [{"name": "age", "shape": [2], "datatype": "FP32", "data": [1, 2]}, {"name": "income", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "city", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]}}, 422, "invalid_shape", "rows"),
+        ({"json": {"instances": [{"age": "old", "income": 1, "city": "oslo"}]}}, 422, "invalid_value", "'age'"),
+        ({"json": tensor_request(np.zeros((1, 4), np.float32), outputs=[{"name": "logits"}])}, 422, "unknown_output", "'logits'"),
+        ({"json": {"instances": []}}, 422, "invalid_request", None),
+        ({"content": _big(200)}, 413, "body_too_large", "4096"),
+        ({"content": iter([_big(200)])}, 413, "body_too_large", "4096"),  # chunked: no Content-Length
+    ],
+)
+def test_bad_input_gets_its_4xx_with_a_json_error(client: TestClient, kwargs: dict[str, Any], status: int, kind: str, names: str | None) -> None:
+    r = client.post(URL, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["type"] == kind and err["error"]
+    if names:
+        assert names in err["error"]
+    # the replica keeps answering after every bad request
+    assert client.post(URL, json=tensor_request(np.zeros((1, 4), np.float32))).status_code == 200
+
+
+def test_unknown_model_version_and_route_are_404(client: TestClient) -> None:
+    r = client.post("/v2/models/nope/infer", json=tensor_request(np.zeros((1, 4), np.float32)))
+    assert (r.status_code, r.json()["type"]) == (404, "unknown_model")
+    r = client.post("/v2/models/m/versions/v9/infer", json=tensor_request(np.zeros((1, 4), np.float32)))
+    assert (r.status_code, r.json()["type"]) == (404, "unknown_version")
+    r = client.get("/v3/anything")
+    assert r.status_code == 404 and r.json()["type"] == "not_found"
+    assert client.get(URL).status_code == 405
+
+
+def test_metadata_health_and_openapi(client: TestClient) -> None:
+    meta = client.get("/v2/models/m").json()
+    assert meta["name"] == "m" and meta["versions"] == ["v1"] and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities"}
+    assert meta["parameters"]["input_columns"] == ["age", "income", "city"]
+    assert client.get("/v2/models/m/versions/v1").json()["versions"] == ["v1"]
+    assert client.get("/v2/models/m/ready").json()["ready"] is True
+    assert client.get("/v2/models/m/versions/v1/ready").status_code == 200
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2").json()["name"] == "fabric"
+    spec = client.get("/openapi.json").json()
+    assert "/v2/models/{name}/infer" in spec["paths"]
+    assert {"InferenceRequest", "RecordsRequest", "InferenceResponse", "ErrorResponse"} <= set(spec["components"]["schemas"])
+    stats = client.get("/v2/models/m/stats").json()["model_stats"][0]
+    assert stats["version"] == "v1" and stats["execution_count"] >= 1
+
+
+def test_monitor_routes_are_404_when_monitoring_is_off(client: TestClient) -> None:
+    r = client.get("/monitor/drift")
+    assert (r.status_code, r.json()["type"]) == (404, "monitor_disabled")
+    assert client.get("/monitor/report").status_code == 404
+
+
+def test_the_monitor_hook_sees_raw_rows_and_predictions(folders: dict[str, Path], tmp_path: Path) -> None:
+    hook = Recorder()
+    with _client(tmp_path, [f"serve.model_uri={folders['clf']}"], monitor=hook) as c:
+        assert c.post(URL, json={"instances": ROWS}).status_code == 200
+        assert c.post(URL, json=tensor_request(np.zeros((1, 4), np.float32))).status_code == 200
+        assert c.get("/monitor/drift?refresh=true").json() == {"drift": False, "refresh": True}
+        assert "report" in c.get("/monitor/report").text
+    version, rows, preds = hook.seen[0]
+    assert version == "v1" and rows == ROWS and len(preds) == 3 and all(isinstance(p, int) for p in preds)
+    assert len(hook.seen) == 1  # tensor input carries no raw rows: not handed to the monitor
+
+
+def test_not_null_expectations_reject_nulls_in_named_input(folders: dict[str, Path], tmp_path: Path) -> None:
+    with _client(tmp_path, [f"serve.model_uri={folders['clf']}", "data.expectations.not_null=[age]"]) as c:
+        r = c.post(URL, json={"instances": [{"age": None, "income": 1, "city": "oslo"}]})
+        assert r.status_code == 422 and "'age'" in r.json()["error"] and r.json()["loc"] == "instances.age"
+        assert c.post(URL, json={"instances": [{"age": 30, "income": None, "city": "oslo"}]}).status_code == 200
+
+
+def test_regression_without_preprocessor_uses_encoded_column_names(folders: dict[str, Path], tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    with _client(tmp_path, [f"serve.model_uri={folders['reg']}", "serve.engine=torch"]) as c:
+        r = c.post(URL, json=tensor_request(x))
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"]
+        assert [o["name"] for o in out] == ["prediction"] and out[0]["shape"] == [3]
+        np.testing.assert_allclose(out[0]["data"], reference(folders["reg"], x)[:, 0], atol=1e-5)
+        records = [dict(zip(FEATURES, row.tolist(), strict=True)) for row in x]
+        r2 = c.post(URL, json={"instances": records})
+        np.testing.assert_allclose(r2.json()["outputs"][0]["data"], out[0]["data"], atol=1e-6)
+        bad = c.post(URL, json={"instances": [{**records[0], "city=oslo": None}]})
+        assert bad.status_code == 422 and "'city=oslo'" in bad.json()["error"]
+        assert c.get("/v2/models/m").json()["platform"] == "pytorch_libtorch"
+
+
+def test_onnx_is_exported_once_when_the_folder_has_none(folders: dict[str, Path], tmp_path: Path) -> None:
+    folder = folders["clf2"]
+    assert not (folder / "model.onnx").exists()
+    x = np.ones((2, 4), np.float32)
+    with _client(tmp_path, [f"serve.model_uri={folder}"]) as c:
+        _check_classification(c.post(URL, json=tensor_request(x)).json(), reference(folder, x))
+    assert (folder / "model.onnx").is_file()
+
+
+def test_versions_split_pin_and_stick(folders: dict[str, Path], tmp_path: Path) -> None:
+    versions = f"serve.versions=[{{name: a, model_uri: {folders['clf']}, weight: 50}}, {{name: b, model_uri: {folders['clf2']}, weight: 50}}]"
+    x = np.ones((1, 4), np.float32)
+    with _client(tmp_path, [versions, "serve.sticky_header=x-user"]) as c:
+        seen = {c.post(URL, json=tensor_request(x)).headers["x-fabric-model-version"] for _ in range(40)}
+        assert seen == {"a", "b"}
+        sticky = {c.post(URL, json=tensor_request(x), headers={"X-User": "alice"}).headers["x-fabric-model-version"] for _ in range(10)}
+        assert len(sticky) == 1
+        pinned = c.post("/v2/models/m/versions/b/infer", json=tensor_request(x))
+        assert pinned.json()["model_version"] == "b"
+        _check_classification(pinned.json(), reference(folders["clf2"], x))
+        assert c.get("/v2/models/m").json()["parameters"]["traffic"] == {"a": 50.0, "b": 50.0}
