@@ -1,7 +1,7 @@
 """Ingestion job: read, check, split and encode the data with Ray Data; write splits and drift reference.
 
-    python jobs/ingest.py [--config PIPELINE.yaml] [data.source=PATH_OR_URI data.target=COLUMN ...]
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/ingest.py run_dir=runs/demo
+python jobs/ingest.py [--config PIPELINE.yaml] [data.source=PATH_OR_URI data.target=COLUMN ...]
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/ingest.py run_dir=runs/demo
 """
 
 from __future__ import annotations

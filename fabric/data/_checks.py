@@ -25,7 +25,7 @@ from fabric.errors import DataValidationError
 # mistake (an id column, or a regression target); one-hot encoding it would explode the features.
 MAX_CATEGORIES = 1000
 
-Check = Literal["missing", "type", "not_null", "range", "allowed", "min_rows", "classes", "split"]
+# Checks in the order a report lists them (schema first, then values, then counts).
 _CHECK_ORDER: list[str] = ["missing", "type", "not_null", "range", "allowed", "classes", "min_rows", "split"]
 
 
@@ -240,11 +240,11 @@ def scan_batch(df: pd.DataFrame, spec: ScanSpec) -> BatchScan:
             with np.errstate(invalid="ignore"):
                 out = other | (x < (lo if lo is not None else -np.inf)) | (x > (hi if hi is not None else np.inf))
             flag("range", c, out, f"outside [{_fmt(lo, '-inf')}, {_fmt(hi, 'inf')}] (expectations.ranges)")
-    for c, keys in spec.allowed:
+    for c, allowed in spec.allowed:
         if c in present:
             k = category_keys(df[c])
-            out = pd.notna(k) & ~pd.Series(k, dtype=object).isin(keys).to_numpy()
-            flag("allowed", c, out, f"not in expectations.allowed {sorted(keys)}")
+            out = pd.notna(k) & ~pd.Series(k, dtype=object).isin(allowed).to_numpy()
+            flag("allowed", c, out, f"not in expectations.allowed {sorted(allowed)}")
 
     # Type of every column that is not declared categorical: numbers, or non-numbers, or a mix (an error).
     numeric_expected = [c for c in spec.features if c not in spec.categorical]
@@ -358,7 +358,12 @@ def evaluate(scan: BatchScan, spec: ScanSpec) -> Plan:
         classes = sort_categories(counts)
 
     if scan.rows < spec.min_rows:
-        add("min_rows", None, scan.rows, f"the data has {scan.rows} row(s), fewer than expectations.min_rows={spec.min_rows}")
+        add(
+            "min_rows",
+            None,
+            scan.rows,
+            f"the data has {scan.rows} row(s), fewer than expectations.min_rows={spec.min_rows}",
+        )
     rows = dict(zip(SPLITS, scan.split_rows, strict=True))
     if scan.rows and not any(v.check in ("missing",) for v in violations.values()):
         for name, frac in (("train", spec.train), ("val", spec.val), ("test", spec.test)):
@@ -392,4 +397,3 @@ def validation_error(violations: list[Violation]) -> DataValidationError:
         for v in ordered
     ]
     return err
-

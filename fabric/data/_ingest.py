@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 
 from fabric.data._checks import BatchScan, Plan, ScanSpec, evaluate, scan_batch
-from fabric.data._preprocess import Preprocessor, category_keys, numeric_values
+from fabric.data._preprocess import Preprocessor, category_keys, json_value, numeric_values
 from fabric.data._readers import Source, data_context, diagnose, read, read_error, resolve
 from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
+from fabric.runtime import connect
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -196,14 +197,8 @@ def _check_columns(spec: ScanSpec, columns: list[str], ds: ray.data.Dataset) -> 
         f"configured column(s) missing from the data: {', '.join(roles)}; the data has: {', '.join(columns)}",
         column=missing[0],
         rows=None,
-        examples=[{k: _jsonable(v) for k, v in r.items()} for r in examples],
+        examples=[{k: json_value(v) for k, v in r.items()} for r in examples],
     )
-
-
-def _jsonable(v: Any) -> Any:
-    from fabric.data._preprocess import json_value
-
-    return json_value(v)
 
 
 def _scan(ds: ray.data.Dataset, spec: ScanSpec) -> BatchScan:
@@ -215,13 +210,13 @@ def _scan(ds: ray.data.Dataset, spec: ScanSpec) -> BatchScan:
     return total
 
 
-def _scan_source(source: Source, data: DataConfig) -> tuple[ray.data.Dataset, ScanSpec, Plan, BatchScan]:
+def _scan_source(source: Source, data: DataConfig) -> tuple[ray.data.Dataset, ScanSpec, Plan]:
     """Pass 1, with recovery from CSV type inference: a column Arrow typed from its first block and that
     later holds a non-number is re-read as text, so the type check can name it, count and show the rows."""
     string_columns: tuple[str, ...] = ()
     while True:
-        ds = read(source, string_columns)
         try:
+            ds = read(source, string_columns)
             columns = _schema_names(ds)
             spec = build_spec(data, columns)
             _check_columns(spec, columns, ds)
@@ -229,25 +224,26 @@ def _scan_source(source: Source, data: DataConfig) -> tuple[ray.data.Dataset, Sc
         except FabricError:
             raise
         except Exception as e:  # Ray wraps reader failures (ArrowInvalid, ValueError) in RayTaskError
-            if not _is_read_failure(e):
-                raise
-            problems = diagnose(source, e, string_columns)
+            # Arrow's own message does not survive Ray's wrapping: re-read the files to find the rows.
+            problems = diagnose(source, string_columns)
             col = problems.conversion_column if problems is not None else None
             if problems is not None and not problems.malformed and col and col not in string_columns:
                 string_columns += (col,)
                 continue
+            if problems is None and not _is_read_failure(e):
+                raise  # not the data: a bug, or the cluster; keep the original error
             raise read_error(source, e, problems) from None
-        return ds, spec, evaluate(scan, spec), scan
+        return ds, spec, evaluate(scan, spec)
+
+
+_READ_FAILURES = ("Failed to read", "ArrowInvalid", "ArrowTypeError", "ArrowNotImplementedError", "Empty CSV file")
 
 
 def _is_read_failure(e: BaseException) -> bool:
     """True when a Ray Data failure came from a reader (bad files), not from a bug in a map function."""
     import pyarrow as pa
 
-    text = str(e)
-    return isinstance(e, (pa.ArrowException, OSError)) or any(
-        marker in text for marker in ("Failed to read", "ArrowInvalid", "ArrowTypeError", "Read", "JSON", "Empty CSV")
-    )
+    return isinstance(e, pa.ArrowException) or any(marker in str(e) for marker in _READ_FAILURES)
 
 
 def _column_kinds(spec: ScanSpec, plan: Plan) -> dict[str, str]:
@@ -370,13 +366,15 @@ def run(cfg: PipelineConfig) -> IngestResult:
             names the column, the number of rows and shows a few of them.
         ConfigError: ``data.format`` is ``text`` (that is for language-model data, see ``read_text``).
     """
-    from fabric.runtime import connect
-
     connect(cfg.cluster)
     data = cfg.data
     if data.format == "text":
         raise ConfigError(
-            [ConfigProblem("data.format", "text is for language-model data; tabular ingestion reads parquet, csv, json")]
+            [
+                ConfigProblem(
+                    "data.format", "text is for language-model data; tabular ingestion reads parquet, csv, json"
+                )
+            ]
         )
     started = time.monotonic()
     out_dir = Path(cfg.run_dir).expanduser().resolve() / "data"
@@ -385,7 +383,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
     from ray.data import DataContext
 
     with DataContext.current(data_context(source)):
-        ds, spec, plan, _ = _scan_source(source, data)
+        ds, spec, plan = _scan_source(source, data)
         pre = Preprocessor.fit(plan.numeric_stats(), plan.categories(), list(spec.features), data.scaling)
         if out_dir.exists():  # a previous run's outputs: replaced as a whole, never mixed with these
             shutil.rmtree(out_dir)
@@ -470,8 +468,11 @@ def read_split(out_dir: str | Path, name: str) -> ray.data.Dataset:
     if not path.is_dir():
         raise DataValidationError(f"no {name} split under {out_dir}: run the ingestion stage first")
     import ray.data
+    from ray.data import DataContext
 
-    return ray.data.read_parquet(str(path.resolve()), partitioning=None)
+    # Made under ingestion's reader settings (see data_context): training re-reads splits every epoch.
+    with DataContext.current(data_context(resolve(str(path), "parquet"))):
+        return ray.data.read_parquet(str(path.resolve()), partitioning=None)
 
 
 def load_meta(out_dir: str | Path) -> dict[str, Any]:

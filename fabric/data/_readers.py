@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.config.data import BUILTIN_PREFIX
 from fabric.config._base import is_uri
+from fabric.config.data import BUILTIN_PREFIX
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError
 
 if TYPE_CHECKING:
@@ -317,7 +317,7 @@ def _lines(f: Any) -> Any:
         yield buf.decode("utf-8", errors="replace")
 
 
-def diagnose(source: Source, error: BaseException, csv_string_columns: tuple[str, ...] = ()) -> FileProblems | None:
+def diagnose(source: Source, csv_string_columns: tuple[str, ...] = ()) -> FileProblems | None:
     """Re-read the files in Ray tasks after a failed read; None when no file shows a problem.
 
     Returns the merged findings: the malformed-row count over all files (with examples), or the first
@@ -349,7 +349,9 @@ def diagnose(source: Source, error: BaseException, csv_string_columns: tuple[str
 def read_error(source: Source, error: BaseException, problems: FileProblems | None) -> DataValidationError:
     """The DataValidationError for a read that failed; ``problems`` from ``diagnose`` when it found any."""
     if problems is not None and problems.malformed:
-        kind = "CSV rows with the wrong number of fields" if source.format == "csv" else "lines that are not JSON objects"
+        kind = (
+            "CSV rows with the wrong number of fields" if source.format == "csv" else "lines that are not JSON objects"
+        )
         return DataValidationError(
             f"{source.describe()}: {problems.malformed} malformed row(s) ({kind})",
             column=None,

@@ -53,7 +53,10 @@ def row_hash(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     # Plain arrays, not Series: a block's index (e.g. rows 1592.. of a slice) must not align anything.
     frame = pd.DataFrame(
-        {c: (_normalised(df[c]).to_numpy() if c in df.columns else np.full(len(df), None, dtype=object)) for c in columns}
+        {
+            c: (_normalised(df[c]).to_numpy() if c in df.columns else np.full(len(df), None, dtype=object))
+            for c in columns
+        }
     )
     return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from fabric.config import PipelineConfig, load_config
@@ -212,6 +211,20 @@ def test_corrupt_csv_names_the_bad_rows(ray_local: None, tmp_path: Path) -> None
     assert e.value.rows == 2
     assert [x["line"] for x in e.value.examples] == [41, 301]
     assert e.value.examples[1]["text"] == "12.5"
+    assert not (tmp_path / "runs" / "data").exists()
+
+
+def test_broken_json_lines_and_parquet(ray_local: None, tmp_path: Path) -> None:
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"a": 1, "y": 0}\n{"a": 2, "y": 1}\nnot json\n{"a": 3, "y": 1}\n[1, 2]\n')
+    with pytest.raises(DataValidationError) as e:
+        run(_cfg(tmp_path / "runs", f"data.source={jsonl}", "data.target=y"))
+    assert e.value.rows == 2 and [x["line"] for x in e.value.examples] == [3, 5]
+    truncated = tmp_path / "rows.parquet"
+    _table(100).to_parquet(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    with pytest.raises(DataValidationError, match="rows.parquet"):
+        run(_cfg(tmp_path / "runs", f"data.source={truncated}", "data.target=churn"))
     assert not (tmp_path / "runs" / "data").exists()
 
 

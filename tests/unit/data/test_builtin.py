@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from fabric.config import load_config
-from fabric.errors import ConfigError
 from fabric.config.data import BUILTIN_DATASETS
 from fabric.data import BUILTINS, load_builtin
+from fabric.errors import ConfigError
 
 
 def test_config_and_registry_agree() -> None:
