@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,88 +94,65 @@ class MonitorMetrics:
 class MonitorActor:
     """Holds one DriftMonitor; Ray runs it as a threaded, named, restartable actor (see ``start``).
 
+    The constructor takes only small arguments: the reference arrives by ``set_reference`` and is
+    checkpointed at once, so a restart never depends on a constructor argument in the object store (which
+    dies with the process that started a detached actor). A restarted actor restores reference, window and
+    counters from the checkpoint; without a checkpoint it waits for ``set_reference`` (results say
+    ``no_reference``).
+
     Args:
         cfg: the monitor's settings.
-        reference: the reference sample, or None to take everything from the checkpoint.
-        target: the reference's label column.
-        task: ``classification`` or ``regression`` (None: inferred).
         checkpoint_path: where state is checkpointed (absolute, or a pyarrow URI); None: no checkpoints.
         run_dir: the run's folder (retraining jobs get it as ``{run_dir}``).
-        features: the raw feature columns (None: all but target and prediction).
-        categorical: columns compared as categories whatever their dtype.
     """
 
-    def __init__(
-        self,
-        cfg: MonitorConfig,
-        reference: pd.DataFrame | None,
-        target: str | None = None,
-        task: str | None = None,
-        checkpoint_path: str | None = None,
-        run_dir: str | None = None,
-        features: list[str] | None = None,
-        categorical: list[str] | tuple[str, ...] = (),
-    ) -> None:
-        import ray
-
+    def __init__(self, cfg: MonitorConfig, checkpoint_path: str | None = None, run_dir: str | None = None) -> None:
         _log_to_stderr()
         self.cfg = cfg
         self.checkpoint_path = checkpoint_path
-        with warnings.catch_warnings():  # Ray's property trips its own deprecation warning (Ray 2.60)
-            warnings.simplefilter("ignore")
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         work_dir = str(Path(checkpoint_path).parent) if checkpoint_path and "://" not in checkpoint_path else None
-        kwargs: dict[str, Any] = {"name": cfg.actor_name, "run_dir": run_dir, "work_dir": work_dir}
+        self._kwargs: dict[str, Any] = {"name": cfg.actor_name, "run_dir": run_dir, "work_dir": work_dir}
         state = DriftMonitor.read_state(checkpoint_path) if checkpoint_path else None
-        self.restored = False
-        if state is not None and (restarted or reference is None):
-            self.monitor = DriftMonitor.from_state(cfg, state, **kwargs)
-            self.restored = True
-        elif reference is not None:
-            self.monitor = DriftMonitor(
-                cfg, reference, target=target, task=task, features=features, categorical=categorical, **kwargs
-            )
-            if state is not None and state.get("fingerprint") == self.monitor.fingerprint:
-                # Same reference as the checkpoint (the same run, started again): carry on with its window.
-                self.monitor.restore(state, window_only=True)
-                self.restored = True
-        else:
-            raise FabricError(
-                f"drift monitor {cfg.actor_name}: no reference given and no checkpoint at {checkpoint_path}"
-            )
+        self.monitor: DriftMonitor | None = DriftMonitor.from_state(cfg, state, **self._kwargs) if state else None
+        self.restored = self.monitor is not None
         self.metrics = MonitorMetrics(cfg.actor_name)
-        self._saved_marker: tuple[int, int, int] | None = None
+        self._not_monitored = 0
+        self._saved_marker: tuple[int, int, int] | None = self._marker() if self.restored else None
         self._saved_at = 0.0
         self.checkpoints = 0
-        if self.restored:
-            self._saved_marker = self._marker()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="drift-schedule", daemon=True)
         self._thread.start()
-        log.info(
-            "drift monitor %s %s: %d reference rows, %d features, window %d/%d",
-            cfg.actor_name,
-            "restored from " + str(checkpoint_path) if self.restored else "started",
-            len(self.monitor.reference),
-            len(self.monitor.features),
-            self.monitor.window_size,
-            cfg.window_size,
-        )
+        if self.monitor is not None:
+            log.info(
+                "drift monitor %s restored from %s: %d reference rows, %d features, window %d/%d",
+                cfg.actor_name,
+                checkpoint_path,
+                len(self.monitor.reference),
+                len(self.monitor.features),
+                self.monitor.window_size,
+                cfg.window_size,
+            )
+        else:
+            log.info("drift monitor %s started; waiting for its reference", cfg.actor_name)
 
     # ------------------------------------------------------------------ the schedule
 
-    def _marker(self) -> tuple[int, int, int]:
+    def _marker(self) -> tuple[int, int, int] | None:
         m = self.monitor
-        return (m.received, m.computations, m.dropped)
+        return (m.received, m.computations, m.dropped) if m is not None else None
 
     def _loop(self) -> None:
         tick = min(1.0, self.cfg.interval_s / 2, self.cfg.checkpoint_interval_s / 2)
         while not self._stop.wait(tick):
+            mon = self.monitor
+            if mon is None:
+                continue
             try:
-                result = self.monitor.maybe_compute()
+                result = mon.maybe_compute()
                 if result is not None:
                     self._published(result)
-                self.metrics.window_size.set(self.monitor.window_size, self.metrics.tags)
+                self.metrics.window_size.set(mon.window_size, self.metrics.tags)
                 if time.monotonic() - self._saved_at >= self.cfg.checkpoint_interval_s:
                     self._checkpoint_if_changed()
             except Exception:  # the schedule must survive one bad computation
@@ -192,57 +168,18 @@ class MonitorActor:
         self.checkpoint()
         return True
 
+    def _require(self) -> DriftMonitor:
+        if self.monitor is None:
+            name = self.cfg.actor_name
+            raise FabricError(f"drift monitor {name} has no reference yet (fabric.monitor.run gives it one)")
+        return self.monitor
+
+    def _no_reference(self) -> dict[str, Any]:
+        from fabric.monitor.stats import empty_result
+
+        return empty_result("no_reference", 0, 0, monitor=self.stats())
+
     # ------------------------------------------------------------------ remote methods
-
-    def add(self, rows: list[dict[str, Any]], predictions: list[Any] | None = None, dropped: int = 0) -> int:
-        """Append rows to the window (see ``DriftMonitor.add``)."""
-        n = self.monitor.add(rows, predictions, dropped=dropped)
-        if n:
-            self.metrics.received.inc(float(n), self.metrics.tags)
-        return n
-
-    def compute(self) -> dict[str, Any]:
-        """Compute drift now and return the result."""
-        return self._published(self.monitor.compute())
-
-    def drift(self, refresh: bool = False) -> dict[str, Any]:
-        """The last result; computed now when ``refresh`` or when there is none yet."""
-        result = self.monitor.last_result
-        if refresh or result is None:
-            return self.compute()
-        return {**result, "monitor": self.monitor.counters()}
-
-    def report_html(self, fresh: bool = False) -> str:
-        """Evidently's HTML report of the last computation's window (``fresh``: the current window)."""
-        return self.monitor.report_html(fresh=fresh)
-
-    def stats(self) -> dict[str, Any]:
-        """Counters, window size, whether this actor was restored from a checkpoint, checkpoints written, pid."""
-        saved = self._saved_marker
-        return {
-            **self.monitor.counters(),
-            "restored": self.restored,
-            "checkpoints": self.checkpoints,
-            "checkpoint_path": self.checkpoint_path,
-            "checkpointed_received": saved[0] if saved else None,
-            "reference_fingerprint": self.monitor.fingerprint,
-            "pid": os.getpid(),
-        }
-
-    def count_dropped(self, n: int) -> None:
-        """Count samples a client dropped."""
-        self.monitor.count_dropped(n)
-
-    def checkpoint(self) -> str | None:
-        """Write the checkpoint now; returns its path (None when checkpoints are off)."""
-        if not self.checkpoint_path:
-            return None
-        marker = self._marker()
-        self.monitor.save(self.checkpoint_path)
-        self._saved_marker = marker
-        self._saved_at = time.monotonic()
-        self.checkpoints += 1
-        return self.checkpoint_path
 
     def set_reference(
         self,
@@ -251,15 +188,97 @@ class MonitorActor:
         task: str | None = None,
         features: list[str] | None = None,
         categorical: list[str] | tuple[str, ...] = (),
-    ) -> None:
-        """Compare with a new reference from now on, and checkpoint it."""
-        self.monitor.set_reference(reference, target, task, features, categorical)  # type: ignore[arg-type]
+    ) -> str:
+        """Compare with ``reference`` from now on (the window is kept) and checkpoint; returns its fingerprint."""
+        spec: dict[str, Any] = {"target": target, "task": task, "features": features, "categorical": categorical}
+        if self.monitor is None:
+            self.monitor = DriftMonitor(self.cfg, reference, **spec, **self._kwargs)
+            if self._not_monitored:
+                self.monitor.count_dropped(self._not_monitored)
+                self._not_monitored = 0
+        else:
+            self.monitor.set_reference(reference, **spec)
+        log.info(
+            "drift monitor %s: reference of %d rows, %d features (%s)",
+            self.cfg.actor_name,
+            len(reference),
+            len(self.monitor.features),
+            ", ".join(f"{c}:{k}" for c, k in self.monitor.kinds.items()),
+        )
         self._saved_marker = None
         self._checkpoint_if_changed()
+        return self.monitor.fingerprint
+
+    def add(self, rows: list[dict[str, Any]], predictions: list[Any] | None = None, dropped: int = 0) -> int:
+        """Append rows to the window (see ``DriftMonitor.add``); without a reference they are counted as dropped."""
+        if self.monitor is None:
+            self._not_monitored += len(rows) + int(dropped)
+            return 0
+        n = self.monitor.add(rows, predictions, dropped=dropped)
+        if n:
+            self.metrics.received.inc(float(n), self.metrics.tags)
+        return n
+
+    def compute(self) -> dict[str, Any]:
+        """Compute drift now and return the result (status ``no_reference`` before ``set_reference``)."""
+        if self.monitor is None:
+            return self._no_reference()
+        return self._published(self.monitor.compute())
+
+    def drift(self, refresh: bool = False) -> dict[str, Any]:
+        """The last result; computed now when ``refresh`` or when there is none yet."""
+        if self.monitor is None:
+            return self._no_reference()
+        result = self.monitor.last_result
+        if refresh or result is None:
+            return self.compute()
+        return {**result, "monitor": self.monitor.counters()}
+
+    def report_html(self, fresh: bool = False) -> str:
+        """Evidently's HTML report of the last computation's window (``fresh``: the current window)."""
+        return self._require().report_html(fresh=fresh)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, window size, whether restored from a checkpoint, checkpoints written, reference, pid."""
+        saved = self._saved_marker
+        base = self.monitor.counters() if self.monitor is not None else {"name": self.cfg.actor_name}
+        return {
+            **base,
+            "restored": self.restored,
+            "checkpoints": self.checkpoints,
+            "checkpoint_path": self.checkpoint_path,
+            "checkpointed_received": saved[0] if saved else None,
+            "reference_fingerprint": self.monitor.fingerprint if self.monitor is not None else None,
+            "pid": os.getpid(),
+        }
+
+    def count_dropped(self, n: int) -> None:
+        """Count samples a client dropped."""
+        if self.monitor is None:
+            self._not_monitored += int(n)
+        else:
+            self.monitor.count_dropped(n)
+
+    def checkpoint(self) -> str | None:
+        """Write the checkpoint now; returns its path (None when checkpoints are off or there is no reference)."""
+        if not self.checkpoint_path or self.monitor is None:
+            return None
+        marker = self._marker()
+        self.monitor.save(self.checkpoint_path)
+        self._saved_marker = marker
+        self._saved_at = time.monotonic()
+        self.checkpoints += 1
+        return self.checkpoint_path
 
     def ping(self) -> bool:
         """True (the actor is up)."""
         return True
+
+    def shutdown(self) -> str | None:
+        """Stop the schedule and write a last checkpoint (before the actor is killed); returns its path."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.checkpoint()
 
 
 # --------------------------------------------------------------------------- starting and finding it
@@ -309,16 +328,18 @@ def start(
         max_restarts=-1,
         max_task_retries=MAX_TASK_RETRIES,
         max_concurrency=MAX_CONCURRENCY,
-    ).remote(cfg, reference, target, task, absolute(checkpoint_path), absolute(run_dir), features, list(categorical))
+    ).remote(cfg, absolute(checkpoint_path), absolute(run_dir))
     try:
         running = ray.get(handle.stats.remote(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise FabricError(f"drift monitor {cfg.actor_name} did not start within {timeout_s:.0f}s") from None
     if reference is not None and running["reference_fingerprint"] != reference_fingerprint(reference):
-        # A monitor of an earlier run is still up (it is detached): compare with this run's reference from now
-        # on. Its other settings stay; `fabric.monitor.stop` first to change them.
-        log.info("drift monitor %s: already running with another reference; replacing it", cfg.actor_name)
-        ray.get(handle.set_reference.remote(reference, target, task, features, list(categorical)), timeout=timeout_s)
+        # A new actor, or one of an earlier run still up (it is detached): compare with this reference from now
+        # on. A running actor keeps its other settings; `fabric.monitor.stop` first to change them.
+        if running["reference_fingerprint"] is not None:
+            log.info("drift monitor %s: already running with another reference; replacing it", cfg.actor_name)
+        spec = (target, task, features, list(categorical))
+        ray.get(handle.set_reference.remote(reference, *spec), timeout=timeout_s)
     return handle
 
 
@@ -329,5 +350,9 @@ def stop(name: str) -> bool:
     handle = get_actor(name)
     if handle is None:
         return False
+    try:
+        ray.get(handle.shutdown.remote(), timeout=30)  # a last checkpoint: `run` later carries on from it
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        log.warning("drift monitor %s: no last checkpoint before stopping: %s", name, e)
     ray.kill(handle, no_restart=True)
     return True

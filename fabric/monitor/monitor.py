@@ -137,6 +137,8 @@ class DriftMonitor:
             reference but the target and the prediction.
         categorical: columns compared as categories whatever their dtype (ingestion's ``categorical``, e.g.
             integer codes with many values); the others are typed as Evidently infers them.
+        column_types: each feature's type as inferred before (``"num"``, ``"cat"`` or a skipped type), from a
+            checkpoint: restoring then needs no inference, nor Evidently's import, until the next computation.
         clock: seconds, wall time; injected so tests drive the schedule.
         name: named in log lines and webhook bodies.
         work_dir: where windows for retraining jobs are written (a local path or a pyarrow URI).
@@ -153,6 +155,7 @@ class DriftMonitor:
         task: Task | None = None,
         features: Sequence[str] | None = None,
         categorical: Sequence[str] = (),
+        column_types: Mapping[str, str] | None = None,
         clock: Clock = time.time,
         name: str | None = None,
         work_dir: str | Path | None = None,
@@ -179,7 +182,7 @@ class DriftMonitor:
         self.drift_active = False
         self._next_at = clock() + cfg.interval_s
         self._last_frame: pd.DataFrame | None = None
-        self._set_reference(reference, target, task, features, categorical)
+        self._set_reference(reference, target, task, features, categorical, column_types)
 
     # ------------------------------------------------------------------ reference
 
@@ -190,6 +193,7 @@ class DriftMonitor:
         task: Task | None,
         features: Sequence[str] | None = None,
         categorical: Sequence[str] = (),
+        column_types: Mapping[str, str] | None = None,
     ) -> None:
         pred = self.cfg.prediction_column
         if target is not None and target not in reference.columns:
@@ -198,11 +202,15 @@ class DriftMonitor:
         if missing:
             raise DataValidationError(f"feature columns {missing} are not in the reference sample", column=missing[0])
         cols = [c for c in (features or reference.columns) if c not in (target, pred)]
-        kinds, skipped = stats.infer_kinds(reference, cols)
-        for col in categorical:
-            if col in cols:
-                kinds[col] = "cat"
-                skipped.pop(col, None)
+        if column_types is not None:
+            kinds = {c: t for c, t in column_types.items() if t in ("num", "cat")}  # type: ignore[misc]
+            skipped = {c: t for c, t in column_types.items() if t not in ("num", "cat")}
+        else:
+            kinds, skipped = stats.infer_kinds(reference, cols)
+            for col in categorical:
+                if col in cols:
+                    kinds[col] = "cat"
+                    skipped.pop(col, None)
         kinds = {c: kinds[c] for c in cols if c in kinds}  # reference order
         pred_ref = pred if pred in reference.columns else target
         if task is None and pred_ref is not None:
@@ -227,8 +235,18 @@ class DriftMonitor:
         features: Sequence[str] | None = None,
         categorical: Sequence[str] = (),
     ) -> None:
-        """Compare with a new reference from now on (after retraining); the window is kept."""
+        """Compare with a new reference from now on (after retraining).
+
+        The window and counters are kept; the last result and the drift episode, which were against the old
+        reference, are cleared.
+        """
+        old = self.fingerprint
         self._set_reference(reference, target, task, features, categorical)
+        if self.fingerprint != old:
+            with self._lock:
+                self.last_result = None
+                self.drift_active = False
+                self._last_frame = None
 
     @property
     def features(self) -> list[str]:
@@ -488,6 +506,7 @@ class DriftMonitor:
                 "name": self.name,
                 "reference": self.reference,
                 "spec": dict(self.spec),
+                "column_types": {**self.kinds, **self.skipped},
                 "fingerprint": self.fingerprint,
                 "window": list(self._window),
                 "received": self.received,
@@ -508,14 +527,14 @@ class DriftMonitor:
         if state.get("version") != STATE_VERSION:
             raise FabricError(f"drift monitor state version {state.get('version')!r}, expected {STATE_VERSION}")
         kwargs.setdefault("name", state.get("name"))
-        mon = cls(cfg, state["reference"], **state["spec"], **kwargs)
+        mon = cls(cfg, state["reference"], **state["spec"], column_types=state["column_types"], **kwargs)
         mon.restore(state)
         return mon
 
     def restore(self, state: Mapping[str, Any], *, window_only: bool = False) -> None:
         """Take the window and counters (and unless ``window_only``, the reference) from ``state()``."""
         if not window_only:
-            self._set_reference(state["reference"], **state["spec"])
+            self._set_reference(state["reference"], **state["spec"], column_types=state["column_types"])
         with self._lock:
             self._window.clear()
             self._window.extend(state["window"])

@@ -119,6 +119,44 @@ def test_killed_actor_restarts_with_its_window_and_reference(monitor: tuple[Moni
     assert result["window_size"] == window_before and result["reference_size"] == N_REF
 
 
+def test_detached_monitor_restarts_after_its_creator_exits(ray_local: None, tmp_path: Path) -> None:
+    """A driver starts the detached monitor and exits; the restart needs nothing the driver owned.
+
+    (Ray cannot always restart an actor whose constructor argument lived in the object store, ray-project/ray
+    #53727, so the reference reaches the actor by a method call and its checkpoint, never as an argument.)
+    """
+    import subprocess
+    import sys
+
+    import ray
+
+    ckpt = tmp_path / "state.pkl"
+    root = Path(__file__).resolve().parents[2]
+    code = f"""
+import ray
+from fabric.config import MonitorConfig
+from fabric.monitor import start
+from tests.unit.monitor._data import make_frame
+ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)
+cfg = MonitorConfig(actor_name="test-orphan-monitor", detached=True, resources=False)
+# 3000 rows: well over Ray's 100 KiB inline limit, so a constructor argument would live in the object store
+start(cfg, make_frame(3000, seed=0), target="target", checkpoint_path={str(ckpt)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=180, cwd=root, capture_output=True)
+    handle = get_actor("test-orphan-monitor")
+    assert handle is not None
+    try:
+        before = ray.get(handle.stats.remote())
+        assert before["reference_size"] == 3000 and ckpt.is_file()
+        ray.kill(handle, no_restart=False)
+        after = _wait_for(
+            lambda: (s := _stats_if_up(handle)) and s["pid"] != before["pid"] and s, timeout_s=90, what="the restart"
+        )
+        assert after["restored"] and after["reference_fingerprint"] == before["reference_fingerprint"]
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
 def _stats_if_up(handle: Any) -> dict[str, Any] | None:
     import ray
 
