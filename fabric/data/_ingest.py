@@ -443,15 +443,20 @@ def _print_summary(r: IngestResult, plan: Plan, sample_rows: int, seconds: float
     total = sum(r.rows.values())
     n_inputs = len(r.input_columns or [])
     cats = r.categorical or []
-    inferred = f" (inferred: {', '.join(plan.inferred_categorical)})" if plan.inferred_categorical else ""
-    label = f"{r.num_classes} classes: {', '.join(r.class_names or [])}" if r.num_classes else "regression"
+    kinds = f"{n_inputs - len(cats)} numeric, {len(cats)} categorical"
+    if cats:
+        inferred = ": inferred from text values" if set(cats) == set(plan.inferred_categorical) else ""
+        kinds += f" ({', '.join(cats)}{inferred})"
+    label = (
+        f"classification, {r.num_classes} classes: {', '.join(r.class_names or [])}" if r.num_classes else "regression"
+    )
     lines = [
         f"ingested {r.source}: {total:,} rows in {seconds:.1f}s",
         "  splits    " + " | ".join(f"{k} {v:,}" for k, v in r.rows.items()),
-        f"  features  {len(r.feature_names)} encoded from {n_inputs} columns "
-        f"({n_inputs - len(cats)} numeric, {len(cats)} categorical{': ' + ', '.join(cats) if cats else ''}){inferred}",
+        f"  features  {len(r.feature_names)} encoded from {n_inputs} columns: {kinds}",
         f"  target    {r.target} ({label})",
-        f"  wrote     {r.out_dir}/{{train,val,test}}/ (parquet), meta.json, preprocessor.json,",
+        f"  wrote     {r.out_dir}/",
+        "            train/ val/ test/ (parquet), meta.json, preprocessor.json,",
         f"            reference.parquet ({sample_rows:,} raw training rows), reference_stats.json",
     ]
     print("\n".join(lines), flush=True)

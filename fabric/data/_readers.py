@@ -135,10 +135,19 @@ def resolve(location: str, fmt: str = "auto") -> Source:
     return Source(location, fmt, fs, files, root=root, nbytes=sum(sizes[f] for f in files))
 
 
-def _cluster_cpus() -> int:
+def _cluster_resources() -> dict[str, float]:
+    """CPUs and object-store bytes of the connected cluster (this machine's when not connected yet)."""
+    import os
+
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    return {"CPU": float(os.cpu_count() or 1)}
+
+
+def _cluster_cpus() -> int:
+    return max(1, int(_cluster_resources().get("CPU", 1)))
 
 
 def _block_budget(source: Source, default: int | None) -> int | None:
@@ -147,13 +156,10 @@ def _block_budget(source: Source, default: int | None) -> int | None:
     Ray Data's default (128 MiB) suits clusters; a single 100 MiB file would then be one block, read
     by one task on one CPU, and one block larger than a small object store.
     """
-    import ray
-
     if default is None:
         return None
-    res = ray.cluster_resources()
     cpus = _cluster_cpus()
-    store = int(res.get("object_store_memory", default * 8))
+    store = int(_cluster_resources().get("object_store_memory", default * 8))
     want = min(source.nbytes // (4 * cpus) if source.nbytes else default, store // 8)
     return int(min(default, max(_MIN_BLOCK_BYTES, want)))
 
