@@ -220,7 +220,9 @@ def scan_batch(df: pd.DataFrame, spec: ScanSpec) -> BatchScan:
     present = set(df.columns)
     for c in spec.required:
         if c not in present:
-            flag("missing", c, np.ones(n, dtype=bool), "the column is absent from these rows")
+            role = "data.target" if c == spec.target else "data.features" if c in spec.features else "data.expectations"
+            has = ", ".join(map(str, list(df.columns)[:30]))
+            flag("missing", c, np.ones(n, dtype=bool), f"named by {role} but not in the data (its columns: {has})")
 
     hashes = row_hash(df, spec.columns)
     codes = assign(unit_interval(hashes, spec.seed), spec.train, spec.val)

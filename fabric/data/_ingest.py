@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from fabric.data._checks import BatchScan, Plan, ScanSpec, evaluate, scan_batch
-from fabric.data._preprocess import Preprocessor, category_keys, json_value, numeric_values
+from fabric.data._preprocess import Preprocessor, category_keys, numeric_values
 from fabric.data._readers import Source, data_context, diagnose, read, read_error, resolve
 from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
@@ -183,24 +183,6 @@ def _schema_names(ds: ray.data.Dataset) -> list[str]:
     return list(schema.names) if schema is not None else []
 
 
-def _check_columns(spec: ScanSpec, columns: list[str], ds: ray.data.Dataset) -> None:
-    """Fail fast, before a full pass, when a configured column is not in the data at all."""
-    missing = [c for c in spec.required if c not in columns]
-    if not missing:
-        return
-    roles = []
-    for c in missing:
-        role = "data.target" if c == spec.target else "data.features" if c in spec.features else "data.expectations"
-        roles.append(f"{c!r} ({role})")
-    examples = [{k: v for k, v in list(r.items())[:12]} for r in ds.take(3)]
-    raise DataValidationError(
-        f"configured column(s) missing from the data: {', '.join(roles)}; the data has: {', '.join(columns)}",
-        column=missing[0],
-        rows=None,
-        examples=[{k: json_value(v) for k, v in r.items()} for r in examples],
-    )
-
-
 def _scan(ds: ray.data.Dataset, spec: ScanSpec) -> BatchScan:
     scans = ds.map_batches(_scan_block, batch_format=None, batch_size=None, fn_kwargs={"spec": spec})
     total = BatchScan()
@@ -219,8 +201,7 @@ def _scan_source(source: Source, data: DataConfig) -> tuple[ray.data.Dataset, Sc
             ds = read(source, string_columns)
             columns = _schema_names(ds)
             spec = build_spec(data, columns)
-            _check_columns(spec, columns, ds)
-            scan = _scan(ds, spec)
+            scan = _scan(ds, spec)  # a configured column missing from the data is one of its violations
         except FabricError:
             raise
         except Exception as e:  # Ray wraps reader failures (ArrowInvalid, ValueError) in RayTaskError

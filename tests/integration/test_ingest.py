@@ -264,7 +264,8 @@ def test_row_count_floor(ray_local: None, tmp_path: Path, sources: dict[str, Pat
 def test_missing_target_column(ray_local: None, tmp_path: Path, sources: dict[str, Path]) -> None:
     with pytest.raises(DataValidationError, match="data.target") as e:
         run(_cfg(tmp_path, f"data.source={sources['json']}", "data.target=churned"))
-    assert e.value.column == "churned" and "usage" in str(e.value) and len(e.value.examples) == 3
+    assert (e.value.column, e.value.rows) == ("churned", 3000)
+    assert "usage, visits, plan, churn" in str(e.value) and len(e.value.examples) == 5
 
 
 def test_text_deep_in_a_numeric_csv_column(ray_local: None, tmp_path: Path) -> None:
