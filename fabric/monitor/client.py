@@ -134,12 +134,14 @@ class MonitorClient:
         if self._metrics is not None:
             self._metrics.dropped.inc(float(n), {**self._metrics.tags, "reason": reason})
 
-    def submit(self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any] | None = None) -> int:
+    def submit(self, rows: Sequence[Mapping[str, Any]] | Any, predictions: Sequence[Any] | None = None) -> int:
         """Hand served rows and their predictions to the monitor without waiting for it.
 
         Args:
-            rows: one mapping of raw feature values per served row (the columns of the reference sample).
-            predictions: one prediction per row: a class, a value, or class scores (their argmax is taken).
+            rows: one mapping of raw feature values per served row (the columns of the reference sample), or
+                a pandas DataFrame of them.
+            predictions: one prediction per row: a class, a value, or class scores (their argmax is taken);
+                a list or a numpy array.
 
         Returns:
             Rows sent (after sampling); 0 when dropped under back-pressure or with no monitor running.
@@ -147,9 +149,13 @@ class MonitorClient:
         Raises:
             DataValidationError: ``rows`` and ``predictions`` differ in length (a bug in the caller).
         """
+        if hasattr(rows, "to_dict"):  # a DataFrame
+            rows = rows.to_dict("records")
         if predictions is not None and len(predictions) != len(rows):
             raise DataValidationError(f"{len(rows)} rows but {len(predictions)} predictions", rows=len(rows))
         rows_s, preds_s = self.sample(rows, predictions)
+        if preds_s is not None:
+            preds_s = [p.tolist() if hasattr(p, "tolist") else p for p in preds_s]  # numpy: plain Python
         n = len(rows_s)
         if n == 0:
             return 0

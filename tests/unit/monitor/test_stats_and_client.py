@@ -120,6 +120,15 @@ def test_sampling_keeps_about_the_sample_rate() -> None:
     assert kept_rows[0]["a"] == kept_preds[0]  # rows and predictions are sampled together
 
 
+def test_dataframe_rows_and_numpy_predictions_are_accepted() -> None:
+    client, actor = _client()
+    rows = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]})
+    assert client.submit(rows, np.array([[0.1, 0.9], [0.8, 0.2]])) == 2
+    sent_rows, sent_preds, _ = actor.calls[0]
+    assert sent_rows == [{"a": 1.0, "b": "x"}, {"a": 2.0, "b": "y"}]
+    assert sent_preds == [[0.1, 0.9], [0.8, 0.2]]  # plain lists; the monitor takes the argmax
+
+
 def test_length_mismatch_is_a_caller_bug() -> None:
     client, _ = _client()
     with pytest.raises(DataValidationError):
