@@ -21,6 +21,7 @@ from fabric.errors import DataValidationError
 
 FORMAT_VERSION = 1
 MAX_EXAMPLES = 5
+_STATS = ("mean", "std", "min", "max")
 
 
 # --------------------------------------------------------------------------- category keys
@@ -143,6 +144,8 @@ class NumericColumn:
     center: float
     scale: float
     fill: float
+    stats: dict[str, float | None] = field(default_factory=dict, compare=False)
+    """The training split's mean, std, min and max of the column (a record; ``transform`` needs none)."""
 
     @property
     def feature_names(self) -> list[str]:
@@ -209,7 +212,8 @@ class Preprocessor:
                 center, scale = lo, hi - lo
             else:
                 center, scale = 0.0, 1.0
-            columns.append(NumericColumn(name, float(center), float(scale) if scale > 0 else 1.0, float(mean)))
+            record = {k: _finite(s.get(k), None) for k in _STATS}
+            columns.append(NumericColumn(name, float(center), float(scale) if scale > 0 else 1.0, float(mean), record))
         return cls(columns, scaling)
 
     # ------------------------------------------------------------------ applying
@@ -272,7 +276,9 @@ class Preprocessor:
         cols: list[dict[str, Any]] = []
         for c in self.columns:
             if isinstance(c, NumericColumn):
-                cols.append({"name": c.name, "kind": "numeric", "center": c.center, "scale": c.scale, "fill": c.fill})
+                cols.append(
+                    {"name": c.name, "kind": "numeric", "center": c.center, "scale": c.scale, "fill": c.fill, **c.stats}
+                )
             else:
                 cols.append({"name": c.name, "kind": "categorical", "categories": list(c.categories)})
         return {
@@ -287,7 +293,8 @@ class Preprocessor:
         cols: list[NumericColumn | CategoricalColumn] = []
         for c in d["columns"]:
             if c["kind"] == "numeric":
-                cols.append(NumericColumn(c["name"], float(c["center"]), float(c["scale"]), float(c["fill"])))
+                stats = {k: c.get(k) for k in _STATS if k in c}
+                cols.append(NumericColumn(c["name"], float(c["center"]), float(c["scale"]), float(c["fill"]), stats))
             else:
                 cols.append(CategoricalColumn(c["name"], [str(k) for k in c["categories"]]))
         return cls(cols, d.get("scaling", "standard"))
@@ -306,7 +313,7 @@ def load_preprocessor(path: str | Path) -> Preprocessor:
     return Preprocessor.from_dict(json.loads(p.read_text()))
 
 
-def _finite(v: Any, default: float) -> float:
+def _finite(v: Any, default: Any) -> Any:
     try:
         f = float(v)
     except (TypeError, ValueError):
