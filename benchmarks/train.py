@@ -112,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    hp = {"hidden_size": 64, "num_layers": 2, "dropout": 0.0, "lr": 3e-3, "weight_decay": 0.0, "batch_size": args.batch_size}
+    hp = {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "dropout": 0.0,
+        "lr": 3e-3,
+        "weight_decay": 0.0,
+        "batch_size": args.batch_size,
+    }
     with tempfile.TemporaryDirectory(prefix="fabric-bench-train-") as tmp:
         run_dir = Path(tmp)
         data = write_data(run_dir, args.rows, args.features)
@@ -132,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.rows} training rows x {args.features} features, MLP 2x64, batch {args.batch_size}, "
         f"{args.epochs} epochs, {os.cpu_count()} CPUs"
     )
-    header = f"{'setup':<22}{'wall_s':>8}{'epoch_s':>9}{'rows/s':>10}{'val_acc':>9}{'wall/torch':>12}{'epoch/torch':>13}"
+    header = (
+        f"{'setup':<22}{'wall_s':>8}{'epoch_s':>9}{'rows/s':>10}{'val_acc':>9}{'wall/torch':>12}{'epoch/torch':>13}"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         print(
-            f"{name:<22}{r['wall_s']:>8.1f}{steady[name]:>9.3f}{r['rows'] / steady[name]:>10.0f}{r['val_accuracy']:>9.3f}"
-            f"{r['wall_s'] / base['wall_s']:>12.1f}{steady[name] / steady['plain torch loop']:>13.2f}"
+            f"{name:<22}{r['wall_s']:>8.1f}{steady[name]:>9.3f}{r['rows'] / steady[name]:>10.0f}"
+            f"{r['val_accuracy']:>9.3f}{r['wall_s'] / base['wall_s']:>12.1f}"
+            f"{steady[name] / steady['plain torch loop']:>13.2f}"
         )
     one, two = "Ray Train, 1 worker", "Ray Train, 2 workers"
     print(

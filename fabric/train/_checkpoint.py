@@ -28,7 +28,9 @@ DS_TAG = "deepspeed"
 """The tag (sub-folder) under which DeepSpeed engines save and load."""
 
 
-def save_ddp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, spec: dict[str, Any]) -> None:
+def save_ddp(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, spec: dict[str, Any]
+) -> None:
     """Write a DDP checkpoint of ``model`` (unwrapped) after ``epoch`` into ``folder``."""
     save_model(folder, model, spec)
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, folder / TRAIN_STATE)

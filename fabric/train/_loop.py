@@ -72,8 +72,16 @@ def deepspeed_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     if config.get("offload_optimizer"):
         # Offloading needs DeepSpeed's own CPU Adam, so DeepSpeed builds the optimizer from this section.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": config["lr"], "weight_decay": config["weight_decay"]}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": float(config["lr"]), "weight_decay": float(config["weight_decay"])},
+        }
     return ds
+
+
+def _adamw(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    # float(): Tune may hand numpy scalars.
+    return torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
 
 
 class _DDP:
@@ -88,7 +96,7 @@ class _DDP:
             torch.cuda.set_device(self.device)  # NCCL collectives (the metric all-reduce) use the current device
         self.module = model
         self.wrapped = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
-        self.optimizer = torch.optim.AdamW(self.wrapped.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        self.optimizer = _adamw(self.wrapped, config)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         self.wrapped.train()
@@ -121,13 +129,13 @@ class _DeepSpeed:
 
         deepspeed = require("deepspeed", "deepspeed")
         self.rank = rank
-        self.device = ray.train.torch.get_device()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # DeepSpeed places the engine on the current device
         ds_config = deepspeed_config(config, ray.train.get_context().get_world_size())
         optimizer = None
         if "optimizer" not in ds_config:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+            optimizer = _adamw(model, config)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -251,7 +259,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             start = strategy.load(Path(folder)) + 1
         if rank == 0:
-            _say(f"resumed from the checkpoint of epoch {start - 1}")
+            done = "; every epoch is done" if start > epochs else ""
+            _say(f"resumed from the checkpoint of epoch {start - 1} of {epochs}{done}")
 
     batches = _Batches(config, rank, world_size, strategy.device)
     for epoch in range(start, epochs + 1):

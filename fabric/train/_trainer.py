@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.config import PipelineConfig
 from fabric.errors import FabricError, require
+from fabric.models import read_spec
 from fabric.runtime import connect
-from fabric.train._checkpoint import to_artifact
+from fabric.train._checkpoint import kind, to_artifact
 from fabric.train._data import data_dir, read_meta, read_split
-from fabric.train._loop import spec_from_config, train_loop_per_worker
+from fabric.train._loop import DEFAULTS, spec_from_config, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -144,9 +144,9 @@ def _check_previous_run(run_path: Path, config: dict[str, Any]) -> None:
     if latest is None:
         return
     folder = Path(latest.path)
-    old = json.loads((folder / "model.json").read_text()) if (folder / "model.json").is_file() else {}
-    new = spec_from_config(config)
-    old_strategy = "deepspeed" if (folder / "deepspeed").is_dir() else "ddp"
+    old = read_spec(folder)
+    new = spec_from_config({**DEFAULTS, **config})
+    old_strategy = kind(folder)
     if old.get("kwargs") != new["kwargs"] or old_strategy != config["strategy"]:
         raise FabricError(
             f"{run_path} holds a run of another model or strategy ({old_strategy}, {old.get('kwargs')}); "
@@ -170,11 +170,12 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     from ray.train import TrainingFailedError
 
     connect(cfg.cluster)
-    trainer = build_trainer(cfg, loop_overrides)
     storage = train_dir(cfg)
-    _check_previous_run(storage / cfg.name, trainer.train_loop_config)
+    _check_previous_run(storage / cfg.name, {**loop_config(cfg), **(loop_overrides or {})})
     t = cfg.train
     use_gpu = resolve_use_gpu(t.use_gpu)
+    _warn_if_short(t.num_workers, use_gpu)
+    trainer = build_trainer(cfg, loop_overrides)
     how = f"DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "DDP"
     print(
         f"training {how} on {t.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) for {t.epochs} epoch(s); "
@@ -195,6 +196,22 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     return TrainResult(checkpoint_dir=checkpoint_dir, metrics=metrics, history=history, model_path=model_path)
 
 
+def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
+    """Ray Train waits (for an autoscaler) until every worker has its CPU and GPU: say so up front."""
+    import ray
+
+    have = ray.cluster_resources()
+    for resource in ("CPU", "GPU") if use_gpu else ("CPU",):
+        if have.get(resource, 0) < num_workers:
+            print(
+                f"warning: {num_workers} workers need {num_workers} {resource}s and the cluster has "
+                f"{have.get(resource, 0):g} now; training waits until they are added (lower train.num_workers?)",
+                flush=True,
+            )
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
-    return ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics)
+    return ", ".join(
+        f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics
+    )

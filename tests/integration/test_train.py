@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fabric.config import PipelineConfig
+from fabric.errors import FabricError
 from fabric.models import load_model
 from fabric.train import TrainResult, run
 from tests.unit.train.synthetic import write_synthetic
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(run_dir: Path, **train: object) -> PipelineConfig:
-    base = {"epochs": 3, "num_workers": 2, "batch_size": 32, "lr": 0.02, "dropout": 0.0, "max_failures": 0}
+    base = {"epochs": 3, "num_workers": 2, "batch_size": 32, "lr": 0.05, "dropout": 0.0, "max_failures": 0}
     return PipelineConfig.model_validate({"name": "t", "run_dir": str(run_dir), "train": {**base, **train}})
 
 
@@ -45,20 +46,45 @@ def test_missing_data_exits_1_telling_to_ingest(ray_local: None, tmp_path: Path,
     assert "run the ingestion stage first" in capsys.readouterr().err
 
 
-def test_ddp_two_workers_learns_and_writes_the_artifact(ray_local: None, tmp_path: Path) -> None:
-    data = write_synthetic(tmp_path)
-    result = run(_cfg(tmp_path))
+@pytest.fixture(scope="module")
+def ddp_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainResult]:
+    """One 3-epoch DDP run on 2 workers in which rank 1's process exits at the start of epoch 2
+    (once: a marker file guards it), shared by the tests below (a fit costs tens of seconds here)."""
+    run_dir = tmp_path_factory.mktemp("ddp")
+    write_synthetic(run_dir)
+    crash = {"fault_injection": {"epoch": 2, "rank": 1, "marker": str(run_dir / "crashed")}}
+    return run_dir, run(_cfg(run_dir, epochs=3, max_failures=1), loop_overrides=crash)
+
+
+def test_ddp_two_workers_learns_and_writes_the_artifact(ddp_run: tuple[Path, TrainResult]) -> None:
+    run_dir, result = ddp_run
     assert isinstance(result, TrainResult)
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     assert result.metrics["epoch"] == 3 and result.metrics["world_size"] == 2
     assert result.metrics["val_accuracy"] > 0.8
     assert sorted(p.name for p in result.checkpoint_dir.iterdir()) == ["model.json", "model.pt", "train_state.pt"]
-    assert result.model_path == (tmp_path / "train" / "model").resolve()
+    assert result.model_path == (run_dir / "train" / "model").resolve()
     assert sorted(p.name for p in result.model_path.iterdir()) == ["model.json", "model.pt"]
     meta = json.loads((result.model_path / "model.json").read_text())
     assert meta["task"] == "classification" and meta["num_classes"] == 2 and meta["kwargs"]["input_dim"] == 4
-    assert _accuracy(result.model_path, data) > 0.8
+    assert _accuracy(result.model_path, run_dir / "data") > 0.8
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ddp_run: tuple[Path, TrainResult]) -> None:
+    run_dir, result = ddp_run
+    assert (run_dir / "crashed").is_file(), "the worker never exited: nothing was recovered"
+    # Ray Train's record of every reported checkpoint, across the restart: a restart from scratch
+    # would read 1, 1, 2, 3.
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_a_rerun_continues_the_run_and_refuses_another_model(ddp_run: tuple[Path, TrainResult]) -> None:
+    run_dir, first = ddp_run
+    again = run(_cfg(run_dir, epochs=4))
+    assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
+    assert again.history[:3] == first.history
+    with pytest.raises(FabricError, match="another model or strategy"):
+        run(_cfg(run_dir, epochs=5, hidden_size=16))
 
 
 def test_deepspeed_zero2_on_cpu_trains_and_checkpoints(ray_local: None, tmp_path: Path) -> None:
@@ -81,15 +107,3 @@ def test_deepspeed_zero2_on_cpu_trains_and_checkpoints(ray_local: None, tmp_path
     assert (last / "model.json").is_file() and (runs / "epoch_0001" / "deepspeed").is_dir()
     # The artifact needs neither DeepSpeed nor Ray to load.
     assert _accuracy(tmp_path / "train" / "model", data) > 0.75
-
-
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_local: None, tmp_path: Path) -> None:
-    write_synthetic(tmp_path)
-    marker = tmp_path / "crashed"
-    crash = {"fault_injection": {"epoch": 2, "rank": 1, "marker": str(marker)}}
-    result = run(_cfg(tmp_path, max_failures=1), loop_overrides=crash)
-    assert marker.is_file(), "the worker never exited: nothing was recovered"
-    # Ray Train's record of every reported checkpoint: a restart from scratch would read 1, 1, 2, 3.
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert result.metrics["epoch"] == 3
-    assert result.model_path.joinpath("model.pt").is_file()
