@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 
 from fabric.config import PipelineConfig, load_config
-from fabric.data import load_meta, load_preprocessor, read_split, run
-from fabric.errors import DataValidationError
+from fabric.data import load_meta, load_preprocessor, read_split, read_text, run
+from fabric.errors import ConfigError, DataValidationError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,6 +279,17 @@ def test_text_deep_in_a_numeric_csv_column(ray_local: None, tmp_path: Path) -> N
         run(_cfg(tmp_path / "runs", f"data.source={src}", "data.target=churn"))
     assert (e.value.column, e.value.rows) == ("usage", 2)
     assert {x["usage"] for x in e.value.examples} == {"n.a", "??"}
+
+
+def test_read_text_gives_a_text_column(ray_local: None, tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "corpus" / "b.txt").write_text("third line\n")
+    (tmp_path / "corpus" / "_SUCCESS").write_text("")
+    rows = read_text(str(tmp_path / "corpus")).take_all()
+    assert sorted(r["text"] for r in rows) == ["first line", "second line", "third line"]
+    with pytest.raises(ConfigError, match="data.format"):
+        run(_cfg(tmp_path, f"data.source={tmp_path / 'corpus'}", "data.format=text"))
 
 
 # --------------------------------------------------------------------------- the job entrypoint
