@@ -224,6 +224,12 @@ def _maybe_crash(config: dict[str, Any], epoch: int, rank: int) -> None:
     marker = Path(spec["marker"])
     if marker.exists():
         return
+    import ray.train
+
+    # Ray Train registers a checkpoint once it has collected every rank's report of it; a process that
+    # dies right after `report` can take its report along, and the run then restarts from the one
+    # before. Wait for the registration, so that this tests resuming from the last epoch's checkpoint.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     marker.write_text(f"worker rank {rank} exited at the start of epoch {epoch}\n")
     os._exit(1)  # like a killed process: no exception, no cleanup
 
@@ -282,6 +288,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_rows": train.rows,
             "epoch_s": time.perf_counter() - began,
             "world_size": world_size,
+            # The epoch this attempt started from (0: from scratch); it changes when a restart resumes.
+            "resumed_from_epoch": start - 1,
         }
         with tempfile.TemporaryDirectory(prefix="fabric-ckpt-") as tmp:
             wrote = strategy.save(Path(tmp), epoch, spec)

@@ -73,16 +73,17 @@ def test_ddp_two_workers_learns_and_writes_the_artifact(ddp_run: tuple[Path, Tra
 def test_a_killed_worker_resumes_from_its_checkpoint(ddp_run: tuple[Path, TrainResult]) -> None:
     run_dir, result = ddp_run
     assert (run_dir / "crashed").is_file(), "the worker never exited: nothing was recovered"
-    # Ray Train's record of every reported checkpoint, across the restart: a restart from scratch
-    # would read 1, 1, 2, 3.
+    # Ray Train's record of every registered checkpoint, across the restart: epochs 2 and 3 ran in an
+    # attempt that started from epoch 1's checkpoint (a restart from scratch would read 0, 0, 0).
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
 
 
 def test_a_rerun_continues_the_run_and_refuses_another_model(ddp_run: tuple[Path, TrainResult]) -> None:
     run_dir, first = ddp_run
     again = run(_cfg(run_dir, epochs=4))
     assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
-    assert again.history[:3] == first.history
+    assert again.history[:3] == first.history and again.history[3]["resumed_from_epoch"] == 3
     with pytest.raises(FabricError, match="another model or strategy"):
         run(_cfg(run_dir, epochs=5, hidden_size=16))
 
