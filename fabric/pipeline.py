@@ -1,13 +1,20 @@
-"""The whole lifecycle from one PipelineConfig: each stage's public `run(cfg)`, in order."""
+"""The whole lifecycle from one PipelineConfig: each stage's public `run(cfg)`, in order.
+
+ingest → tune → train → register → export (→ serve, when ``serve.enabled``). The search's best
+hyperparameters replace the train section's before training.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fabric.config import PipelineConfig
 from fabric.runtime import connect
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -18,18 +25,35 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _stage(result: PipelineResult, name: str, fn: Callable[[], T]) -> T:
+    print(f"\n== {name}", flush=True)
+    start = time.perf_counter()
+    out = fn()
+    result.seconds[name] = time.perf_counter() - start
+    result.stages[name] = out
+    return out
+
+
 def run(cfg: PipelineConfig) -> PipelineResult:
-    """Run every stage that the config enables, in lifecycle order, on the current Ray."""
-    from fabric import data
+    """Run every stage the config enables, in lifecycle order, on the current Ray."""
+    from fabric import data, export, tracking, train, tune
 
     connect(cfg.cluster)
     result = PipelineResult()
-    stages = [("ingest", data.run)]
-    for name, stage in stages:
-        print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        result.stages[name] = stage(cfg)
-        result.seconds[name] = time.perf_counter() - start
-    summary = ", ".join(f"{n} {s:.1f}s" for n, s in result.seconds.items())
-    print(f"== pipeline {cfg.name} done: {summary}", flush=True)
+    _stage(result, "ingest", lambda: data.run(cfg))
+    if cfg.tune.enabled:
+        best = _stage(result, "tune", lambda: tune.run(cfg))
+        tuned = type(cfg.train).model_validate({**cfg.train.model_dump(), **best.best_config})
+        cfg = cfg.model_copy(update={"train": tuned})
+    trained = _stage(result, "train", lambda: train.run(cfg))
+    registered = _stage(result, "register", lambda: tracking.run(cfg, trained))
+    if cfg.export.enabled:
+        model = registered.model_uri if registered is not None else trained.model_path
+        _stage(result, "export", lambda: export.run(cfg, model))
+    if cfg.serve.enabled:
+        from fabric import serve
+
+        _stage(result, "serve", lambda: serve.run(cfg))
+    summary = ", ".join(f"{n} {s:.0f}s" for n, s in result.seconds.items())
+    print(f"\n== pipeline {cfg.name} done ({summary}); outputs under {cfg.run_dir}/", flush=True)
     return result

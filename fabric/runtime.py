@@ -96,8 +96,14 @@ def use_token_auth() -> None:
 
     Ray's clients only attach the token when RAY_AUTH_MODE=token, so set it unless the user chose a mode.
     """
-    if "RAY_AUTH_MODE" not in os.environ and token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if "RAY_AUTH_MODE" in os.environ or not token_available():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        # Ray caches the mode when it is imported; refresh that cache so this process sends the token too.
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
 
 
 def auth_headers() -> dict[str, str]:
@@ -125,10 +131,11 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    use_token_auth()
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False, **init_kwargs}
     address = os.environ.get("RAY_ADDRESS") or (cluster.address if cluster else None)
     if address:
+        # An existing cluster: send the token. (A new local Ray turns token auth on by itself.)
+        use_token_auth()
         kwargs.pop("include_dashboard", None)
         ray.init(address=address, **kwargs)
         return

@@ -81,8 +81,9 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool) -> Any:
         use_gpu=use_gpu,
         storage=str(storage / "trials"),
     )
-    # The trial function only drives a TorchTrainer; the Train workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"cpu": 0})
+    # The trial function only drives a TorchTrainer: it holds no CPU (the Train workers hold the CPUs and
+    # GPUs), and a memory reservation keeps its placement group non-empty.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 2**20})
     path = storage / cfg.name
     if resume:
         if not tune.Tuner.can_restore(str(path)):
