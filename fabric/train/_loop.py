@@ -88,14 +88,18 @@ class _DDP:
     """torch DDP through `ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU)."""
 
     def __init__(self, model: nn.Module, config: dict[str, Any], rank: int) -> None:
-        import ray.train.torch
-
         self.rank = rank
-        self.device = ray.train.torch.get_device()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # NCCL collectives (the metric all-reduce) use the current device
         self.module = model
-        self.wrapped = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
+        if config.get("session") == "tune":  # one process, no worker group: plain torch
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.wrapped = model.to(self.device)
+        else:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # NCCL collectives (the metric all-reduce) use the current device
+            self.wrapped = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
         self.optimizer = _adamw(self.wrapped, config)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +178,6 @@ class _Batches:
     """This worker's batches of a split: its Ray Data shard, or (no datasets given) its rows of the parquet."""
 
     def __init__(self, config: dict[str, Any], rank: int, world_size: int, device: torch.device) -> None:
-        import ray.train
-
         self.config = config
         self.device = device
         self.features = list(config["feature_names"])
@@ -185,6 +187,8 @@ class _Batches:
         self.local: dict[str, Any] = {}
         for split in ("train", "val"):
             if config.get("ray_data_shards"):
+                import ray.train
+
                 self.shards[split] = ray.train.get_dataset_shard(split)
             else:
                 self.local[split] = local_shard(Path(config["data_dir"]), split, self.features, rank, world_size)
@@ -204,6 +208,42 @@ class _Batches:
             pairs = iter_local(self.local[split], self.batch_size, self.features, self.task, seed if shuffle else None)
         for x, y in pairs:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _Session:
+    """Where the loop reports: a Ray Train worker group, or one process of a Ray Tune trial.
+
+    ``config["session"] == "tune"`` (set by the Tune stage's one-worker trials) runs the loop in the
+    trial's own process, without a Ray Train run's start-up cost, reporting to Tune directly.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.tune = config.get("session") == "tune"
+        if self.tune:
+            if config["strategy"] != "ddp":
+                raise ValueError("a one-process Tune trial runs the ddp strategy only")
+            self.rank, self.world_size = 0, 1
+        else:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def get_checkpoint(self) -> Any:
+        import ray.train
+        import ray.tune
+
+        return ray.tune.get_checkpoint() if self.tune else ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], folder: str | None, name: str) -> None:
+        import ray.train
+        import ray.tune
+
+        if self.tune:
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder) if folder else None)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def _say(line: str) -> None:
@@ -248,11 +288,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             offload_optimizer, ray_data_shards (True when the trainer was given ``train``/``val`` datasets),
             fault_injection (tests only).
     """
-    import ray.train
-
     config = {**DEFAULTS, **config}
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    session = _Session(config)
+    rank, world_size = session.rank, session.world_size
     task, epochs = config["task"], int(config["epochs"])
     torch.manual_seed(int(config["seed"]))  # the same initial weights on every rank
     spec = spec_from_config(config)
@@ -260,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     strategy: _DDP | _DeepSpeed = (_DeepSpeed if config["strategy"] == "deepspeed" else _DDP)(model, config, rank)
 
     start = 1
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start = strategy.load(Path(folder)) + 1
@@ -293,10 +331,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         with tempfile.TemporaryDirectory(prefix="fabric-ckpt-") as tmp:
             wrote = strategy.save(Path(tmp), epoch, spec)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
-                checkpoint_dir_name=f"epoch_{epoch:04d}",
-            )
+            session.report(metrics, tmp if wrote else None, f"epoch_{epoch:04d}")
         if rank == 0:
             _say(epoch_line(metrics, epochs))

@@ -12,11 +12,18 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
 
+def trial_states(grid: ResultGrid) -> dict[str, str]:
+    """Trial id -> Tune's status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) for every trial of the grid."""
+    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+
+
 def results_table(grid: ResultGrid, space: dict[str, Param], metric: str, mode: str) -> pd.DataFrame:
     """One row per trial: its hyperparameters, epochs run, last and best ``metric``, and status; best first."""
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
+    states = trial_states(grid)
+    longest = _max_epochs(grid)
     for result in grid:
         history = result.metrics_dataframe
         values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
@@ -25,7 +32,13 @@ def results_table(grid: ResultGrid, space: dict[str, Param], metric: str, mode: 
         row["epochs"] = int(len(values))
         row[f"last_{metric}"] = float(values.iloc[-1]) if len(values) else float("nan")
         row[f"best_{metric}"] = float(values.min() if mode == "min" else values.max()) if len(values) else float("nan")
-        row["status"] = "error" if result.error else ("stopped early" if len(values) < _max_epochs(grid) else "completed")
+        state = states.get(row["trial"], "TERMINATED")
+        if result.error or state == "ERROR":
+            row["status"] = "error"
+        elif state != "TERMINATED":
+            row["status"] = "interrupted"
+        else:
+            row["status"] = "stopped early" if len(values) < longest else "completed"
         rows.append(row)
     table = pd.DataFrame(rows)
     if not table.empty:
@@ -44,6 +57,7 @@ def learning_curves_png(grid: ResultGrid, metric: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in grid:
@@ -52,6 +66,7 @@ def learning_curves_png(grid: ResultGrid, metric: str, path: Path) -> Path:
             continue
         x = df["epoch"] if "epoch" in df else range(1, len(df) + 1)
         ax.plot(x, df[metric], marker="o", markersize=3, linewidth=1.2, label=(result.metrics or {}).get("trial_id"))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"Trial learning curves ({metric})")
