@@ -85,6 +85,8 @@ class ServeConfig(Section):
     """Requests waiting for a replica before new ones get 503; -1: no limit."""
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted; bigger ones get 413 before they are read."""
+    access_log: bool = False
+    """Serve's per-request access log line in the replica logs (a few percent of a cheap request's CPU)."""
     fast_path: bool = True
     """HAProxy ingress and the direct gRPC data plane (RAY_SERVE_ENABLE_HA_PROXY and
     RAY_SERVE_THROUGHPUT_OPTIMIZED for the Ray processes that fabric starts): about 14x Serve's defaults here."""

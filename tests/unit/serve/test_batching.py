@@ -44,6 +44,21 @@ def test_under_concurrency_the_batch_is_capped_at_the_peak_and_waits() -> None:
     assert len(seen) == 16  # applied on change only
 
 
+def test_under_load_the_wait_follows_the_engine_time() -> None:
+    policy = AdaptiveBatching(32, 0.005, clock=Clock())
+    policy.arrive()
+    policy.arrive()
+    assert policy.wait_s == 0.005  # no measurement yet: the configured wait
+    for _ in range(40):
+        policy.executed(0.00002)  # a cheap model: 20 us a call
+    policy.arrive()
+    assert policy.wait_s < 0.0001  # HTTP dominates: waiting would only add latency
+    for _ in range(40):
+        policy.executed(0.050)  # an expensive one
+    policy.arrive()
+    assert policy.wait_s == 0.005  # never beyond the configured wait
+
+
 def test_the_cap_never_exceeds_max_batch_size() -> None:
     policy = AdaptiveBatching(8, 0.01, clock=Clock())
     for _ in range(50):
@@ -109,6 +124,8 @@ def test_a_batch_is_split_back_to_its_requests() -> None:
 
     async def main() -> list[np.ndarray]:
         xs = [np.full((n, 2), float(n), dtype=np.float32) for n in (1, 3, 2)]
+        for _ in xs:
+            pred.policy.arrive()  # as the service does when each request comes in
         return await asyncio.gather(*(pred(x) for x in xs))
 
     outs = asyncio.run(main())
@@ -118,7 +135,23 @@ def test_a_batch_is_split_back_to_its_requests() -> None:
     stats = pred.stats.as_dict()
     assert stats["request_count"] == 3 and stats["inference_count"] == 6 and stats["execution_count"] == 1
     assert stats["batch_stats"] == [{"batch_size": 3, "count": 1}]
-    assert ("wait", 0.0) in batch.settings  # bound at start: alone -> no wait
+    # bound alone (no wait, size 1), then three requests around: wait, and close the batch at three
+    assert batch.settings[:2] == [("wait", 0.0), ("size", 1)]
+    assert batch.settings[-2:] == [("wait", 0.001), ("size", 3)]
+
+
+def test_a_lone_request_skips_the_batch_queue() -> None:
+    batch = FakeBatch()
+    pred = Predictor(lambda x: x, max_batch_size=8, max_wait_s=0.01, batch=batch)
+
+    async def main() -> None:
+        for _ in range(3):
+            pred.policy.arrive()
+            await pred(np.zeros((1, 2), dtype=np.float32))
+            pred.policy.depart()
+
+    asyncio.run(main())
+    assert batch.sizes == [] and pred.stats.executions == 3
 
 
 def test_without_batching_each_request_runs_alone() -> None:
