@@ -206,15 +206,24 @@ def head_processes(temp_dir: str) -> list[psutil.Process]:
     return [p for p in seen.values() if p.pid != os.getpid()]
 
 
-def dashboard_alive(url: str, timeout: float = 2.0) -> bool:
-    """True when the dashboard at ``url`` answers (any HTTP status counts as alive)."""
+def free_port() -> int:
+    """A TCP port free on this machine right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def job_api_ready(url: str, timeout: float = 2.0) -> bool:
+    """True when the dashboard at ``url`` answers and a node's dashboard agent has reported to it."""
     try:
-        urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=auth_headers()), timeout=timeout)
-        return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
+        req = urllib.request.Request(f"{url}/nodes?view=summary", headers=auth_headers())
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            nodes = json.load(resp).get("data", {}).get("summary", [])
+    except (OSError, ValueError):
         return False
+    return any(n.get("agent") for n in nodes)
 
 
 def running_head() -> LocalHead | None:
@@ -257,6 +266,9 @@ def start_head(
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         f"--temp-dir={temp_dir}",
+        # Ray's fixed default (52365) clashes with any other Ray on the machine, and the job API needs
+        # this agent: take a free port instead.
+        f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
     ]  # fmt: skip
     if num_cpus is not None:
@@ -265,7 +277,9 @@ def start_head(
         cmd.append(f"--num-gpus={num_gpus}")
     if object_store_memory is not None:
         cmd.append(f"--object-store-memory={object_store_memory}")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # A job's `python ...` entrypoint resolves through the head's PATH: make it this environment's Python.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s + 60)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -278,10 +292,11 @@ def start_head(
         started_at=time.time(),
     )
     deadline = time.monotonic() + timeout_s
-    while not dashboard_alive(head.dashboard_url):
+    # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard.
+    while not job_api_ready(head.dashboard_url):
         if time.monotonic() > deadline:
             stop_processes(head_processes(temp_dir))
-            raise ClusterError(f"the dashboard did not answer on {head.dashboard_url} within {timeout_s:.0f}s")
+            raise ClusterError(f"the job API on {head.dashboard_url} was not ready within {timeout_s:.0f}s")
         time.sleep(0.5)
     _state_file().write_text(json.dumps(asdict(head), indent=2))
     return head, True
