@@ -129,11 +129,11 @@ def main() -> None:
         base = plain_optuna(Path(tmp) / "data", args.trials, args.epochs, args.seed, cfg.train.batch_size)
     ray.shutdown()
     print(f"\n{args.trials} trials, up to {args.epochs} epochs each, builtin:fair")
-    print(f"{"search":38} {'best val_loss':>13} {'trial-s':>8} {'wall s':>7} {'epochs':>7}")
+    print(f"{'search':38} {'best val_loss':>13} {'trial-s':>8} {'wall s':>7} {'epochs':>7}")
     for name, r in (("plain Optuna (sequential, no pruning)", base), ("fabric tune (TPE + ASHA)", ours)):
         print(f"{name:38} {r['best']:13.4f} {r['trial_s']:8.1f} {r['wall_s']:7.1f} {r['epochs']:7d}")
     print(
-        f"{"ratio fabric / Optuna":38} {ours['best'] / base['best']:13.3f} {ours['trial_s'] / base['trial_s']:8.2f} "
+        f"{'ratio fabric / Optuna':38} {ours['best'] / base['best']:13.3f} {ours['trial_s'] / base['trial_s']:8.2f} "
         f"{ours['wall_s'] / base['wall_s']:7.2f} {ours['epochs'] / base['epochs']:7.2f}"
     )
 
