@@ -80,3 +80,10 @@ def test_import_fabric_and_help_load_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"`import fabric` / `fabric --help` loaded: {out.stdout.strip()}"
+
+
+def test_every_script_parses_on_this_python() -> None:
+    """jobs/ and benchmarks/ are never imported by the suite: at least make sure they compile here."""
+    for leaf in ("jobs", "benchmarks"):
+        for path in (ROOT / leaf).rglob("*.py"):
+            compile(path.read_text(), str(path), "exec")
