@@ -142,11 +142,11 @@ def bare_server(folder: str, run_dir: str, name: str, port: int) -> None:
     """The baseline: the same FastAPI app and engine in one uvicorn process, no Ray, no batching."""
     import uvicorn
 
-    from fabric.serve.api import make_api
+    from fabric.serve.api import make_asgi
     from fabric.serve.service import build_service
 
     cfg = config(Path(folder), Path(run_dir), name, port, [])
-    uvicorn.run(make_api(build_service(cfg)), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(make_asgi(build_service(cfg)), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 class Tensor(BaseModel):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fabric.config import PipelineConfig
     from fabric.serve.deploy import ServeResult
 
-__all__ = ["build_app", "delete", "deploy", "run", "set_traffic", "status"]
+__all__ = ["build_app", "delete", "deploy", "run", "serve_forever", "set_traffic", "status"]
 
 
 def build_app(args: Any = None) -> Application:
@@ -42,6 +42,22 @@ def run(cfg: PipelineConfig) -> ServeResult:
     print(f"serve: {result.app_name} at {result.url} (model {result.model_name}, traffic {result.traffic}, "
           f"fast path {'on' if result.fast_path else 'off'})", flush=True)
     return result
+
+
+def serve_forever(app: str = "fabric", poll_s: float = 2.0) -> None:
+    """Block while ``app`` runs (a process that started its own Ray must stay up for the app to);
+    Ctrl-C deletes the app and returns."""
+    import time
+
+    from fabric.serve.deploy import app_running
+    from fabric.serve.deploy import delete as _delete
+
+    try:
+        while app_running(app):
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"stopping {app}", flush=True)
+        _delete(app)
 
 
 def deploy(cfg: PipelineConfig, timeout_s: float = 300.0) -> ServeResult:

@@ -16,6 +16,9 @@ version is in the ``x-fabric-model-version`` header and the body's ``model_versi
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +43,11 @@ from fabric.serve.protocol import (
 from fabric.serve.service import TabularService
 
 JSON = "application/json"
+log = logging.getLogger("fabric.serve")
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body is not JSON"},
     404: {"model": ErrorResponse, "description": "Unknown model or version"},
@@ -193,3 +201,96 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class _Headers:
+    """Case-insensitive ``get`` over raw ASGI headers (all the traffic split needs)."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower().encode("latin-1")
+        for k, v in self._raw:
+            if k.lower() == key:
+                return v.decode("latin-1")
+        return default
+
+
+class InferFastPath:
+    """The ASGI app a replica serves: inference requests straight to the service, the rest to FastAPI.
+
+    Inference is the hot path; FastAPI's routing, dependency solving and middleware stack cost about a
+    fifth of a cheap request's CPU, so ``POST .../infer`` is answered here, by the same service and with
+    the same bodies and errors as the FastAPI routes (which stay registered for the OpenAPI document).
+    """
+
+    def __init__(self, api: FastAPI, service: TabularService, max_body_bytes: int) -> None:
+        self.api = api
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    def __getattr__(self, name: str) -> Any:  # docs_url, add_exception_handler... as FastAPI's
+        return getattr(self.api, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            root = scope.get("root_path") or ""
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            m = _INFER_PATH.fullmatch(path)
+            if m is not None:
+                await self._infer(m["name"], m["version"], scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    size = int(v)
+                except ValueError:
+                    raise ProtocolError(400, f"invalid Content-Length {v!r}", "invalid_request", "content-length") from None
+                if size > limit:
+                    raise ProtocolError(413, f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)", "body_too_large", "content-length")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ProtocolError(400, "client disconnected before sending the whole body", "invalid_request")
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                raise ProtocolError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", "body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = _Headers(scope["headers"])
+        try:
+            chosen, body = await self.service.infer(name, version, headers, lambda: self._read(scope, receive))
+            status, extra = 200, [(VERSION_HEADER.encode(), chosen.encode())]
+        except ProtocolError as e:
+            status, body, extra = e.status, e.body(), []
+        except Exception as e:  # a bug, not bad input: answer 500 with a JSON body, keep the replica up
+            log.exception("inference failed")
+            status, body, extra = 500, ProtocolError(500, f"internal error: {type(e).__name__}: {e}", "internal").body(), []
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def make_asgi(service: TabularService, max_body_bytes: int = 1 << 20) -> InferFastPath:
+    """What a replica (or the bare benchmark server) serves: :func:`make_api` behind the inference fast path."""
+    return InferFastPath(make_api(service, max_body_bytes), service, max_body_bytes)

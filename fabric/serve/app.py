@@ -39,9 +39,9 @@ class TabularModel:
         self.service = build_service(self.cfg, batch=serve.batch)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from fabric.serve.api import make_api
+        from fabric.serve.api import make_asgi
 
-        return make_api(self.service, self.cfg.serve.max_body_bytes)
+        return make_asgi(self.service, self.cfg.serve.max_body_bytes)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """New traffic weights from ``user_config["traffic"]``; bad ones are logged and ignored, so a

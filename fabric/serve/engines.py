@@ -198,6 +198,26 @@ def _preprocessor_for(folder: Path, spec: dict[str, Any], run_dir: str) -> Path 
     return None
 
 
+def _exported_for(folder: Path, run_dir: str) -> Path | None:
+    """The export stage's ``<run_dir>/export/model.onnx`` when its ``export.json`` says it was made from
+    this very model folder (the pipeline exports the registered version it then serves)."""
+    import json
+
+    report = Path(run_dir) / "export" / "export.json"
+    try:
+        info = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    source, onnx = info.get("model_dir"), info.get("onnx_path")
+    if not source or not onnx or Path(source).resolve() != folder:
+        return None
+    path = Path(onnx) if Path(onnx).is_absolute() else Path(run_dir).parent / onnx
+    for candidate in (path, report.parent / ONNX_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def locate(version: ModelVersion, cfg: PipelineConfig) -> VersionFiles:
     """Resolve a version's ``model_uri`` to local files (downloading a registry version once).
 
@@ -211,6 +231,8 @@ def locate(version: ModelVersion, cfg: PipelineConfig) -> VersionFiles:
     onnx = Path(version.onnx_path) if version.onnx_path else folder / ONNX_FILE
     if version.onnx_path and not onnx.is_file():
         raise UsageError(f"version {version.name}: onnx_path {onnx} does not exist")
+    if not onnx.is_file():
+        onnx = _exported_for(folder, cfg.run_dir) or onnx
     return VersionFiles(
         version.name,
         folder,

@@ -10,7 +10,6 @@ benchmark server both wrap this same class, so they serve identical bytes.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -317,7 +316,10 @@ class TabularService:
                 self.monitor.observe(chosen, rows, preds)
         finally:
             policy.depart()
-        body = {"model_name": self.model_name, "model_version": chosen, "id": req.id or str(uuid.uuid4()), "outputs": outs}
+        body: dict[str, Any] = {"model_name": self.model_name, "model_version": chosen}
+        if req.id is not None:  # OIP: the request's id, when it gave one
+            body["id"] = req.id
+        body["outputs"] = outs
         return chosen, json.dumps(body).encode()
 
 

@@ -139,6 +139,24 @@ def app_config(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def serve_config(cfg: PipelineConfig, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole Serve config file (``serve run`` / ``serve deploy`` / KubeRay's ``serveConfigV2``) for ``cfg``,
+    with the fast path's variables as ``controller_options`` (the controller hands them to HAProxy and
+    the replicas). ``args`` replaces the app's args, e.g. ``{"config": "jobs/configs/x.yaml"}`` so the
+    file stays portable; the default inlines this machine's resolved config."""
+    app = app_config(cfg)
+    if args is not None:
+        app["args"] = args
+    out: dict[str, Any] = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+    }
+    if cfg.serve.fast_path:
+        out["controller_options"] = {"runtime_env": {"env_vars": dict(FAST_PATH_ENV)}}
+    out["applications"] = [app]
+    return out
+
+
 def config_from_args(args: Any = None) -> PipelineConfig:
     """The pipeline config an app builder's ``args`` describe.
 

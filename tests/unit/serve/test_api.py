@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fabric.config import load_config
-from fabric.serve.api import make_api
+from fabric.serve.api import make_api, make_asgi
 from fabric.serve.service import build_service
 from tests.unit.serve.models import FEATURES, encode, make_model, reference, softmax, tensor_request
 
@@ -44,9 +44,11 @@ class Recorder:
         return "<html>report</html>"
 
 
-def _client(tmp_path: Path, overrides: list[str], monitor: Any = None) -> TestClient:
+def _client(tmp_path: Path, overrides: list[str], monitor: Any = None, fast: bool = True) -> TestClient:
+    """A client of what a replica serves (the inference fast path over FastAPI), or of FastAPI alone."""
     cfg = load_config(None, ["serve.model_name=m", "monitor.enabled=false", f"run_dir={tmp_path}", *overrides])
-    return TestClient(make_api(build_service(cfg, monitor=monitor), cfg.serve.max_body_bytes))
+    build = make_asgi if fast else make_api
+    return TestClient(build(build_service(cfg, monitor=monitor), cfg.serve.max_body_bytes))
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +240,24 @@ def test_versions_split_pin_and_stick(folders: dict[str, Path], tmp_path: Path) 
         assert pinned.json()["model_version"] == "b"
         _check_classification(pinned.json(), reference(folders["clf2"], x))
         assert c.get("/v2/models/m").json()["parameters"]["traffic"] == {"a": 50.0, "b": 50.0}
+
+
+def test_the_fastapi_routes_answer_exactly_like_the_fast_path(folders: dict[str, Path], tmp_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    bodies: list[dict[str, Any]] = [
+        {"json": tensor_request(x, id="same")},
+        {"json": {"instances": ROWS}},
+        {"content": b"{nope"},
+        {"json": tensor_request(np.zeros((1, 3), np.float32))},
+        {"content": _big(200)},
+    ]
+    overrides = [f"serve.model_uri={folders['clf']}", "serve.max_body_bytes=4096"]
+    with _client(tmp_path, overrides) as fast, _client(tmp_path, overrides, fast=False) as slow:
+        for kwargs in bodies:
+            for path in (URL, "/v2/models/m/versions/v1/infer", "/v2/models/x/infer"):
+                a, b = fast.post(path, **kwargs), slow.post(path, **kwargs)
+                assert a.status_code == b.status_code, (path, kwargs)
+                ja, jb = a.json(), b.json()
+                ja.pop("id", None), jb.pop("id", None)
+                assert ja == jb
+                assert a.headers.get("x-fabric-model-version") == b.headers.get("x-fabric-model-version")

@@ -133,3 +133,49 @@ def test_serve_cli_registered_and_validates_arguments(capsys: pytest.CaptureFixt
     assert main(["serve", "nope.yaml"]) == 2
     err = capsys.readouterr().err
     assert "VERSION=WEIGHT" in err and "config file not found" in err
+
+
+def test_serve_config_carries_the_fast_path_to_the_controller() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from fabric.serve.spec import serve_config
+
+    cfg = load_config(None, ["serve.port=8100", "serve.model_uri=models:/m@champion"])
+    out = serve_config(cfg, {"config": "jobs/configs/pipeline.yaml"})
+    assert out["controller_options"]["runtime_env"]["env_vars"] == FAST_PATH_ENV
+    assert out["http_options"] == {"host": "127.0.0.1", "port": 8100}
+    assert out["applications"][0]["args"] == {"config": "jobs/configs/pipeline.yaml"}
+    ServeDeploySchema.model_validate(out)  # what `serve deploy` accepts
+    assert "controller_options" not in serve_config(load_config(None, ["serve.fast_path=false"]))
+
+
+def test_print_config_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from fabric.cli import main
+
+    assert main(["serve", "--print-config", "serve.port=8123"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# serve run")
+    doc = yaml.safe_load(text)
+    assert doc["applications"][0]["args"] == {"overrides": ["serve.port=8123"]}
+    assert doc["http_options"]["port"] == 8123
+
+
+def test_the_export_stages_onnx_is_used_for_the_model_it_was_made_from(tmp_path: Path) -> None:
+    import json
+
+    from fabric.config.serve import ModelVersion
+    from fabric.serve.engines import locate
+
+    model = tmp_path / "runs" / "registry" / "m" / "v1"
+    model.mkdir(parents=True)
+    (model / "model.json").write_text(json.dumps({"kwargs": {"input_dim": 2, "output_dim": 1}, "task": "regression", "feature_names": ["a", "b"]}))
+    export = tmp_path / "runs" / "export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"onnx")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'runs'}"])
+    version = ModelVersion(name="v1", model_uri=str(model))
+    assert locate(version, cfg).onnx_path is None  # no export.json: not known to be this model's
+    (export / "export.json").write_text(json.dumps({"model_dir": str(model), "onnx_path": str(export / "model.onnx")}))
+    assert locate(version, cfg).onnx_path == export / "model.onnx"
+    (export / "export.json").write_text(json.dumps({"model_dir": str(tmp_path / "other"), "onnx_path": str(export / "model.onnx")}))
+    assert locate(version, cfg).onnx_path is None
