@@ -310,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
-        if "fabric" in args.sides:
-            from ray import serve
-
-            serve.shutdown()
+        # the local Ray (and Serve with it) ends with this process
 
     print()
     for side in args.sides:

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         args.config = None
     action = args.config if args.config in ACTIONS else None
     if action == "set-traffic":
-        from fabric.serve.deploy import attach, set_traffic
+        from fabric.serve.control import attach, set_traffic
         from fabric.serve.router import parse_weights
 
         if not args.overrides:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print("traffic now " + ", ".join(f"{v}={w:g}%" for v, w in new.items()))
         return 0
     if action == "status":
-        from fabric.serve.deploy import attach, status
+        from fabric.serve.control import attach, status
 
         if args.overrides:
             raise UsageError(f"status takes no arguments, got {' '.join(args.overrides)}")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fabric.config import load_config
     from fabric.serve import run as serve_run
-    from fabric.serve.deploy import clear_state, owns_ray
+    from fabric.serve.control import clear_state, owns_ray
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ray.serve import Application
 
     from fabric.config import PipelineConfig
-    from fabric.serve.deploy import ServeResult
+    from fabric.serve.control import ServeResult
 
 __all__ = ["build_app", "delete", "deploy", "run", "serve_forever", "set_traffic", "status"]
 
@@ -36,7 +36,7 @@ def run(cfg: PipelineConfig) -> ServeResult:
     The app keeps running after this returns, for as long as the Ray cluster does (``fabric serve``
     keeps a local Ray up until interrupted).
     """
-    from fabric.serve.deploy import deploy as _deploy
+    from fabric.serve.control import deploy as _deploy
 
     result = _deploy(cfg)
     print(f"serve: {result.app_name} at {result.url} (model {result.model_name}, traffic {result.traffic}, "
@@ -49,8 +49,8 @@ def serve_forever(app: str = "fabric", poll_s: float = 2.0) -> None:
     Ctrl-C deletes the app and returns."""
     import time
 
-    from fabric.serve.deploy import app_running
-    from fabric.serve.deploy import delete as _delete
+    from fabric.serve.control import app_running
+    from fabric.serve.control import delete as _delete
 
     try:
         while app_running(app):
@@ -62,27 +62,27 @@ def serve_forever(app: str = "fabric", poll_s: float = 2.0) -> None:
 
 def deploy(cfg: PipelineConfig, timeout_s: float = 300.0) -> ServeResult:
     """Deploy (or update) ``cfg``'s app and wait until it runs."""
-    from fabric.serve.deploy import deploy as _deploy
+    from fabric.serve.control import deploy as _deploy
 
     return _deploy(cfg, timeout_s)
 
 
 def set_traffic(weights: dict[str, float], app: str = "fabric") -> dict[str, float]:
     """Change a running app's traffic split (no replica restarts); returns the new percentages."""
-    from fabric.serve.deploy import set_traffic as _set
+    from fabric.serve.control import set_traffic as _set
 
     return _set(weights, app)
 
 
 def status(app: str | None = None) -> list[dict[str, Any]]:
     """Serve apps with their deployments' replica states and fabric apps' traffic."""
-    from fabric.serve.deploy import status as _status
+    from fabric.serve.control import status as _status
 
     return _status(app)
 
 
 def delete(app: str = "fabric") -> None:
     """Remove an app from Serve."""
-    from fabric.serve.deploy import delete as _delete
+    from fabric.serve.control import delete as _delete
 
     _delete(app)

@@ -40,7 +40,6 @@ def _free_port() -> int:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Ray with the fast-path environment (it must be there before Ray starts), and the app deployed."""
     import ray
-    from ray import serve
 
     from fabric.serve import deploy
 
@@ -72,7 +71,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         result = deploy(cfg, timeout_s=240)
         yield {"url": result.url, "folders": folders, "cfg": cfg, "result": result}
     finally:
-        serve.shutdown()
+        # ray.shutdown ends Serve with the local Ray; serve.shutdown would first drain each replica's
+        # direct-ingress port for its graceful period (tens of seconds)
         ray.shutdown()
         for k, v in saved.items():
             if v is None:
@@ -91,7 +91,7 @@ def _probs(resp: httpx.Response) -> np.ndarray:
 
 
 def test_the_fast_path_is_on_and_bound_to_localhost(served: dict[str, Any]) -> None:
-    from fabric.serve.deploy import is_fast_path
+    from fabric.serve.control import is_fast_path
 
     assert is_fast_path()
     assert served["result"].fast_path is True

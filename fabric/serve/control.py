@@ -258,7 +258,7 @@ def _not_declared(app: str, apps: dict[str, Any]) -> str:
     known = ", ".join(sorted(apps)) or "none"
     return (
         f"no Serve app {app!r} deployed from a config (declarative apps: {known}); traffic changes need an app "
-        "started by `fabric serve`, `fabric.serve.deploy` or `serve run/deploy <yaml>`"
+        "started by `fabric serve`, `fabric.serve.control` or `serve run/deploy <yaml>`"
     )
 
 
