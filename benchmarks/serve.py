@@ -1,19 +1,24 @@
 """Serving speed: fabric's Serve app vs a bare FastAPI+uvicorn process serving the same model.
 
-    python benchmarks/serve.py [--duration 4] [--repeat 3] [--concurrency 1 4 16 64] [--models cheap heavy]
-                               [--serve-override serve.fast_path=false ...]
+    python benchmarks/serve.py [--duration 3] [--repeat 3] [--concurrency 1 4 16 64] [--models cheap heavy]
+                               [--sides fabric plain same] [--serve-override serve.fast_path=false ...]
 
-Both sides run the same FastAPI app over the same ONNX Runtime engine (one intra-op thread) and answer
-the same Open Inference Protocol request (one row); the bare side is one uvicorn process (uvloop,
-httptools) answering each request on its own, fabric's side is `fabric.serve.deploy` with its defaults
-(the fast path: HAProxy ingress and the gRPC data plane; adaptive ``@serve.batch``; one replica). Two
-models: ``cheap`` (4 -> 16 -> 3: HTTP dominates) and ``heavy`` (32 -> 4 x 1024 -> 2: about 2.5 ms a
-call at batch 1 and 5.6 ms at batch 16 on one core, so batching pays).
+Three servers answer the same Open Inference Protocol request (one row) with the same model through the
+same ONNX Runtime session settings (one intra-op thread):
+
+* ``fabric``: ``fabric.serve.deploy`` with its defaults (the fast path: HAProxy ingress and the gRPC data
+  plane; adaptive ``@serve.batch``; one replica);
+* ``plain``: what one writes without fabric: one uvicorn process (uvloop, httptools) running a FastAPI
+  app with pydantic request and response models, one engine call per request;
+* ``same``: fabric's own ASGI app in one uvicorn process, no Ray, no batching (isolates Serve's cost).
+
+Two models: ``cheap`` (4 -> 16 -> 3: about 15 us a call, HTTP dominates) and ``heavy`` (32 -> 4 x 2048
+-> 2, 51 MB of weights: about 2.5 ms a call at batch 1 and 6 ms at batch 16 on one core, so batching pays).
 
 Load: N closed-loop keep-alive HTTP/1.1 clients in a separate process (plain asyncio sockets, so the
-client costs both sides the same little CPU). Every measurement runs both sides back to back, the
-order alternating, ``--repeat`` times; the table shows the run with the median throughput. Takes about
-six minutes on a 2-core machine; other load on the machine shows up as noise, so compare the ratios.
+client costs every side the same little CPU). Every point runs all sides back to back, the order
+rotating, ``--repeat`` times; the table shows the run with the median throughput. Takes about six
+minutes on a 2-core machine; other load on the machine shows up as noise, so compare the ratios.
 """
 
 from __future__ import annotations
