@@ -47,7 +47,9 @@ MODELS = {
 # --------------------------------------------------------------------------- the load generator (own process)
 
 
-async def _client(host: str, port: int, path: str, body: bytes, deadline: float, lat: list[float], bad: list[bytes]) -> None:
+async def _client(
+    host: str, port: int, path: str, body: bytes, deadline: float, lat: list[float], bad: list[bytes]
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     request = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
@@ -87,7 +89,12 @@ def generate_load(url: str, body: bytes, clients: int, seconds: float) -> dict[s
     async def run() -> float:
         start = time.perf_counter()
         deadline = start + seconds
-        await asyncio.gather(*(_client(u.hostname or "127.0.0.1", u.port or 80, u.path, body, deadline, lat, bad) for _ in range(clients)))
+        await asyncio.gather(
+            *(
+                _client(u.hostname or "127.0.0.1", u.port or 80, u.path, body, deadline, lat, bad)
+                for _ in range(clients)
+            )
+        )
         return time.perf_counter() - start
 
     elapsed = asyncio.run(run())
@@ -96,7 +103,13 @@ def generate_load(url: str, body: bytes, clients: int, seconds: float) -> dict[s
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
 
-    return {"requests": len(lat), "rps": len(lat) / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "errors": len(bad)}
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / elapsed,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "errors": len(bad),
+    }
 
 
 def measure(url: str, body: bytes, clients: int, seconds: float, warmup: float = 1.0) -> dict[str, Any]:
@@ -117,10 +130,18 @@ def make_model(folder: Path, input_dim: int, hidden: int, layers: int, classes: 
     from fabric.models import build_mlp, model_spec, save_model
 
     torch.manual_seed(0)
-    kwargs = {"input_dim": input_dim, "output_dim": classes, "hidden_size": hidden, "num_layers": layers, "dropout": 0.0}
+    kwargs = {
+        "input_dim": input_dim,
+        "output_dim": classes,
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "dropout": 0.0,
+    }
     model = build_mlp(**kwargs).eval()
     names = [f"x{i}" for i in range(input_dim)]
-    save_model(folder, model, model_spec("mlp", kwargs, task="classification", feature_names=names, num_classes=classes))
+    save_model(
+        folder, model, model_spec("mlp", kwargs, task="classification", feature_names=names, num_classes=classes)
+    )
     export_onnx(model, input_dim, folder / "model.onnx")
     return folder
 
@@ -241,7 +262,9 @@ def free_port() -> int:
 
 def request_body(input_dim: int) -> bytes:
     row = [round(0.1 * (i % 7) - 0.3, 3) for i in range(input_dim)]
-    return json.dumps({"inputs": [{"name": "input", "shape": [1, input_dim], "datatype": "FP32", "data": row}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, input_dim], "datatype": "FP32", "data": row}]}
+    ).encode()
 
 
 # --------------------------------------------------------------------------- the run
@@ -261,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     p.add_argument("--duration", type=float, default=3.0, help="seconds measured per point (after 1 s of warm-up)")
     p.add_argument("--repeat", type=int, default=3, help="runs per point; the median-throughput run is shown")
-    p.add_argument("--serve-override", nargs="*", default=[], help="overrides for fabric's side, e.g. serve.num_replicas=2")
+    p.add_argument(
+        "--serve-override", nargs="*", default=[], help="overrides for fabric's side, e.g. serve.num_replicas=2"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -281,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                 if side in args.sides:
                     port = free_port()
                     extra = [str(root / "runs")] if side == "same" else []
-                    procs.append(subprocess.Popen([sys.executable, __file__, flag, str(folder), *extra, name, str(port)]))
+                    procs.append(
+                        subprocess.Popen([sys.executable, __file__, flag, str(folder), *extra, name, str(port)])
+                    )
                     urls[(name, side)] = f"http://127.0.0.1:{port}"
             if "fabric" in args.sides:
                 from fabric.serve import deploy
@@ -303,12 +330,17 @@ def main(argv: list[str] | None = None) -> int:
                 best = {side: sorted(r, key=lambda m: m["rps"])[len(r) // 2] for side, r in runs.items()}
                 row: dict[str, Any] = {"model": name, "clients": clients, **{side: m for side, m in best.items()}}
                 if "fabric" in args.sides:
-                    stats = httpx.get(f"{urls[(name, 'fabric')]}/v2/models/{name}/stats", timeout=10).json()["model_stats"][0]
+                    stats = httpx.get(f"{urls[(name, 'fabric')]}/v2/models/{name}/stats", timeout=10).json()[
+                        "model_stats"
+                    ][0]
                     row["fabric_batch_stats"] = stats["batch_stats"]
                 results.append(row)
                 print(
                     f"  {name:5s} c={clients:<3d} "
-                    + " | ".join(f"{side} {m['rps']:6.0f} req/s p50 {m['p50_ms']:6.2f} p99 {m['p99_ms']:6.2f}" for side, m in best.items()),
+                    + " | ".join(
+                        f"{side} {m['rps']:6.0f} req/s p50 {m['p50_ms']:6.2f} p99 {m['p99_ms']:6.2f}"
+                        for side, m in best.items()
+                    ),
                     flush=True,
                 )
     finally:
@@ -322,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {side}: {SIDES[side]}")
     print()
     base = [s for s in ("plain", "same") if s in args.sides]
-    head = ["model", "clients", *[f"{s} req/s" for s in args.sides], *[f"fabric/{b}" for b in base if "fabric" in args.sides]]
+    head = [
+        "model",
+        "clients",
+        *[f"{s} req/s" for s in args.sides],
+        *[f"fabric/{b}" for b in base if "fabric" in args.sides],
+    ]
     head += [f"{s} p50 / p99 ms" for s in args.sides]
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))

@@ -39,25 +39,55 @@ def run(cfg: PipelineConfig) -> ServeResult:
     from fabric.serve.control import deploy as _deploy
 
     result = _deploy(cfg)
-    print(f"serve: {result.app_name} at {result.url} (model {result.model_name}, traffic {result.traffic}, "
-          f"fast path {'on' if result.fast_path else 'off'})", flush=True)
+    print(
+        f"serve: {result.app_name} at {result.url} (model {result.model_name}, traffic {result.traffic}, "
+        f"fast path {'on' if result.fast_path else 'off'})",
+        flush=True,
+    )
     return result
 
 
-def serve_forever(app: str = "fabric", poll_s: float = 2.0) -> None:
-    """Block while ``app`` runs (a process that started its own Ray must stay up for the app to);
-    Ctrl-C deletes the app and returns."""
+def serve_forever(app: str = "fabric", poll_s: float = 2.0, delete_on_stop: bool = True) -> bool:
+    """Block while ``app`` runs (a process that started its own Ray must stay up for the app to).
+
+    Args:
+        app: the Serve application.
+        poll_s: seconds between checks that it still runs.
+        delete_on_stop: on Ctrl-C or SIGTERM, delete the app (False when this process's own Ray is
+            about to end anyway: deleting first would wait out each replica's draining period).
+
+    Returns:
+        True when stopped by Ctrl-C or SIGTERM, False when the app went away.
+    """
+    import signal
+    import threading
     import time
 
     from fabric.serve.control import app_running
     from fabric.serve.control import delete as _delete
 
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # Ray's own SIGTERM handler dumps a stack and kills the process; stop cleanly instead.
+        previous = signal.signal(signal.SIGTERM, _stop)
+        # A background job of a non-interactive shell starts with SIGINT ignored.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while app_running(app):
             time.sleep(poll_s)
+        return False
     except KeyboardInterrupt:
         print(f"stopping {app}", flush=True)
-        _delete(app)
+        if delete_on_stop:
+            _delete(app)
+        return True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def deploy(cfg: PipelineConfig, timeout_s: float = 300.0) -> ServeResult:

@@ -83,16 +83,25 @@ async def read_limited(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise ProtocolError(400, f"invalid Content-Length {declared!r}", "invalid_request", "content-length") from None
+            raise ProtocolError(
+                400, f"invalid Content-Length {declared!r}", "invalid_request", "content-length"
+            ) from None
         if size > limit:
-            raise ProtocolError(413, f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)", "body_too_large", "content-length")
+            raise ProtocolError(
+                413,
+                f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)",
+                "body_too_large",
+                "content-length",
+            )
         return await request.body()
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise ProtocolError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", "body_too_large")
+            raise ProtocolError(
+                413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", "body_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -127,12 +136,18 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
 
     async def infer(name: str, version: str | None, request: Request) -> Response:
         try:
-            chosen, body = await service.infer(name, version, request.headers, lambda: read_limited(request, max_body_bytes))
+            chosen, body = await service.infer(
+                name, version, request.headers, lambda: read_limited(request, max_body_bytes)
+            )
         except ProtocolError as e:
             return error_response(e)
         return Response(body, media_type=JSON, headers={VERSION_HEADER: chosen})
 
-    infer_doc: dict[str, Any] = {"response_model": InferenceResponse, "responses": _ERRORS, "openapi_extra": _INFER_BODY}
+    infer_doc: dict[str, Any] = {
+        "response_model": InferenceResponse,
+        "responses": _ERRORS,
+        "openapi_extra": _INFER_BODY,
+    }
 
     @app.post("/v2/models/{name}/infer", summary="Infer (the traffic split picks the version)", **infer_doc)
     async def infer_split(name: str, request: Request) -> Response:
@@ -146,7 +161,12 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def model_metadata(name: str) -> dict[str, Any]:
         return service.model_metadata(name)
 
-    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataResponse, responses=_ERRORS, summary="Version metadata")
+    @app.get(
+        "/v2/models/{name}/versions/{version}",
+        response_model=ModelMetadataResponse,
+        responses=_ERRORS,
+        summary="Version metadata",
+    )
     async def version_metadata(name: str, version: str) -> dict[str, Any]:
         return service.model_metadata(name, version)
 
@@ -155,7 +175,12 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
         service.check_model(name)
         return JSONResponse({"name": name, "ready": service.ready()}, status_code=200 if service.ready() else 503)
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReadyResponse, responses=_ERRORS, summary="Version readiness")
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        response_model=ModelReadyResponse,
+        responses=_ERRORS,
+        summary="Version readiness",
+    )
     async def version_ready(name: str, version: str) -> dict[str, Any]:
         service.check_model(name, version)
         return {"name": name, "version": version, "ready": True}
@@ -254,9 +279,16 @@ class InferFastPath:
                 try:
                     size = int(v)
                 except ValueError:
-                    raise ProtocolError(400, f"invalid Content-Length {v!r}", "invalid_request", "content-length") from None
+                    raise ProtocolError(
+                        400, f"invalid Content-Length {v!r}", "invalid_request", "content-length"
+                    ) from None
                 if size > limit:
-                    raise ProtocolError(413, f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)", "body_too_large", "content-length")
+                    raise ProtocolError(
+                        413,
+                        f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)",
+                        "body_too_large",
+                        "content-length",
+                    )
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -266,7 +298,9 @@ class InferFastPath:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > limit:
-                raise ProtocolError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", "body_too_large")
+                raise ProtocolError(
+                    413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", "body_too_large"
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -280,12 +314,20 @@ class InferFastPath:
             status, body, extra = e.status, e.body(), []
         except Exception as e:  # a bug, not bad input: answer 500 with a JSON body, keep the replica up
             log.exception("inference failed")
-            status, body, extra = 500, ProtocolError(500, f"internal error: {type(e).__name__}: {e}", "internal").body(), []
+            status, body, extra = (
+                500,
+                ProtocolError(500, f"internal error: {type(e).__name__}: {e}", "internal").body(),
+                [],
+            )
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

@@ -49,7 +49,11 @@ class AdaptiveBatching:
     """
 
     def __init__(
-        self, max_batch_size: int, max_wait_s: float, window_s: float = PEAK_WINDOW_S, clock: Callable[[], float] = time.monotonic
+        self,
+        max_batch_size: int,
+        max_wait_s: float,
+        window_s: float = PEAK_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s

@@ -178,7 +178,9 @@ def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeRes
     import ray
 
     _state_file().parent.mkdir(parents=True, exist_ok=True)
-    _state_file().write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": cfg.serve.app_name}))
+    _state_file().write_text(
+        json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": cfg.serve.app_name})
+    )
     prefix = cfg.serve.route_prefix.rstrip("/")
     url = f"http://{http['host']}:{http['port']}{prefix}"
     name = model_name(cfg)
@@ -188,7 +190,12 @@ def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeRes
         model_name=name,
         traffic=traffic(cfg),
         fast_path=started_fast or is_fast_path(),
-        routes=[f"POST {url}/v2/models/{name}/infer", f"GET {url}/v2/models/{name}", f"GET {url}/v2/health/ready", f"GET {url}/docs"],
+        routes=[
+            f"POST {url}/v2/models/{name}/infer",
+            f"GET {url}/v2/models/{name}",
+            f"GET {url}/v2/health/ready",
+            f"GET {url}/docs",
+        ],
     )
 
 
@@ -228,7 +235,9 @@ def attach(address: str | None = None) -> None:
     try:
         ray.init(address=address, namespace="serve", log_to_driver=False)
     except Exception as e:  # ConnectionError and friends, with Ray's long messages
-        raise ClusterError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(e).splitlines()[0]}") from None
+        raise ClusterError(
+            f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _reachable(address: str, timeout_s: float = 3.0) -> bool:
@@ -308,10 +317,18 @@ def status(app: str | None = None) -> list[dict[str, Any]]:
         if app and name != app:
             continue
         deps = {
-            d_name: {"status": getattr(d.status, "value", d.status), "replicas": {getattr(k, "value", k): v for k, v in d.replica_states.items()}}
+            d_name: {
+                "status": getattr(d.status, "value", d.status),
+                "replicas": {getattr(k, "value", k): v for k, v in d.replica_states.items()},
+            }
             for d_name, d in a.deployments.items()
         }
-        row: dict[str, Any] = {"app": name, "status": getattr(a.status, "value", a.status), "message": a.message, "deployments": deps}
+        row: dict[str, Any] = {
+            "app": name,
+            "status": getattr(a.status, "value", a.status),
+            "message": a.message,
+            "deployments": deps,
+        }
         if name in apps and apps[name].get("import_path") == IMPORT_PATH:
             try:
                 row["traffic"] = current_traffic(name)

@@ -52,7 +52,7 @@ class Engine(abc.ABC):
             if not np.all(np.isfinite(out)):
                 raise FabricError(f"{type(self).__name__} returns non-finite outputs for a zero row")
 
-    def shutdown(self) -> None:  # noqa: B027 - engines without resources need no shutdown
+    def shutdown(self) -> None:
         """Release what ``start`` took."""
 
 

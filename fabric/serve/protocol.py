@@ -34,7 +34,9 @@ DATATYPES: dict[str, Any] = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
-Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
+]
 NUMERIC = frozenset(DATATYPES) - {"BYTES"}
 
 # Response header naming the version that answered (also in the body's ``model_version``).

@@ -42,7 +42,7 @@ def parse_weights(items: Iterable[str]) -> dict[str, float]:
             weight = float(raw)
         except ValueError:
             weight = -1.0
-        if not sep or not name or weight < 0 or weight != weight:
+        if not sep or not name or not weight >= 0:  # also rejects NaN
             raise UsageError(f"{item!r}: traffic weights look like VERSION=WEIGHT with a number >= 0 (v1=90 v2=10)")
         if name in out:
             raise UsageError(f"version {name!r} is given twice")
@@ -84,7 +84,9 @@ class TrafficSplit:
         """
         unknown = [v for v in weights if v not in self.versions]
         if unknown:
-            raise UsageError(f"unknown version(s) {', '.join(map(repr, unknown))}; this endpoint serves {', '.join(self.versions)}")
+            raise UsageError(
+                f"unknown version(s) {', '.join(map(repr, unknown))}; this endpoint serves {', '.join(self.versions)}"
+            )
         bad = [f"{v}={w}" for v, w in weights.items() if not (float(w) >= 0)]
         if bad:
             raise UsageError(f"weights must be numbers >= 0: {', '.join(bad)}")

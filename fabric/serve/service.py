@@ -54,7 +54,11 @@ class Version:
 def _tensor_features(schema: ModelSchema, inp: RequestInput, where: str) -> np.ndarray:
     n = schema.n_features
     if inp.datatype not in NUMERIC:
-        raise invalid(f"{where} ({inp.name!r}) must be a numeric tensor (e.g. FP32), got {inp.datatype}", "invalid_datatype", f"{where}.datatype")
+        raise invalid(
+            f"{where} ({inp.name!r}) must be a numeric tensor (e.g. FP32), got {inp.datatype}",
+            "invalid_datatype",
+            f"{where}.datatype",
+        )
     if len(inp.shape) != 2 or inp.shape[1] != n:
         raise invalid(
             f"{where} ({inp.name!r}) must have shape [rows, {n}] (one column per encoded feature), got {inp.shape}",
@@ -86,10 +90,18 @@ def _encoded_from_frame(schema: ModelSchema, df: Any, root: str) -> np.ndarray:
         present = col.notna().to_numpy()
         if (present & np.isnan(values)).any():
             row = int(np.flatnonzero(present & np.isnan(values))[0])
-            raise invalid(f"feature {name!r} must be numeric; row {row} holds {col.iloc[row]!r}", "invalid_datatype", f"{root}.{name}")
+            raise invalid(
+                f"feature {name!r} must be numeric; row {row} holds {col.iloc[row]!r}",
+                "invalid_datatype",
+                f"{root}.{name}",
+            )
         if not np.isfinite(values).all():
             row = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise invalid(f"feature {name!r} is null or not finite in row {row}; encoded features must be finite numbers", "invalid_value", f"{root}.{name}")
+            raise invalid(
+                f"feature {name!r} is null or not finite in row {row}; encoded features must be finite numbers",
+                "invalid_value",
+                f"{root}.{name}",
+            )
         out[:, j] = values
     return out
 
@@ -125,10 +137,15 @@ class TabularService:
     def check_model(self, name: str, version: str | None = None) -> None:
         """Raise 404 for a model name (or version) this server does not serve."""
         if name != self.model_name:
-            raise ProtocolError(404, f"unknown model {name!r}; this server serves {self.model_name!r}", "unknown_model", "name")
+            raise ProtocolError(
+                404, f"unknown model {name!r}; this server serves {self.model_name!r}", "unknown_model", "name"
+            )
         if version is not None and version not in self.versions:
             raise ProtocolError(
-                404, f"unknown version {version!r} of {name!r}; versions: {', '.join(self.versions)}", "unknown_version", "version"
+                404,
+                f"unknown version {version!r} of {name!r}; versions: {', '.join(self.versions)}",
+                "unknown_version",
+                "version",
             )
 
     def ready(self) -> bool:
@@ -146,7 +163,10 @@ class TabularService:
         s = v.schema
         if s.task == "classification":
             k = max(s.output_dim, 2)
-            outputs = [{"name": "label", "datatype": "INT64", "shape": [-1]}, {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]}]
+            outputs = [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+            ]
         else:
             shape = [-1] if s.output_dim == 1 else [-1, s.output_dim]
             outputs = [{"name": "prediction", "datatype": "FP32", "shape": shape}]
@@ -171,13 +191,16 @@ class TabularService:
         self.check_model(name)
         return {
             "model_stats": [
-                {"name": self.model_name, "version": v, **rt.predictor.stats.as_dict()} for v, rt in self.versions.items()
+                {"name": self.model_name, "version": v, **rt.predictor.stats.as_dict()}
+                for v, rt in self.versions.items()
             ]
         }
 
     # ------------------------------------------------------------------ inference
 
-    def features(self, schema: ModelSchema, req: InferenceRequest | RecordsRequest) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
+    def features(
+        self, schema: ModelSchema, req: InferenceRequest | RecordsRequest
+    ) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
         """The float32 feature matrix a request describes, and its raw rows when it was named-column input."""
         if isinstance(req, RecordsRequest):
             import pandas as pd
@@ -187,7 +210,8 @@ class TabularService:
                 missing = [c for c in cols if c not in rec]
                 if missing:
                     raise invalid(
-                        f"instances[{i}] lacks feature {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                        f"instances[{i}] lacks feature {missing[0]!r}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                         + f"; expected: {', '.join(cols)}",
                         "missing_feature",
                         f"instances[{i}].{missing[0]}",
@@ -216,10 +240,18 @@ class TabularService:
         for idx, inp in enumerate(inputs):
             where = f"inputs[{idx}]"
             if not (len(inp.shape) == 1 or (len(inp.shape) == 2 and inp.shape[1] == 1)):
-                raise invalid(f"{where} (column {inp.name!r}) must have shape [rows] or [rows, 1], got {inp.shape}", "invalid_shape", f"{where}.shape")
+                raise invalid(
+                    f"{where} (column {inp.name!r}) must have shape [rows] or [rows, 1], got {inp.shape}",
+                    "invalid_shape",
+                    f"{where}.shape",
+                )
             values = decode_tensor(inp, where).reshape(-1)
             if rows is not None and len(values) != rows:
-                raise invalid(f"{where} (column {inp.name!r}) has {len(values)} rows, the inputs before it {rows}", "invalid_shape", f"{where}.shape")
+                raise invalid(
+                    f"{where} (column {inp.name!r}) has {len(values)} rows, the inputs before it {rows}",
+                    "invalid_shape",
+                    f"{where}.shape",
+                )
             rows = len(values)
             columns[inp.name] = values
         return self._from_frame(schema, pd.DataFrame(columns), "inputs")
@@ -230,7 +262,8 @@ class TabularService:
         missing = [c for c in schema.input_columns if c not in df.columns]
         if missing:
             raise invalid(
-                f"missing feature {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                f"missing feature {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + f"; expected: {', '.join(schema.input_columns)}",
                 "missing_feature",
                 f"{root}.{missing[0]}",
@@ -305,12 +338,18 @@ class TabularService:
                 have = {o["name"]: o for o in outs}
                 unknown = [w for w in wanted if w not in have]
                 if unknown:
-                    raise invalid(f"unknown output(s) {', '.join(map(repr, unknown))}; outputs: {', '.join(have)}", "unknown_output", "outputs")
+                    raise invalid(
+                        f"unknown output(s) {', '.join(map(repr, unknown))}; outputs: {', '.join(have)}",
+                        "unknown_output",
+                        "outputs",
+                    )
                 outs = [have[w] for w in wanted]
             if self._observe and rows:
                 y2 = np.asarray(y).reshape(len(x), -1)
                 if rt.schema.task == "classification":
-                    preds: list[Any] = y2.argmax(axis=1).tolist() if y2.shape[1] > 1 else (y2[:, 0] > 0).astype(int).tolist()
+                    preds: list[Any] = (
+                        y2.argmax(axis=1).tolist() if y2.shape[1] > 1 else (y2[:, 0] > 0).astype(int).tolist()
+                    )
                 else:
                     preds = y2[:, 0].tolist() if y2.shape[1] == 1 else y2.tolist()
                 self.monitor.observe(chosen, rows, preds)
@@ -323,7 +362,9 @@ class TabularService:
         return chosen, json.dumps(body).encode()
 
 
-def build_service(cfg: Any, batch: Callable[..., Any] | None = None, monitor: MonitorHook | None = None) -> TabularService:
+def build_service(
+    cfg: Any, batch: Callable[..., Any] | None = None, monitor: MonitorHook | None = None
+) -> TabularService:
     """Load every version's engine and build the service (in a replica, or in a bare server).
 
     Args:
@@ -339,7 +380,9 @@ def build_service(cfg: Any, batch: Callable[..., Any] | None = None, monitor: Mo
     versions: dict[str, Version] = {}
     for v in serving_versions(cfg):
         loaded = load_version(v, cfg)
-        versions[v.name] = Version(loaded, Predictor(loaded.engine.predict, s.max_batch_size, s.batch_wait_timeout_s, batch))
+        versions[v.name] = Version(
+            loaded, Predictor(loaded.engine.predict, s.max_batch_size, s.batch_wait_timeout_s, batch)
+        )
     split = TrafficSplit({v.name: v.weight for v in serving_versions(cfg)}, s.sticky_header)
     return TabularService(
         model_name(cfg),

@@ -66,7 +66,11 @@ def replica_config(cfg: PipelineConfig) -> dict[str, Any]:
     serve = cfg.serve.model_dump(mode="json")
     serve["model_uri"] = None
     serve["versions"] = [
-        {**v.model_dump(mode="json"), "model_uri": _absolute(v.model_uri), "onnx_path": _absolute(v.onnx_path) if v.onnx_path else None}
+        {
+            **v.model_dump(mode="json"),
+            "model_uri": _absolute(v.model_uri),
+            "onnx_path": _absolute(v.onnx_path) if v.onnx_path else None,
+        }
         for v in serving_versions(cfg)
     ]
     serve["model_name"] = model_name(cfg)

@@ -220,9 +220,21 @@ def test_bad_input_gets_its_4xx_and_the_replica_stays(served: dict[str, Any]) ->
     cases = [
         (httpx.post(infer, content=b"{nope", timeout=30), 400, "invalid_json"),
         (_post(url, tensor_request(np.zeros((1, 3), np.float32))), 422, "invalid_shape"),
-        (_post(url, {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, "x", 3, 4]}]}), 422, "invalid_datatype"),
+        (
+            _post(url, {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, "x", 3, 4]}]}),
+            422,
+            "invalid_datatype",
+        ),
         (_post(url, {"instances": [{"age": 1, "city": "oslo"}]}), 422, "missing_feature"),
-        (httpx.post(infer, content=b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [NaN, 1, 2, 3]}]}', timeout=30), 422, "invalid_value"),
+        (
+            httpx.post(
+                infer,
+                content=b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [NaN, 1, 2, 3]}]}',
+                timeout=30,
+            ),
+            422,
+            "invalid_value",
+        ),
         (httpx.post(infer, content=b"x" * 70_000, timeout=30), 413, "body_too_large"),
         (_post(url, tensor_request(np.zeros((1, 4), np.float32)), "/v2/models/other/infer"), 404, "unknown_model"),
     ]

@@ -43,7 +43,13 @@ def make_model(
 
     torch.manual_seed(seed)
     output_dim = num_classes if task == "classification" else 1
-    kwargs = {"input_dim": len(FEATURES), "output_dim": output_dim, "hidden_size": hidden_size, "num_layers": num_layers, "dropout": 0.0}
+    kwargs = {
+        "input_dim": len(FEATURES),
+        "output_dim": output_dim,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "dropout": 0.0,
+    }
     model = build_mlp(**kwargs).eval()
     spec = model_spec(
         "mlp",
@@ -85,7 +91,9 @@ def encode(rows: list[dict]) -> np.ndarray:
     for r in rows:
         age = 40.0 if r.get("age") is None else float(r["age"])
         income = 50.0 if r.get("income") is None else float(r["income"])
-        out.append([(age - 40) / 10, (income - 50) / 20, float(r.get("city") == "oslo"), float(r.get("city") == "paris")])
+        out.append(
+            [(age - 40) / 10, (income - 50) / 20, float(r.get("city") == "oslo"), float(r.get("city") == "paris")]
+        )
     return np.asarray(out, dtype=np.float32)
 
 

@@ -53,7 +53,9 @@ def _client(tmp_path: Path, overrides: list[str], monitor: Any = None, fast: boo
 
 @pytest.fixture(scope="module")
 def client(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with _client(tmp_path_factory.mktemp("run"), [f"serve.model_uri={folders['clf']}", "serve.max_body_bytes=4096"]) as c:
+    with _client(
+        tmp_path_factory.mktemp("run"), [f"serve.model_uri={folders['clf']}", "serve.max_body_bytes=4096"]
+    ) as c:
         yield c
 
 
@@ -83,7 +85,11 @@ def test_nested_tensor_data_and_integer_datatypes_are_accepted(client: TestClien
     _check_classification(r.json(), reference(folders["clf"], x.astype(np.float32)))
 
 
-ROWS = [{"age": 35, "income": 80.5, "city": "oslo"}, {"age": 61, "income": 20, "city": "paris"}, {"age": 18, "income": 55, "city": "rome"}]
+ROWS = [
+    {"age": 35, "income": 80.5, "city": "oslo"},
+    {"age": 61, "income": 20, "city": "paris"},
+    {"age": 18, "income": 55, "city": "rome"},
+]
 
 
 def test_named_columns_go_through_the_preprocessor(client: TestClient, folders: dict[str, Path]) -> None:
@@ -122,23 +128,96 @@ def _big(n: int) -> bytes:
         ({"content": b"[1]"}, 422, "invalid_request", None),
         ({"json": tensor_request(np.zeros((1, 3), np.float32))}, 422, "invalid_shape", "[rows, 4]"),
         ({"json": tensor_request(np.zeros((4,), np.float32))}, 422, "invalid_shape", "[rows, 4]"),
-        ({"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, "three", 4]}]}}, 422, "invalid_datatype", "'three'"),
-        ({"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "BYTES", "data": ["a"] * 4}]}}, 422, "invalid_datatype", "numeric"),
-        ({"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, None, 3, 4]}]}}, 422, "invalid_value", "'income'"),
-        ({"content": b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, NaN, 4]}]}'}, 422, "invalid_value", "'city=oslo'"),
-        ({"content": b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, Infinity]}]}'}, 422, "invalid_value", "finite"),
+        (
+            {"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, "three", 4]}]}},
+            422,
+            "invalid_datatype",
+            "'three'",
+        ),
+        (
+            {"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "BYTES", "data": ["a"] * 4}]}},
+            422,
+            "invalid_datatype",
+            "numeric",
+        ),
+        (
+            {"json": {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, None, 3, 4]}]}},
+            422,
+            "invalid_value",
+            "'income'",
+        ),
+        (
+            {
+                "content": b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, NaN, 4]}]}'
+            },
+            422,
+            "invalid_value",
+            "'city=oslo'",
+        ),
+        (
+            {
+                "content": b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, Infinity]}]}'
+            },
+            422,
+            "invalid_value",
+            "finite",
+        ),
         ({"json": {"instances": [{"age": 1, "city": "oslo"}]}}, 422, "missing_feature", "'income'"),
-        ({"json": {"inputs": [{"name": "age", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "city", "shape": [1], "datatype": "BYTES", "data": ["oslo"]}]}}, 422, "missing_feature", "'income'"),
-        ({"json": {"inputs": [{"name": "age", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "zip", "shape": [1], "datatype": "FP32", "data": [1]}]}}, 422, "unknown_input", "'zip'"),
-        ({"json": {"inputs": [{"name": "age", "shape": [2], "datatype": "FP32", "data": [1, 2]}, {"name": "income", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "city", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]}}, 422, "invalid_shape", "rows"),
+        (
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "age", "shape": [1], "datatype": "FP32", "data": [1]},
+                        {"name": "city", "shape": [1], "datatype": "BYTES", "data": ["oslo"]},
+                    ]
+                }
+            },
+            422,
+            "missing_feature",
+            "'income'",
+        ),
+        (
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "age", "shape": [1], "datatype": "FP32", "data": [1]},
+                        {"name": "zip", "shape": [1], "datatype": "FP32", "data": [1]},
+                    ]
+                }
+            },
+            422,
+            "unknown_input",
+            "'zip'",
+        ),
+        (
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "age", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                        {"name": "income", "shape": [1], "datatype": "FP32", "data": [1]},
+                        {"name": "city", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]},
+                    ]
+                }
+            },
+            422,
+            "invalid_shape",
+            "rows",
+        ),
         ({"json": {"instances": [{"age": "old", "income": 1, "city": "oslo"}]}}, 422, "invalid_value", "'age'"),
-        ({"json": tensor_request(np.zeros((1, 4), np.float32), outputs=[{"name": "logits"}])}, 422, "unknown_output", "'logits'"),
+        (
+            {"json": tensor_request(np.zeros((1, 4), np.float32), outputs=[{"name": "logits"}])},
+            422,
+            "unknown_output",
+            "'logits'",
+        ),
         ({"json": {"instances": []}}, 422, "invalid_request", None),
         ({"content": _big(200)}, 413, "body_too_large", "4096"),
         ({"content": iter([_big(200)])}, 413, "body_too_large", "4096"),  # chunked: no Content-Length
     ],
 )
-def test_bad_input_gets_its_4xx_with_a_json_error(client: TestClient, kwargs: dict[str, Any], status: int, kind: str, names: str | None) -> None:
+def test_bad_input_gets_its_4xx_with_a_json_error(
+    client: TestClient, kwargs: dict[str, Any], status: int, kind: str, names: str | None
+) -> None:
     r = client.post(URL, **kwargs)
     assert r.status_code == status, r.text
     err = r.json()
@@ -173,7 +252,9 @@ def test_metadata_health_and_openapi(client: TestClient) -> None:
     assert client.get("/v2").json()["name"] == "fabric"
     spec = client.get("/openapi.json").json()
     assert "/v2/models/{name}/infer" in spec["paths"]
-    assert {"InferenceRequest", "RecordsRequest", "InferenceResponse", "ErrorResponse"} <= set(spec["components"]["schemas"])
+    assert {"InferenceRequest", "RecordsRequest", "InferenceResponse", "ErrorResponse"} <= set(
+        spec["components"]["schemas"]
+    )
     stats = client.get("/v2/models/m/stats").json()["model_stats"][0]
     assert stats["version"] == "v1" and stats["execution_count"] >= 1
 
@@ -234,7 +315,10 @@ def test_versions_split_pin_and_stick(folders: dict[str, Path], tmp_path: Path) 
     with _client(tmp_path, [versions, "serve.sticky_header=x-user"]) as c:
         seen = {c.post(URL, json=tensor_request(x)).headers["x-fabric-model-version"] for _ in range(40)}
         assert seen == {"a", "b"}
-        sticky = {c.post(URL, json=tensor_request(x), headers={"X-User": "alice"}).headers["x-fabric-model-version"] for _ in range(10)}
+        sticky = {
+            c.post(URL, json=tensor_request(x), headers={"X-User": "alice"}).headers["x-fabric-model-version"]
+            for _ in range(10)
+        }
         assert len(sticky) == 1
         pinned = c.post("/v2/models/m/versions/b/infer", json=tensor_request(x))
         assert pinned.json()["model_version"] == "b"

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from fabric.serve.protocol import InferenceRequest, ProtocolError, RecordsRequest, RequestInput, decode_tensor, parse_body
+from fabric.serve.protocol import (
+    InferenceRequest,
+    ProtocolError,
+    RecordsRequest,
+    RequestInput,
+    decode_tensor,
+    parse_body,
+)
 
 
 def _inp(shape: list[int], data: list, datatype: str = "FP32") -> RequestInput:
@@ -15,7 +22,9 @@ def _inp(shape: list[int], data: list, datatype: str = "FP32") -> RequestInput:
 
 
 def test_parses_tensor_and_records_bodies() -> None:
-    req = parse_body(b'{"id": "r1", "inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}')
+    req = parse_body(
+        b'{"id": "r1", "inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}'
+    )
     assert isinstance(req, InferenceRequest) and req.id == "r1" and req.inputs[0].shape == [1, 2]
     rec = parse_body(json.dumps({"instances": [{"age": 3}]}).encode())
     assert isinstance(rec, RecordsRequest) and rec.instances == [{"age": 3}]
@@ -43,7 +52,9 @@ def test_bad_bodies_get_their_status(body: bytes, status: int, kind: str) -> Non
 
 def test_validation_errors_name_the_field() -> None:
     with pytest.raises(ProtocolError) as info:
-        parse_body(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "y", "shape": [1], "datatype": "FP99", "data": [1]}]}')
+        parse_body(
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "y", "shape": [1], "datatype": "FP99", "data": [1]}]}'
+        )
     assert info.value.loc == "inputs[1].datatype"
     assert "inputs[1].datatype" in info.value.message
 

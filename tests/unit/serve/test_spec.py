@@ -59,7 +59,10 @@ def test_autoscaling_replaces_num_replicas_and_targets_a_batch() -> None:
 def test_traffic_is_user_config_and_resources_are_actor_options() -> None:
     cfg = load_config(
         None,
-        ["serve.versions=[{name: v1, model_uri: a, weight: 90}, {name: v2, model_uri: b, weight: 10}]", "serve.replica_gpus=1"],
+        [
+            "serve.versions=[{name: v1, model_uri: a, weight: 90}, {name: v2, model_uri: b, weight: 10}]",
+            "serve.replica_gpus=1",
+        ],
     )
     opts = deployment_options(cfg, env=FAST_PATH_ENV)
     assert opts["user_config"] == {"traffic": {"v1": 90.0, "v2": 10.0}}
@@ -168,7 +171,9 @@ def test_the_export_stages_onnx_is_used_for_the_model_it_was_made_from(tmp_path:
 
     model = tmp_path / "runs" / "registry" / "m" / "v1"
     model.mkdir(parents=True)
-    (model / "model.json").write_text(json.dumps({"kwargs": {"input_dim": 2, "output_dim": 1}, "task": "regression", "feature_names": ["a", "b"]}))
+    (model / "model.json").write_text(
+        json.dumps({"kwargs": {"input_dim": 2, "output_dim": 1}, "task": "regression", "feature_names": ["a", "b"]})
+    )
     export = tmp_path / "runs" / "export"
     export.mkdir()
     (export / "model.onnx").write_bytes(b"onnx")
@@ -177,5 +182,7 @@ def test_the_export_stages_onnx_is_used_for_the_model_it_was_made_from(tmp_path:
     assert locate(version, cfg).onnx_path is None  # no export.json: not known to be this model's
     (export / "export.json").write_text(json.dumps({"model_dir": str(model), "onnx_path": str(export / "model.onnx")}))
     assert locate(version, cfg).onnx_path == export / "model.onnx"
-    (export / "export.json").write_text(json.dumps({"model_dir": str(tmp_path / "other"), "onnx_path": str(export / "model.onnx")}))
+    (export / "export.json").write_text(
+        json.dumps({"model_dir": str(tmp_path / "other"), "onnx_path": str(export / "model.onnx")})
+    )
     assert locate(version, cfg).onnx_path is None
