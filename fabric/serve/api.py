@@ -76,23 +76,26 @@ def error_response(e: ProtocolError, headers: dict[str, str] | None = None) -> R
     return Response(e.body(), status_code=e.status, media_type=JSON, headers=headers)
 
 
+def check_content_length(declared: str, limit: int) -> None:
+    """400 for a Content-Length that is not a number, 413 for one over ``limit`` bytes."""
+    try:
+        size = int(declared)
+    except ValueError:
+        raise ProtocolError(400, f"invalid Content-Length {declared!r}", "invalid_request", "content-length") from None
+    if size > limit:
+        raise ProtocolError(
+            413,
+            f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)",
+            "body_too_large",
+            "content-length",
+        )
+
+
 async def read_limited(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) one over ``limit`` bytes before or while reading it."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ProtocolError(
-                400, f"invalid Content-Length {declared!r}", "invalid_request", "content-length"
-            ) from None
-        if size > limit:
-            raise ProtocolError(
-                413,
-                f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)",
-                "body_too_large",
-                "content-length",
-            )
+        check_content_length(declared, limit)
         return await request.body()
     chunks: list[bytes] = []
     total = 0
@@ -276,19 +279,7 @@ class InferFastPath:
         limit = self.max_body_bytes
         for k, v in scope["headers"]:
             if k == b"content-length":
-                try:
-                    size = int(v)
-                except ValueError:
-                    raise ProtocolError(
-                        400, f"invalid Content-Length {v!r}", "invalid_request", "content-length"
-                    ) from None
-                if size > limit:
-                    raise ProtocolError(
-                        413,
-                        f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)",
-                        "body_too_large",
-                        "content-length",
-                    )
+                check_content_length(v.decode("latin-1"), limit)
         chunks: list[bytes] = []
         total = 0
         while True:
