@@ -4,6 +4,8 @@ from fabric.config._load import deep_merge, dump_config, load_config, parse_over
 from fabric.config.cluster import ClusterConfig
 from fabric.config.data import DataConfig, Expectations, Range, Split
 from fabric.config.export import ExportConfig
+from fabric.config.llm import FinetuneConfig, LLMConfig, LMDataConfig, LMModelConfig, LoRAConfig
+from fabric.config.llm_serve import LLMServeConfig
 from fabric.config.monitor import MonitorConfig
 from fabric.config.pipeline import PipelineConfig
 from fabric.config.serve import ServeConfig
@@ -17,6 +19,12 @@ __all__ = [
     "DeepSpeedConfig",
     "Expectations",
     "ExportConfig",
+    "FinetuneConfig",
+    "LLMConfig",
+    "LLMServeConfig",
+    "LMDataConfig",
+    "LMModelConfig",
+    "LoRAConfig",
     "MonitorConfig",
     "Param",
     "PipelineConfig",

@@ -8,6 +8,7 @@ from fabric.config._base import Section
 from fabric.config.cluster import ClusterConfig
 from fabric.config.data import DataConfig
 from fabric.config.export import ExportConfig
+from fabric.config.llm import LLMConfig
 from fabric.config.monitor import MonitorConfig
 from fabric.config.serve import ServeConfig
 from fabric.config.track import TrackConfig
@@ -30,3 +31,4 @@ class PipelineConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)

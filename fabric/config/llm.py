@@ -1,0 +1,89 @@
+"""Config of the language-model half of the lifecycle: the model, its text data, LoRA fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fabric.config._base import Section
+from fabric.config.llm_serve import LLMServeConfig
+from fabric.config.train import DeepSpeedConfig
+
+
+class LMModelConfig(Section):
+    """The base causal language model: a local Hugging Face folder, or a small one built from a config."""
+
+    path: str | None = None
+    """A local Hugging Face model folder (``from_pretrained``; never downloaded at run time). None builds
+    a model from ``arch`` and the sizes below, with freshly initialised weights (laptops and tests)."""
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(default=2, ge=1)
+    n_embd: int = Field(default=64, ge=8)
+    n_head: int = Field(default=2, ge=1)
+    context_length: int = Field(default=256, ge=16)
+    """Most tokens the model attends over (prompt plus generated tokens)."""
+    tokenizer_path: str | None = None
+    """A tokenizer folder; None: the model folder's tokenizer, or one trained on the data (HF ``tokenizers``)."""
+    vocab_size: int = Field(default=2000, ge=64)
+    """Vocabulary of a tokenizer trained on the data (when there is none to load)."""
+
+    @model_validator(mode="after")
+    def _heads(self) -> LMModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class LMDataConfig(Section):
+    """Text data as JSON lines: instruction records or plain text."""
+
+    path: str | None = None
+    """A ``.jsonl`` file or folder (local path or pyarrow URI); None: the embedded demo corpus."""
+    format: Literal["instruction", "text"] = "instruction"
+    """``instruction``: ``{"instruction", "input"?, "output"}`` records; ``text``: ``{"text"}`` records."""
+    text_field: str = "text"
+    heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Share of records held out to measure perplexity before and after fine-tuning."""
+    seq_len: int = Field(default=128, ge=8)
+    """Tokens per packed training sequence (must fit the model's context)."""
+
+
+class LoRAConfig(Section):
+    """peft LoRA adapter settings."""
+
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Module names to adapt; None: the architecture's attention projections (``c_attn`` for GPT-2,
+    ``q_proj``/``v_proj`` for Llama)."""
+
+
+class FinetuneConfig(Section):
+    """How the adapter is trained (Ray Train TorchTrainer: DDP or DeepSpeed ZeRO)."""
+
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    """Sequences per worker per step."""
+    lr: float = Field(default=1e-3, gt=0)
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    max_failures: int = Field(default=2, ge=0)
+    """Worker-group restarts allowed; each resumes from the last adapter checkpoint."""
+    merge: bool = True
+    """Also write the base with the adapter merged in (for single-model serving)."""
+    model_name: str = "fabric-lm"
+    """Registry name of the adapter in MLflow."""
+
+
+class LLMConfig(Section):
+    """Language models: base model, text data, LoRA fine-tuning, OpenAI-compatible serving."""
+
+    model: LMModelConfig = Field(default_factory=LMModelConfig)
+    data: LMDataConfig = Field(default_factory=LMDataConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    serve: LLMServeConfig = Field(default_factory=LLMServeConfig)
