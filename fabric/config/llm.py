@@ -18,9 +18,13 @@ class LMModelConfig(Section):
     """A local Hugging Face model folder (``from_pretrained``; never downloaded at run time). None builds
     a model from ``arch`` and the sizes below, with freshly initialised weights (laptops and tests)."""
     arch: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture of a model built from this config (ignored when ``path`` is set)."""
     n_layer: int = Field(default=2, ge=1)
+    """Transformer blocks of a built model."""
     n_embd: int = Field(default=64, ge=8)
+    """Hidden size of a built model."""
     n_head: int = Field(default=2, ge=1)
+    """Attention heads of a built model (must divide ``n_embd``)."""
     context_length: int = Field(default=256, ge=16)
     """Most tokens the model attends over (prompt plus generated tokens)."""
     tokenizer_path: str | None = None
@@ -43,18 +47,24 @@ class LMDataConfig(Section):
     format: Literal["instruction", "text"] = "instruction"
     """``instruction``: ``{"instruction", "input"?, "output"}`` records; ``text``: ``{"text"}`` records."""
     text_field: str = "text"
+    """The field holding the text of ``text`` records."""
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
     """Share of records held out to measure perplexity before and after fine-tuning."""
     seq_len: int = Field(default=128, ge=8)
     """Tokens per packed training sequence (must fit the model's context)."""
+    max_records: int | None = Field(default=None, ge=1)
+    """Use only the first this many records (quick runs); None: all of them."""
 
 
 class LoRAConfig(Section):
     """peft LoRA adapter settings."""
 
     r: int = Field(default=8, ge=1)
+    """Rank of the low-rank update matrices."""
     alpha: int = Field(default=16, ge=1)
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
     dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
     target_modules: list[str] | None = None
     """Module names to adapt; None: the architecture's attention projections (``c_attn`` for GPT-2,
     ``q_proj``/``v_proj`` for Llama)."""
@@ -64,13 +74,21 @@ class FinetuneConfig(Section):
     """How the adapter is trained (Ray Train TorchTrainer: DDP or DeepSpeed ZeRO)."""
 
     epochs: int = Field(default=2, ge=1)
+    """Passes over the training split."""
     batch_size: int = Field(default=8, ge=1)
     """Sequences per worker per step."""
     lr: float = Field(default=1e-3, gt=0)
+    """AdamW learning rate of the adapter's weights."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
     num_workers: int = Field(default=2, ge=1)
+    """Ray Train workers (one process each)."""
     use_gpu: bool | Literal["auto"] = "auto"
+    """``auto`` uses GPUs when the cluster has them."""
     strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """``ddp``: torch DDP (gloo on CPU, NCCL on GPU); ``deepspeed``: DeepSpeed ZeRO (``deepspeed`` below)."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    """ZeRO stage and optimizer offload, used when ``strategy`` is ``deepspeed``."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts allowed; each resumes from the last adapter checkpoint."""
     merge: bool = True
@@ -87,3 +105,12 @@ class LLMConfig(Section):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     serve: LLMServeConfig = Field(default_factory=LLMServeConfig)
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> LLMConfig:
+        # Only checkable here for a built model; a loaded model's context is checked when it is loaded.
+        if self.model.path is None and self.data.seq_len > self.model.context_length:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.context_length ({self.model.context_length})"
+            )
+        return self
