@@ -8,6 +8,7 @@ here sends it.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +85,8 @@ def ensure_token() -> str:
     """Make sure a token exists (generate Ray's default one if none) and return where it is."""
     if not token_available():
         if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-            raise ClusterError(f"RAY_AUTH_TOKEN_PATH points to {os.environ['RAY_AUTH_TOKEN_PATH']}, which does not exist")
+            missing = os.environ["RAY_AUTH_TOKEN_PATH"]
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH points to {missing}, which does not exist")
         proc = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], capture_output=True, text=True)
         if proc.returncode != 0 or not default_token_path().is_file():
             raise ClusterError(f"could not generate a Ray auth token: {proc.stderr.strip()[-500:]}")
@@ -164,6 +166,11 @@ class LocalHead:
     temp_dir: str
     token_location: str
     started_at: float
+    node_ip: str = "127.0.0.1"
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources the head declares (``--resources``)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables set for the head's processes beyond the token mode and PATH (e.g. Serve's fast path)."""
 
 
 def _state_file() -> Path:
@@ -236,6 +243,54 @@ def running_head() -> LocalHead | None:
     return head
 
 
+def local_addresses() -> set[str]:
+    """The IPv4 and IPv6 addresses assigned to this machine's interfaces (loopback included)."""
+    import psutil
+
+    families = ("AF_INET", "AF_INET6")
+    return {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic if a.family.name in families}
+
+
+def check_node_ip(node_ip: str) -> str:
+    """``node_ip`` when it is an IP address of this machine; UsageError otherwise (Ray would hang on it)."""
+    try:
+        ipaddress.ip_address(node_ip)
+    except ValueError:
+        raise UsageError(f"--node-ip: {node_ip!r} is not an IP address") from None
+    have = local_addresses()
+    # The whole 127.0.0.0/8 block answers on the loopback interface, though only 127.0.0.1 is listed.
+    if node_ip not in have and not ipaddress.ip_address(node_ip).is_loopback:
+        listed = ", ".join(sorted(have))
+        raise UsageError(f"--node-ip: {node_ip} is not an address of this machine (its addresses: {listed})")
+    return node_ip
+
+
+def check_resources(resources: object) -> dict[str, float]:
+    """Validate custom node resources: a mapping of names to non-negative numbers, CPU/GPU/memory excluded."""
+    if not isinstance(resources, dict):
+        raise UsageError(f"--resources: expected a JSON object such as {{\"head_node\": 1}}, got {resources!r}")
+    out: dict[str, float] = {}
+    for name, value in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise UsageError(f"--resources: {name!r} is set with its own option (--num-cpus, --num-gpus, ...)")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise UsageError(f"--resources: {name!r} must be a non-negative number, got {value!r}")
+        out[str(name)] = value
+    return out
+
+
+def join_command(head: LocalHead, worker_ip: str = "<worker ip>") -> str:
+    """The shell command that joins a worker node to ``head`` with token authentication.
+
+    The token itself is not part of it (it would land in shell history and logs): the worker reads
+    ``~/.ray/auth_token`` or RAY_AUTH_TOKEN, copied from this head.
+    """
+    return (
+        f"RAY_AUTH_MODE=token ray start --address={head.gcs_address} --node-ip-address={worker_ip} "
+        "--disable-usage-stats"
+    )
+
+
 def start_head(
     *,
     port: int = DEFAULT_GCS_PORT,
@@ -243,16 +298,36 @@ def start_head(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     object_store_memory: int | None = None,
+    node_ip: str = "127.0.0.1",
+    resources: dict[str, float] | None = None,
+    env: dict[str, str] | None = None,
     timeout_s: float = 60.0,
 ) -> tuple[LocalHead, bool]:
     """Start a local Ray head with token auth, dashboard and job API on 127.0.0.1.
 
+    Args:
+        port: the GCS port workers join (``ray start --address <node_ip>:<port>``).
+        dashboard_port: dashboard and job API port (always bound to 127.0.0.1).
+        num_cpus: CPUs the head declares (None: all).
+        num_gpus: GPUs the head declares (None: detected).
+        object_store_memory: object store size in bytes (None: Ray's default).
+        node_ip: the address other nodes reach this head on; 127.0.0.1 keeps the cluster on this machine.
+        resources: custom resources the head declares, e.g. ``{"head_node": 1}``.
+        env: extra environment variables for the head's processes (read by Ray when they start).
+        timeout_s: how long to wait for the job API.
+
     Returns:
         The head and whether it was started now (False: it was already running).
+
+    Raises:
+        UsageError: ``node_ip`` is not an address of this machine, or ``resources`` is malformed.
+        ClusterError: Ray failed to start or its job API did not come up.
     """
     head = running_head()
     if head is not None:
         return head, False
+    check_node_ip(node_ip)
+    resources = check_resources(resources or {})
     location = ensure_token()
     home = fabric_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -262,7 +337,7 @@ def start_head(
     cmd = [
         _ray_bin(), "start", "--head",
         f"--port={port}",
-        "--node-ip-address=127.0.0.1",
+        f"--node-ip-address={node_ip}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         f"--temp-dir={temp_dir}",
@@ -277,19 +352,25 @@ def start_head(
         cmd.append(f"--num-gpus={num_gpus}")
     if object_store_memory is not None:
         cmd.append(f"--object-store-memory={object_store_memory}")
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
     # A job's `python ...` entrypoint resolves through the head's PATH: make it this environment's Python.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s + 60)
+    extra = dict(env or {})
+    proc_env = {**os.environ, **extra, "RAY_AUTH_MODE": "token", "PATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise ClusterError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
     head = LocalHead(
-        gcs_address=f"127.0.0.1:{port}",
+        gcs_address=f"{node_ip}:{port}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         temp_dir=temp_dir,
         token_location=location,
         started_at=time.time(),
+        node_ip=node_ip,
+        resources=resources,
+        env=extra,
     )
     deadline = time.monotonic() + timeout_s
     # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard.

@@ -1,47 +1,109 @@
-"""`fabric up`: start a local Ray head for development."""
+"""`fabric up`: start a local Ray head for development, or the head of a multi-node cluster."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from fabric import runtime
+from fabric.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `fabric up`."""
     p.add_argument("--port", type=int, default=runtime.DEFAULT_GCS_PORT, help="GCS port (default %(default)s)")
-    p.add_argument("--dashboard-port", type=int, default=runtime.DEFAULT_DASHBOARD_PORT, help="dashboard and job API port")
+    p.add_argument(
+        "--dashboard-port", type=int, default=runtime.DEFAULT_DASHBOARD_PORT, help="dashboard and job API port"
+    )
+    p.add_argument(
+        "--node-ip",
+        default="127.0.0.1",
+        help="address worker nodes reach this head on (default %(default)s: this machine only); "
+        "the dashboard and job API stay on 127.0.0.1",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs the head declares (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs the head declares (default: detected)")
+    p.add_argument("--resources", help='custom resources the head declares, as JSON, e.g. \'{"head_node": 1}\'')
     p.add_argument("--object-store-memory", type=int, help="object store size in bytes")
+    p.add_argument(
+        "--no-serve-fast-path",
+        action="store_true",
+        help="leave Serve's HAProxy ingress and direct data plane off on this head",
+    )
+
+
+def _resources(text: str | None) -> dict[str, float]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--resources: not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    return runtime.check_resources(value)
+
+
+def _serve_env(disabled: bool) -> dict[str, str]:
+    """Serve's fast-path variables, which Ray reads when the head's processes start (so now, not later)."""
+    if disabled:
+        return {}
+    # Imported here: fabric.runtime must not depend on fabric.serve (DESIGN.md's dependency direction).
+    from fabric.config import PipelineConfig
+    from fabric.serve.spec import FAST_PATH_ENV, fast_path_env
+
+    env = fast_path_env(PipelineConfig())  # empty where the HAProxy binary is missing
+    return {k: v for k, v in FAST_PATH_ENV.items() if k in env}
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the head, or say that it is already up; print addresses and next steps."""
+    """Start the head, or say that it is already up; print addresses, how workers join, and next steps."""
     for name in ("port", "dashboard_port"):
         value = getattr(args, name)
         if not 1 <= value <= 65535:
-            print(f"error: --{name.replace('_', '-')} must be between 1 and 65535, got {value}")
-            return 2
-    print("Starting a local Ray head (token authentication on)...", flush=True)
+            raise UsageError(f"--{name.replace('_', '-')} must be between 1 and 65535, got {value}")
+    for name in ("num_cpus", "num_gpus", "object_store_memory"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+    resources = _resources(args.resources)
+    runtime.check_node_ip(args.node_ip)
+    env = _serve_env(args.no_serve_fast_path)
+    print("Starting a Ray head (token authentication on)...", flush=True)
     head, started = runtime.start_head(
         port=args.port,
         dashboard_port=args.dashboard_port,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
         object_store_memory=args.object_store_memory,
+        node_ip=args.node_ip,
+        resources=resources,
+        env=env,
     )
     if started:
         print("Ray head started.")
     else:
         print("The cluster is already up (started by `fabric up`); nothing to do.")
     url = head.dashboard_url
+    port = url.rsplit(":", 1)[1]
+    fast = " ".join(f"{k}={v}" for k, v in sorted(head.env.items())) or "off"
+    declared = json.dumps(head.resources) if head.resources else "none"
+    if head.node_ip == "127.0.0.1":
+        join = "  (this head listens on 127.0.0.1 only: start it with --node-ip <this host's address> to add nodes)"
+    else:
+        join = (
+            f"  copy {head.token_location} to the worker's ~/.ray/auth_token (or set RAY_AUTH_TOKEN there;\n"
+            f"  `ray get-auth-token` prints it), then run on the worker:\n  {runtime.join_command(head)}"
+        )
     print(
         f"""
   dashboard        {url}
   job submission   {url}
   ray address      {head.gcs_address}
   auth token       {head.token_location}
+  resources        {declared}
+  serve fast path  {fast}
+
+Join a worker node:
+{join}
 
 Next:
   fabric submit jobs/pipeline.py --config jobs/configs/pipeline_smoke.yaml
@@ -54,6 +116,6 @@ Plain Ray CLI (it sends the token only when RAY_AUTH_MODE=token is set):
 
 The dashboard asks for the token once in the browser: print it with `ray get-auth-token`.
 A remote user passes it with `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token>` (or the file
-~/.ray/auth_token) and reaches {url} through a tunnel, e.g. `ssh -L {url.rsplit(':', 1)[1]}:127.0.0.1:{url.rsplit(':', 1)[1]} <this host>`."""
+~/.ray/auth_token) and reaches {url} through a tunnel, e.g. `ssh -L {port}:127.0.0.1:{port} <this host>`."""
     )
     return 0

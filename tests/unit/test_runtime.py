@@ -1,4 +1,4 @@
-"""Upload-size check, excludes and job entrypoints (no Ray)."""
+"""Upload-size check, excludes, job entrypoints, and `fabric up`'s option checks (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from fabric.errors import UsageError
-from fabric.runtime import DEFAULT_EXCLUDES, check_working_dir, job_main, walk_working_dir
+from fabric.runtime import (
+    DEFAULT_EXCLUDES,
+    LocalHead,
+    check_node_ip,
+    check_resources,
+    check_working_dir,
+    job_main,
+    join_command,
+    walk_working_dir,
+)
 
 
 def _tree(root: Path) -> None:
@@ -61,3 +70,54 @@ def test_job_main_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert job_main(failing, []) == 1
     err = capsys.readouterr().err
     assert "DataValidationError: column 'age' has 3 nulls" in err and "Traceback" not in err
+
+
+def test_custom_resources_are_checked_one_problem_at_a_time() -> None:
+    assert check_resources({"head_node": 1, "ssd": 0.5}) == {"head_node": 1, "ssd": 0.5}
+    for bad, words in [
+        ([1], "expected a JSON object"),
+        ({"CPU": 2}, "'CPU' is set with its own option"),
+        ({"gpu_slots": -1}, "'gpu_slots' must be a non-negative number"),
+        ({"flag": True}, "'flag' must be a non-negative number"),
+        ({"name": "one"}, "'name' must be a non-negative number"),
+    ]:
+        with pytest.raises(UsageError, match=words):
+            check_resources(bad)
+
+
+def test_node_ip_must_be_an_address_of_this_machine() -> None:
+    assert check_node_ip("127.0.0.1") == "127.0.0.1"
+    assert check_node_ip("127.0.0.2") == "127.0.0.2"  # the loopback block answers on lo
+    with pytest.raises(UsageError, match="not an IP address"):
+        check_node_ip("head.local")
+    with pytest.raises(UsageError, match="not an address of this machine"):
+        check_node_ip("203.0.113.77")  # TEST-NET-3: never assigned to a real interface
+
+
+def test_join_command_targets_the_head_with_token_auth_and_no_secret() -> None:
+    head = LocalHead("10.0.0.1:6379", "http://127.0.0.1:8265", "/tmp/x", "/root/.ray/auth_token", 0.0, "10.0.0.1")
+    cmd = join_command(head, "10.0.0.2")
+    assert cmd.startswith("RAY_AUTH_MODE=token ray start --address=10.0.0.1:6379 --node-ip-address=10.0.0.2")
+    assert "RAY_AUTH_TOKEN=" not in cmd
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resources", "{x"], "--resources: not valid JSON"),
+        (["--resources", '{"GPU": 1}'], "'GPU' is set with its own option"),
+        (["--node-ip", "203.0.113.77"], "--node-ip: 203.0.113.77 is not an address of this machine"),
+        (["--num-cpus", "-1"], "--num-cpus must be 0 or more"),
+        (["--port", "70000"], "--port must be between 1 and 65535"),
+    ],
+)
+def test_up_refuses_bad_options_with_one_line_and_starts_nothing(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fabric.cli import main
+
+    monkeypatch.setenv("FABRIC_HOME", str(tmp_path))
+    assert main(["up", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "head.json").exists()
