@@ -33,10 +33,12 @@ class TabularModel:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from fabric.config import PipelineConfig, validate
+        from fabric.serve.metrics import start_metrics
         from fabric.serve.service import build_service
 
         self.cfg = validate(config, PipelineConfig, "<replica config>")
         self.service = build_service(self.cfg, batch=serve.batch)
+        self.metrics = start_metrics(self.service)
 
     def __serve_build_asgi_app__(self) -> Any:
         from fabric.serve.api import make_asgi
@@ -61,6 +63,9 @@ class TabularModel:
             v.loaded.engine.check_health()
 
     def __del__(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop()
         service = getattr(self, "service", None)
         for v in service.versions.values() if service is not None else ():
             v.predictor.shutdown()

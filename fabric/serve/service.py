@@ -10,6 +10,7 @@ benchmark server both wrap this same class, so they serve identical bytes.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,19 @@ def _encoded_from_frame(schema: ModelSchema, df: Any, root: str) -> np.ndarray:
     return out
 
 
+def _check_present(columns: list[str], present: Iterable[str] | Mapping[str, Any], where: str) -> None:
+    """422 naming the first of ``columns`` that ``present`` lacks (a record's keys or a frame's columns)."""
+    have = present if isinstance(present, Mapping) else set(present)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise invalid(
+            f"{where} lacks feature {missing[0]!r}{more}; expected: {', '.join(columns)}",
+            "missing_feature",
+            f"{where}.{missing[0]}",
+        )
+
+
 class TabularService:
     """Serves the versions of one tabular model under one OIP model name.
 
@@ -131,6 +145,8 @@ class TabularService:
         self.monitor = monitor or NoMonitor()
         self._observe = not isinstance(self.monitor, NoMonitor)
         self.not_null = list(not_null)
+        self.responses: Counter[tuple[str, int]] = Counter()
+        """(version, HTTP status) -> inference responses (version ``-`` when none was chosen)."""
 
     # ------------------------------------------------------------------ metadata
 
@@ -207,15 +223,7 @@ class TabularService:
 
             cols = schema.input_columns
             for i, rec in enumerate(req.instances):
-                missing = [c for c in cols if c not in rec]
-                if missing:
-                    raise invalid(
-                        f"instances[{i}] lacks feature {missing[0]!r}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                        + f"; expected: {', '.join(cols)}",
-                        "missing_feature",
-                        f"instances[{i}].{missing[0]}",
-                    )
+                _check_present(cols, rec, f"instances[{i}]")
             return self._from_frame(schema, pd.DataFrame.from_records(req.instances), "instances")
 
         inputs = req.inputs
@@ -259,15 +267,7 @@ class TabularService:
     def _from_frame(self, schema: ModelSchema, df: Any, root: str) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
         if len(df) == 0:
             raise invalid(f"{root} has no rows", "invalid_shape", root)
-        missing = [c for c in schema.input_columns if c not in df.columns]
-        if missing:
-            raise invalid(
-                f"missing feature {missing[0]!r}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + f"; expected: {', '.join(schema.input_columns)}",
-                "missing_feature",
-                f"{root}.{missing[0]}",
-            )
+        _check_present(schema.input_columns, df.columns, root)
         for col in self.not_null:
             if col in df.columns and col in schema.input_columns:
                 nulls = df[col].isna().to_numpy()
@@ -324,7 +324,17 @@ class TabularService:
         Raises:
             ProtocolError: anything wrong with the request (4xx), never for a well-formed one.
         """
-        chosen = self.choose(name, version, headers)
+        chosen = "-"
+        try:
+            chosen = self.choose(name, version, headers)
+            body = await self._answer(chosen, read_body)
+        except ProtocolError as e:
+            self.responses[(chosen, e.status)] += 1
+            raise
+        self.responses[(chosen, 200)] += 1
+        return chosen, body
+
+    async def _answer(self, chosen: str, read_body: Callable[[], Awaitable[bytes]]) -> bytes:
         rt = self.versions[chosen]
         policy = rt.predictor.policy
         policy.arrive()  # counted from here, so a batch forming now knows this request is on its way
@@ -359,7 +369,7 @@ class TabularService:
         if req.id is not None:  # OIP: the request's id, when it gave one
             body["id"] = req.id
         body["outputs"] = outs
-        return chosen, json.dumps(body).encode()
+        return json.dumps(body).encode()
 
 
 def build_service(

@@ -345,3 +345,24 @@ def test_the_fastapi_routes_answer_exactly_like_the_fast_path(folders: dict[str,
                 ja.pop("id", None), jb.pop("id", None)
                 assert ja == jb
                 assert a.headers.get("x-fabric-model-version") == b.headers.get("x-fabric-model-version")
+
+
+def test_responses_are_counted_by_version_and_status(folders: dict[str, Path], tmp_path: Path) -> None:
+    """What the replica's fabric_serve_responses metric publishes (fabric.serve.metrics)."""
+    cfg = load_config(
+        None,
+        [
+            "serve.model_name=m",
+            "monitor.enabled=false",
+            f"run_dir={tmp_path}",
+            f"serve.versions=[{{name: a, model_uri: {folders['clf']}, weight: 100}}, "
+            f"{{name: b, model_uri: {folders['clf2']}, weight: 0}}]",
+        ],
+    )
+    service = build_service(cfg)
+    with TestClient(make_asgi(service)) as c:
+        for _ in range(3):
+            assert c.post(URL, json=tensor_request(np.zeros((1, 4), np.float32))).status_code == 200
+        assert c.post("/v2/models/m/versions/b/infer", json={"instances": [{"age": 1}]}).status_code == 422
+        assert c.post("/v2/models/nope/infer", json={}).status_code == 404
+    assert service.responses == {("a", 200): 3, ("b", 422): 1, ("-", 404): 1}

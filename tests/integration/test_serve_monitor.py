@@ -1,0 +1,263 @@
+"""The serving stream through the drift monitor, end to end, over real Serve HTTP on 127.0.0.1.
+
+One Ray, one monitor actor (reference: the tiny model's input distribution with its predictions) and one
+Serve app with the monitor on, shared by the module: traffic from the reference distribution is not
+drift, traffic with two of three features shifted is drift on exactly those two, the HTML report renders,
+and the request, batch and monitor metrics reach Ray's Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from fabric.config import load_config
+from fabric.serve.spec import FAST_PATH_ENV
+from tests.unit.serve.models import RAW_COLUMNS, encode, make_model, reference
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny"
+MONITOR = "test-serve-monitor"
+WINDOW = 300
+CHUNK = 20  # rows per request
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _rows(n: int, seed: int, age_shift: float = 0.0, oslo: float = 0.5) -> list[dict[str, Any]]:
+    """Raw rows the way the tiny model's preprocessor expects them (age ~ N(40, 10), income ~ N(50, 20))."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"age": float(a), "income": float(i), "city": str(c)}
+        for a, i, c in zip(
+            rng.normal(40 + age_shift, 10, n),
+            rng.normal(50, 20, n),
+            rng.choice(["oslo", "paris"], n, p=[oslo, 1 - oslo]),
+            strict=True,
+        )
+    ]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Ray (fast path), the monitor actor over the reference, and the app with the monitor on."""
+    import ray
+
+    from fabric.monitor import start
+    from fabric.serve import deploy
+
+    root = tmp_path_factory.mktemp("serve-monitor")
+    folder = make_model(root / "model", seed=0)
+    ref_rows = _rows(1000, seed=0)
+    ref = pd.DataFrame(ref_rows)
+    ref["prediction"] = reference(folder, encode(ref_rows)).argmax(axis=1)  # what the model says on it
+
+    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, "FABRIC_HOME")}
+    os.environ.update(FAST_PATH_ENV)
+    os.environ["FABRIC_HOME"] = str(root / "home")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={root / 'runs'}",
+            f"serve.port={_free_port()}",
+            f"serve.model_name={MODEL}",
+            f"serve.model_uri={folder}",
+            "serve.replica_cpus=0",
+            "serve.max_batch_size=16",
+            "serve.batch_wait_timeout_s=0.01",
+            "monitor.enabled=true",
+            f"monitor.actor_name={MONITOR}",
+            "monitor.detached=false",
+            "monitor.resources=false",
+            f"monitor.window_size={WINDOW}",
+            "monitor.min_samples=50",
+            "monitor.interval_s=3600",  # computed on demand only (GET /monitor/drift?refresh=true)
+            "monitor.queue_size=2",  # small, so a burst makes the replica drop (and count) samples
+        ],
+    )
+    try:
+        # The monitor first: a replica looks it up by name when it starts.
+        handle = start(cfg.monitor, ref, task="classification", features=RAW_COLUMNS, categorical=["city"])
+        result = deploy(cfg, timeout_s=240)
+        yield {"url": result.url, "monitor": handle}
+    finally:
+        ray.shutdown()  # ends Serve and the (non-detached) monitor with it
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _received(handle: Any) -> int:
+    import ray
+
+    return int(ray.get(handle.stats.remote(), timeout=30)["received"])
+
+
+def _send(served: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Serve ``rows`` one request of CHUNK rows at a time; wait until the monitor has them."""
+    handle = served["monitor"]
+    before = _received(handle)
+    with httpx.Client(base_url=served["url"], timeout=30) as c:
+        for i in range(0, len(rows), CHUNK):
+            r = c.post(f"/v2/models/{MODEL}/infer", json={"instances": rows[i : i + CHUNK]})
+            assert r.status_code == 200, r.text
+    # Submissions are fire-and-forget: wait for them to land (all of them, or all but one request's rows
+    # should the replica ever have dropped one under back-pressure; the window's newest rows still rule).
+    state = {"last": -1, "since": time.monotonic()}
+
+    def landed() -> bool:
+        got = _received(handle) - before
+        if got != state["last"]:
+            state["last"], state["since"] = got, time.monotonic()
+        return got >= len(rows) or (got >= len(rows) - CHUNK and time.monotonic() - state["since"] > 3)
+
+    _wait_for(landed, timeout_s=60, what=f"{len(rows)} rows at the monitor")
+
+
+def _drift(url: str, refresh: bool = True) -> dict[str, Any]:
+    r = httpx.get(f"{url}/monitor/drift", params={"refresh": refresh}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_traffic_like_the_reference_is_not_drift(served: dict[str, Any]) -> None:
+    _send(served, _rows(WINDOW, seed=1))
+    result = _drift(served["url"])
+    assert result["status"] == "ok" and result["window_size"] == WINDOW
+    assert set(result["columns"]) == set(RAW_COLUMNS)
+    assert result["dataset_drift"] is False and result["drifted_columns"] == []
+    assert result["prediction"] is not None and result["prediction"]["drifted"] is False
+    assert result["drift_detected"] is False
+    # without refresh: the same (last) result, not a new computation
+    assert _drift(served["url"], refresh=False)["computed_at"] == result["computed_at"]
+
+
+def test_shifted_features_are_reported_as_drift(served: dict[str, Any]) -> None:
+    # age moves up two standard deviations, city goes 90% oslo; income keeps its distribution
+    _send(served, _rows(WINDOW, seed=2, age_shift=20, oslo=0.9))
+    result = _drift(served["url"])
+    assert result["status"] == "ok" and result["drift_detected"] is True
+    assert set(result["drifted_columns"]) == {"age", "city"}
+    assert result["columns"]["income"]["drifted"] is False
+    assert result["dataset_drift"] is True and result["drift_share"] == pytest.approx(2 / 3)
+    assert result["columns"]["age"]["test"] and result["columns"]["age"]["score"] is not None
+
+
+def test_the_html_report_renders(served: dict[str, Any]) -> None:
+    r = httpx.get(f"{served['url']}/monitor/report", timeout=120)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "<html" in r.text[:2000].lower()
+    for feature in RAW_COLUMNS:
+        assert feature in r.text
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def _value(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)", line)
+        if m is None or m[1] != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m[2] or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total, found = total + float(m[3]), True
+    return total if found else None
+
+
+def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, Any]) -> None:
+    import ray
+
+    url, handle = served["url"], served["monitor"]
+    one = {"instances": _rows(1, seed=3)}
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=32)) as c:
+
+            async def client() -> list[int]:
+                return [(await c.post(f"/v2/models/{MODEL}/infer", json=one)).status_code for _ in range(5)]
+
+            return [s for codes in await asyncio.gather(*(client() for _ in range(32))) for s in codes]
+
+    # Concurrent requests make batches, and outrun the monitor's queue of 2 so samples are dropped; the
+    # replica reports its drops to the actor with its next submission that goes through.
+    for _ in range(5):
+        assert set(asyncio.run(burst())) == {200}
+        assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json=one, timeout=30).status_code == 200
+        if ray.get(handle.stats.remote(), timeout=30)["dropped"] > 0:
+            break
+    assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"instances": [{"age": 1}]}).status_code == 422
+    last = _drift(url, refresh=False)
+
+    port = ray._private.worker.global_worker.node.metrics_export_port  # this node's Prometheus endpoint
+    wanted = {
+        "ray_serve_deployment_processing_latency_ms_bucket",  # Serve's request latency histogram
+        "ray_serve_deployment_request_counter_total",
+        "ray_fabric_serve_responses_total",
+        "ray_fabric_serve_rows_total",
+        "ray_fabric_serve_batch_size_bucket",
+        "ray_fabric_monitor_drift_share",
+        "ray_fabric_monitor_feature_drift_score",
+        "ray_fabric_monitor_window_size",
+        "ray_fabric_monitor_dropped_samples_total",
+        "ray_fabric_monitor_submitted_samples_total",
+    }
+
+    def complete() -> str | None:
+        text = _scrape(port)
+        have = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")}
+        # the last 422 and the burst's drops are published once the next export round has run
+        if wanted <= have and _value(text, "ray_fabric_serve_responses_total", code="422"):
+            return text
+        return None
+
+    text = _wait_for(complete, timeout_s=90, what=f"{sorted(wanted)} in Ray's Prometheus export")
+    ok = _value(text, "ray_fabric_serve_responses_total", model=MODEL, version="v1", code="200")
+    assert ok is not None and ok >= 2 * WINDOW // CHUNK + 5 * 32
+    assert _value(text, "ray_fabric_serve_rows_total", version="v1") >= 2 * WINDOW + 5 * 32
+    calls = _value(text, "ray_fabric_serve_batch_size_count", version="v1")
+    singles = _value(text, "ray_fabric_serve_batch_size_bucket", version="v1", le="1.0")
+    assert calls is not None and singles is not None and 0 < calls
+    assert singles < calls, "no engine call served more than one request"
+    assert _value(text, "ray_fabric_monitor_dropped_samples_total", monitor=MONITOR, reason="backpressure") > 0
+    assert _value(text, "ray_fabric_monitor_drift_share", monitor=MONITOR) == pytest.approx(last["drift_share"])
+    for feature in RAW_COLUMNS:
+        score = _value(text, "ray_fabric_monitor_feature_drift_score", monitor=MONITOR, feature=feature)
+        assert score == pytest.approx(last["columns"][feature]["score"], rel=1e-6)
+    assert _value(text, "ray_fabric_monitor_window_size", monitor=MONITOR) == WINDOW
+    assert _value(text, "ray_serve_deployment_processing_latency_ms_count") > 0
