@@ -1,0 +1,121 @@
+"""`serve run cluster/serve.yaml` works: Ray's own CLI deploys the committed Serve config on a local Ray.
+
+The file is used as committed (import path, the pipeline config it names by a relative path, the fast-path
+controller environment) with two changes a test needs: a free port, and app overrides that point the
+model at a tiny fixture model instead of the registry champion a full pipeline run would have made.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from tests.unit.serve.models import encode, make_model, reference, softmax
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+START_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user would (serve run then shuts Serve and its Ray down); killed if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("cluster-serve")
+    model = make_model(root / "model", seed=3)
+    config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    app["args"]["overrides"] = [
+        f"serve.model_uri={model}",
+        f"serve.model_name={MODEL}",
+        f"run_dir={root / 'runs'}",
+        "monitor.enabled=false",
+        "serve.replica_cpus=0",  # the 2-core machine is shared
+    ]
+    path = root / "serve.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = (root / "serve-run.log").open("w")
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101): free ones, so this
+        # Serve never collides with another on the machine.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    # From the project root, like the file's header says: the app's `config:` path is relative to it.
+    proc = subprocess.Popen(
+        [serve_bin, "run", str(path)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve run exited with {proc.returncode}:\n{(root / 'serve-run.log').read_text()[-3000:]}")
+            try:
+                r = httpx.get(f"{url}/v2/health/ready", timeout=2)
+                if r.status_code == 200 and r.json() == {"ready": True}:
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass  # Serve's proxy is not up yet, or answers 404 until the app is deployed
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready in {START_TIMEOUT_S}s:\n{(root / 'serve-run.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "model": model}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def test_serve_run_of_the_cluster_config_serves_the_model(served: dict[str, Any]) -> None:
+    url, model = served["url"], served["model"]
+    rows = [{"age": 30, "income": 70.0, "city": "oslo"}, {"age": 61, "income": 12.5, "city": "paris"}]
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"instances": rows}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == MODEL and body["model_version"] == "v1"
+    out = {o["name"]: o for o in body["outputs"]}["probabilities"]
+    probs = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(probs, softmax(reference(model, encode(rows))), atol=1e-5)
+    meta = httpx.get(f"{url}/v2/models/{MODEL}", timeout=10).json()
+    assert meta["name"] == MODEL and meta["versions"] == ["v1"]
+
+
+def test_bad_input_is_a_4xx_naming_the_field(served: dict[str, Any]) -> None:
+    r = httpx.post(f"{served['url']}/v2/models/{MODEL}/infer", json={"instances": [{"age": 30}]}, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    assert "income" in r.text or "city" in r.text, r.text
