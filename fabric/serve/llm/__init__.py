@@ -1,0 +1,152 @@
+"""Language models over the OpenAI API on Ray Serve: vLLM on GPUs, a batching transformers engine on CPU.
+
+Public surface:
+
+* :func:`build_openai_app` — ``args -> serve.Application`` (``import_path: fabric.serve.llm.app:build_openai_app``)
+* :func:`deploy` — deploy a config's app from the driver and return its base URL
+* :func:`run` — the same, printing where it answers (``jobs/serve_llm.py``, ``fabric serve-llm``)
+* :func:`serve_config` — the ``serve run``/``serve deploy`` file of a config
+* ``protocol`` (wire models), ``engine`` (``LLMEngine`` ABC, ``choose_engine``), ``serving``, ``api``
+
+Importing this package loads neither Ray nor torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+    from fabric.config import PipelineConfig
+
+__all__ = ["build_openai_app", "deploy", "run", "serve_config"]
+
+log = logging.getLogger("fabric.serve.llm")
+DEPLOY_TIMEOUT_S = 600.0
+MONITOR_FEATURES = ["prompt_tokens", "completion_tokens"]
+
+
+def build_openai_app(args: Any = None) -> Application:
+    """The Serve application of a pipeline config (see :func:`fabric.serve.llm.app.build_openai_app`)."""
+    from fabric.serve.llm.app import build_openai_app as _build
+
+    return _build(args)
+
+
+def _as_serve(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with ``serve``'s host, port and fast path taken from ``llm.serve`` (what control's helpers read)."""
+    s = cfg.llm.serve
+    serve = cfg.serve.model_copy(update={"host": s.host, "port": s.port, "fast_path": s.fast_path})
+    return cfg.model_copy(update={"serve": serve})
+
+
+def app_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The declarative Serve application (``serve deploy``'s form) of ``cfg``."""
+    from fabric.serve.llm.app import IMPORT_PATH, replica_config
+
+    s = cfg.llm.serve
+    return {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH, "args": replica_config(cfg)}
+
+
+def serve_config(cfg: PipelineConfig, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole Serve config file for ``cfg`` (``serve run``/``serve deploy``, KubeRay's ``serveConfigV2``).
+
+    Args:
+        cfg: the pipeline config.
+        args: the app's args instead of this machine's resolved config, e.g. ``{"config": "jobs/configs/x.yaml"}``.
+    """
+    from fabric.serve.spec import FAST_PATH_ENV
+
+    s = cfg.llm.serve
+    app = app_config(cfg)
+    if args is not None:
+        app["args"] = args
+    out: dict[str, Any] = {"proxy_location": "EveryNode", "http_options": {"host": s.host, "port": s.port}}
+    if s.fast_path:
+        out["controller_options"] = {"runtime_env": {"env_vars": dict(FAST_PATH_ENV)}}
+    out["applications"] = [app]
+    return out
+
+
+def start_monitor(cfg: PipelineConfig) -> bool:
+    """Start (or reuse) the serving stream's drift monitor over ``{run_dir}/llm/reference.parquet``.
+
+    Returns:
+        True when it runs; False when monitoring is off or fine-tuning left no reference (replicas then drop
+        their samples, and ``/monitor/drift`` says the monitor is not running).
+    """
+    s = cfg.llm.serve
+    reference = Path(cfg.run_dir).expanduser().resolve() / "llm" / "reference.parquet"
+    if not (cfg.monitor.enabled and s.monitor):
+        return False
+    if not reference.is_file():
+        log.warning("no drift reference at %s: the language-model stream is not monitored", reference)
+        return False
+    import pandas as pd
+
+    from fabric.monitor import start
+
+    frame = pd.read_parquet(reference)
+    features = [c for c in MONITOR_FEATURES if c in frame.columns]
+    start(
+        cfg.monitor.model_copy(update={"actor_name": s.monitor_actor}),
+        frame,
+        features=features,
+        checkpoint_path=Path(cfg.run_dir).expanduser().resolve() / "monitor" / "llm_state.pkl",
+        run_dir=cfg.run_dir,
+    )
+    return True
+
+
+def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
+    """Deploy (or update) ``cfg``'s OpenAI app on Serve, wait until it runs, and return its base URL.
+
+    Connects to Ray (a local one when no cluster is configured), starts Serve on ``llm.serve.host:port``
+    (a running Serve keeps its own), starts the drift monitor, and deploys
+    ``fabric.serve.llm.app:build_openai_app`` with this config next to the apps already there.
+    OpenAI clients use ``base_url=<returned URL>/v1``.
+
+    Raises:
+        UsageError: the model or an adapter folder is missing.
+        ClusterError: the app failed to deploy (with Serve's reason).
+    """
+    from fabric.serve import control
+    from fabric.serve.llm.app import resolved
+
+    resolved(cfg)  # a readable error here rather than a traceback in Serve's status
+    shim = _as_serve(cfg)
+    control.connect(shim)
+    http = control.start(shim)
+    try:
+        start_monitor(cfg)
+    except Exception as e:  # serving does not depend on the monitor
+        log.warning("the drift monitor did not start: %s", e)
+    client = control._client()
+    apps = control._declared(client)
+    name = cfg.llm.serve.app_name
+    apps[name] = app_config(cfg)
+    control._apply(client, apps)
+    control._wait_running(name, timeout_s)
+    import ray
+
+    state = control._state_file()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": name}))
+    return f"http://{http['host']}:{http['port']}{cfg.llm.serve.route_prefix.rstrip('/')}"
+
+
+def run(cfg: PipelineConfig) -> str:
+    """Deploy ``cfg``'s OpenAI app (see :func:`deploy`) and print where it answers; returns the base URL."""
+    url = deploy(cfg)
+    s = cfg.llm.serve
+    print(f"serve-llm: {s.app_name} at {url}/v1 (OpenAI API)", flush=True)
+    for route in ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions", "GET /health", "GET /docs"):
+        method, path = route.split()
+        print(f"  {method} {url}{path}", flush=True)
+    if s.api_key_env:
+        print(f"  API key: Authorization: Bearer ${s.api_key_env}", flush=True)
+    return url

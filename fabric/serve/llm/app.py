@@ -1,0 +1,169 @@
+"""The Ray Serve shell of the language-model endpoint, and its app builder.
+
+``build_openai_app(args) -> Application`` is what ``fabric serve-llm``, :func:`fabric.serve.llm.deploy` and
+``serve run`` YAMLs (``import_path: fabric.serve.llm.app:build_openai_app``) deploy. A replica holds one
+engine (vLLM on a GPU, the batching transformers engine on CPU), the OpenAI serving logic and its FastAPI app.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+from ray.serve import Application
+
+from fabric.errors import UsageError
+from fabric.serve.spec import config_from_args
+
+if TYPE_CHECKING:
+    from fabric.config import PipelineConfig
+
+log = logging.getLogger("fabric.serve.llm")
+
+DEPLOYMENT = "LLMServer"
+IMPORT_PATH = "fabric.serve.llm.app:build_openai_app"
+
+
+def model_folder(cfg: PipelineConfig) -> Path:
+    """The model folder to serve: ``llm.serve.model_path``, else ``{run_dir}/llm/merged`` if fine-tuning wrote
+    it, else ``{run_dir}/llm/base`` (absolute)."""
+    s = cfg.llm.serve
+    if s.model_path:
+        return Path(s.model_path).expanduser().resolve()
+    llm = Path(cfg.run_dir).expanduser().resolve() / "llm"
+    return llm / "merged" if (llm / "merged" / "config.json").is_file() else llm / "base"
+
+
+def resolved(cfg: PipelineConfig) -> dict[str, Any]:
+    """``cfg.llm.serve`` with the model folder, served name and adapter folders resolved and checked.
+
+    Raises:
+        UsageError: the model folder or an adapter folder is missing or is not one.
+    """
+    s = cfg.llm.serve
+    folder = model_folder(cfg)
+    if not (folder / "config.json").is_file():
+        hint = "" if s.model_path else " (fine-tune first: `python jobs/finetune.py`, or set llm.serve.model_path)"
+        raise UsageError(f"llm.serve.model_path: no Hugging Face model folder at {folder}{hint}")
+    adapters = {}
+    for name, path in s.adapters.items():
+        p = Path(path).expanduser().resolve()
+        if not (p / "adapter_config.json").is_file():
+            raise UsageError(f"llm.serve.adapters.{name}: no peft adapter folder (adapter_config.json) at {p}")
+        adapters[name] = str(p)
+    name = s.served_name or (folder.name if s.model_path else cfg.llm.finetune.model_name)
+    return {**s.model_dump(mode="json"), "model_path": str(folder), "served_name": name, "adapters": adapters}
+
+
+def replica_gpus(cfg: PipelineConfig) -> float:
+    """GPUs a replica reserves: ``replica_gpus``, else ``tensor_parallel_size`` when vLLM will run."""
+    s = cfg.llm.serve
+    if s.replica_gpus is not None:
+        return s.replica_gpus
+    if s.engine == "vllm":
+        return float(s.tensor_parallel_size)
+    if s.engine == "auto" and importlib.util.find_spec("vllm") is not None:
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= s.tensor_parallel_size:
+            return float(s.tensor_parallel_size)
+    return 0.0
+
+
+def replica_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The part of the config a replica needs, with absolute paths (replicas' working directories differ)."""
+    return {
+        "name": cfg.name,
+        "run_dir": str(Path(cfg.run_dir).expanduser().resolve()),
+        "seed": cfg.seed,
+        "monitor": cfg.monitor.model_dump(mode="json"),
+        "llm": {"finetune": {"model_name": cfg.llm.finetune.model_name}, "serve": resolved(cfg)},
+    }
+
+
+def deployment_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """``Deployment.options(...)`` from ``cfg.llm.serve``.
+
+    The API key's variable, when set here, is handed to the replicas' environment (so they need not share
+    this process's); its value is then part of the app's config on the cluster.
+    """
+    s = cfg.llm.serve
+    actor: dict[str, Any] = {"num_cpus": s.replica_cpus}
+    gpus = replica_gpus(cfg)
+    if gpus:
+        actor["num_gpus"] = gpus
+    if s.api_key_env and os.environ.get(s.api_key_env):
+        actor["runtime_env"] = {"env_vars": {s.api_key_env: os.environ[s.api_key_env]}}
+    return {
+        "num_replicas": s.num_replicas,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "ray_actor_options": actor,
+        "logging_config": {"enable_access_log": False},
+        # a first request may wait on a model load or a LoRA load: health checks get time too
+        "health_check_timeout_s": 60.0,
+    }
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress()
+class LLMServer:
+    """A replica: an engine, the OpenAI serving logic over it, and its FastAPI app.
+
+    Args:
+        config: :func:`replica_config` of the pipeline config.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from fabric.config import PipelineConfig, validate
+        from fabric.config.llm_serve import LLMServeConfig
+        from fabric.serve.llm.engine import choose_engine
+        from fabric.serve.llm.serving import OpenAIServing
+
+        cfg = validate(config, PipelineConfig, "<replica config>")
+        s: LLMServeConfig = cfg.llm.serve
+        self.engine = choose_engine(s)
+        self.engine.start()
+        self.serving = OpenAIServing(self.engine, s, _monitor(cfg))
+        self.api_key = os.environ.get(s.api_key_env) if s.api_key_env else None
+        log.info("serving %s on the %s engine", self.serving.name, self.engine.kind)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from fabric.serve.llm.api import make_asgi
+
+        return make_asgi(self.serving, self.api_key)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _monitor(cfg: PipelineConfig) -> Any:
+    from fabric.serve.monitor_hook import NoMonitor, monitor_hook
+
+    s = cfg.llm.serve
+    if not s.monitor:
+        return NoMonitor("the language-model drift monitor is disabled (llm.serve.monitor=false)")
+    return monitor_hook(cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"actor_name": s.monitor_actor})}))
+
+
+def build_openai_app(args: Any = None) -> Application:
+    """The OpenAI-compatible Serve application of a pipeline config.
+
+    Args:
+        args: a PipelineConfig, or a mapping with ``config`` (a pipeline YAML path), ``overrides``
+            (``["llm.serve.model_path=runs/llm/merged", ...]``) and/or inline sections (``llm: {serve: {...}}``).
+
+    Raises:
+        ConfigError: the config is invalid.
+        UsageError: the model or an adapter folder is missing (checked here, before any replica starts).
+    """
+    cfg = config_from_args(args)
+    return LLMServer.options(**deployment_options(cfg)).bind(replica_config(cfg))

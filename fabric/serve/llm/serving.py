@@ -1,0 +1,356 @@
+"""The engine-facing OpenAI logic: from a validated request to engine sequences and back to OpenAI's answers.
+
+Builds prompts (the tokenizer's chat template, or :data:`DEFAULT_CHAT_TEMPLATE`), resolves
+``model="<base>:<adapter>"``, checks the context, fans ``n`` choices and several prompts out as separate
+sequences (so the engine batches them), and assembles plain or streamed (SSE) responses with ``usage``.
+Each answered request feeds the drift monitor one row per choice: ``prompt_tokens``, ``completion_tokens``,
+``latency_ms``; observing never blocks or fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, LLMEngine, SamplingParams
+from fabric.serve.llm.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    Usage,
+    bad_request,
+)
+
+if TYPE_CHECKING:
+    from fabric.config.llm_serve import LLMServeConfig
+    from fabric.serve.monitor_hook import MonitorHook
+
+log = logging.getLogger("fabric.serve.llm")
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The chat template of tokenizers that have none (the one fine-tuning writes): each message as
+``<|{role}|>\\n{content}\\n``, and ``<|assistant|>\\n`` to prompt the answer."""
+DONE = "data: [DONE]\n\n"
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The prompt of a conversation: the tokenizer's chat template (or the default) with a generation prompt."""
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event: ``data: {json}`` and a blank line."""
+    import json
+
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+async def merge(streams: Sequence[AsyncIterator[GenerationOutput]]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    """Interleave several sequences' outputs as they come, tagged with the sequence's index.
+
+    Leaving early (or one sequence failing) cancels the others, which frees their rows in the engine.
+    """
+    queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[GenerationOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Plan:
+    """A request turned into engine sequences: one per (prompt, choice)."""
+
+    def __init__(
+        self, request_id: str, prompt_lengths: list[int], sequences: list[GenerationRequest], n: int, started: float
+    ) -> None:
+        self.id = request_id
+        self.prompt_lengths = prompt_lengths
+        self.sequences = sequences
+        self.n = n
+        self.started = started
+        self.texts = [""] * len(sequences)
+        self.finish: list[str | None] = [None] * len(sequences)
+        self.tokens = [0] * len(sequences)
+
+    def add(self, i: int, out: GenerationOutput) -> None:
+        self.texts[i] += out.text
+        self.tokens[i] = out.completion_tokens
+        if out.finish_reason is not None:
+            self.finish[i] = out.finish_reason
+
+    def usage(self) -> Usage:
+        prompt, completion = sum(self.prompt_lengths), sum(self.tokens)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class OpenAIServing:
+    """Answers OpenAI requests with an :class:`LLMEngine` (started).
+
+    Args:
+        engine: the started engine.
+        cfg: the serving config (limits, adapters).
+        monitor: the drift monitor hook; None: not observed.
+        clock: seconds, for latencies (injected in tests).
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        cfg: LLMServeConfig,
+        monitor: MonitorHook | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.monitor = monitor
+        self.clock = clock
+        self.info = engine.info()
+        self.name = self.info.name
+        self.counters = {"requests": 0, "streamed": 0, "choices": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._monitor_warned = False
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> ModelList:
+        """The base model and one entry per adapter (``<base>:<adapter>``)."""
+        cards = [ModelCard(id=self.name, root=self.info.path)]
+        cards += [
+            ModelCard(id=f"{self.name}:{a}", root=path, parent=self.name) for a, path in sorted(self.info.adapters.items())
+        ]
+        return ModelList(data=cards)
+
+    def model(self, model_id: str) -> ModelCard:
+        """One model's card (404 when it is not served)."""
+        for card in self.models().data:
+            if card.id == model_id:
+                return card
+        raise self._not_found(model_id)
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base).
+
+        Raises:
+            OpenAIError: 404 when no served model or adapter has that id.
+        """
+        if model == self.name:
+            return None
+        base, sep, adapter = model.rpartition(":")
+        if sep and base == self.name and adapter in self.info.adapters:
+            return adapter
+        raise self._not_found(model)
+
+    def _not_found(self, model: str) -> OpenAIError:
+        known = ", ".join(c.id for c in self.models().data)
+        return OpenAIError(
+            404, f"The model {model!r} does not exist; served: {known}", "not_found_error", "model", "model_not_found"
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def _plan(
+        self, request: CompletionRequest | ChatCompletionRequest, prompts: list[str], max_tokens: int | None, field: str
+    ) -> _Plan:
+        request.check()
+        cfg = self.cfg
+        adapter = self.resolve(request.model)
+        if request.n > cfg.max_n:
+            raise bad_request(f"n is {request.n}; this server allows at most {cfg.max_n}", "n")
+        if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
+            raise bad_request(
+                f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens_limit}", "max_tokens"
+            )
+        context = self.info.max_model_len
+        tokenizer = self.engine.tokenizer
+        special = field == "prompt"  # a chat template writes its own special tokens
+        sequences: list[GenerationRequest] = []
+        lengths: list[int] = []
+        request_id = f"{'cmpl' if field == 'prompt' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        stops = tuple(request.stop_list())
+        for p_index, prompt in enumerate(prompts):
+            ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+            if not ids:
+                raise bad_request(f"{field} is empty: there is nothing to continue", field)
+            wanted = max_tokens if max_tokens is not None else min(cfg.default_max_tokens, context - len(ids))
+            if len(ids) + max(wanted, 1) > context:
+                raise bad_request(
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{len(ids) + max(wanted, 1)} tokens ({len(ids)} in the {field}, {max(wanted, 1)} for the "
+                    "completion). Please reduce the length of the prompt or the completion.",
+                    field,
+                    "context_length_exceeded",
+                )
+            lengths.append(len(ids))
+            for choice in range(request.n):
+                # Each choice samples its own stream: seeded ones stay reproducible and still differ.
+                seed = None if request.seed is None else request.seed + choice
+                params = SamplingParams(wanted, request.temperature, request.top_p, seed, stops)
+                rid = f"{request_id}-{p_index}-{choice}"
+                sequences.append(GenerationRequest(rid, prompt, ids, params, adapter))
+        return _Plan(request_id, lengths, sequences, request.n, self.clock())
+
+    def _streams(self, plan: _Plan) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        return merge([self.engine.generate(s) for s in plan.sequences])
+
+    async def _collect(self, plan: _Plan) -> None:
+        async for i, out in self._streams(plan):
+            plan.add(i, out)
+
+    def _done(self, plan: _Plan, streamed: bool) -> None:
+        c = self.counters
+        c["requests"] += 1
+        c["streamed"] += int(streamed)
+        c["choices"] += len(plan.sequences)
+        c["prompt_tokens"] += sum(plan.prompt_lengths)
+        c["completion_tokens"] += sum(plan.tokens)
+        self.observe(plan)
+
+    def observe(self, plan: _Plan) -> None:
+        """Hand the request's rows to the drift monitor; never raises."""
+        if self.monitor is None:
+            return
+        latency_ms = (self.clock() - plan.started) * 1000.0
+        rows = [
+            {"prompt_tokens": plan.prompt_lengths[i // plan.n], "completion_tokens": tokens, "latency_ms": latency_ms}
+            for i, tokens in enumerate(plan.tokens)
+        ]
+        try:
+            self.monitor.observe(self.name, rows, [r["completion_tokens"] for r in rows])
+        except Exception as e:  # the monitor must never fail a request
+            if not self._monitor_warned:
+                log.warning("drift monitor observe failed (further failures not logged): %s", e)
+                self._monitor_warned = True
+
+    async def completions(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        """Answer ``POST /v1/completions``: a response, or (``stream``) an iterator of SSE lines.
+
+        Raises:
+            OpenAIError: 400 (bad parameters, context overflow) or 404 (unknown model), before any output.
+        """
+        plan = self._plan(request, request.prompts(), request.max_tokens, "prompt")
+        if request.stream:
+            return self._stream_completions(plan, request)
+        await self._collect(plan)
+        self._done(plan, streamed=False)
+        choices = [
+            CompletionChoice(index=i, text=plan.texts[i], finish_reason=plan.finish[i])  # type: ignore[arg-type]
+            for i in range(len(plan.sequences))
+        ]
+        return CompletionResponse(id=plan.id, model=request.model, choices=choices, usage=plan.usage())
+
+    async def _stream_completions(self, plan: _Plan, request: CompletionRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+        try:
+            async for i, out in self._streams(plan):
+                plan.add(i, out)
+                if out.text or out.finish_reason:
+                    choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
+                    yield sse(CompletionResponse(id=plan.id, created=created, model=request.model, choices=[choice]))
+        except Exception as e:  # the status line is sent: report in-band, as OpenAI does
+            yield sse(_stream_error(e))
+            yield DONE
+            return
+        self._done(plan, streamed=True)
+        if request.include_usage():
+            yield sse(CompletionResponse(id=plan.id, created=created, model=request.model, choices=[], usage=plan.usage()))
+        yield DONE
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+        """Answer ``POST /v1/chat/completions``: a response, or (``stream``) an iterator of SSE lines.
+
+        Raises:
+            OpenAIError: 400 (bad parameters, a template that fails, context overflow) or 404 (unknown model).
+        """
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        try:
+            prompt = render_chat(self.engine.tokenizer, messages)
+        except Exception as e:  # a template that raises on these messages (e.g. roles it does not allow)
+            raise bad_request(f"messages: the chat template cannot render them: {e}", "messages") from None
+        plan = self._plan(request, [prompt], request.token_limit(), "messages")
+        if request.stream:
+            return self._stream_chat(plan, request)
+        await self._collect(plan)
+        self._done(plan, streamed=False)
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=plan.texts[i]), finish_reason=plan.finish[i])  # type: ignore[arg-type]
+            for i in range(len(plan.sequences))
+        ]
+        return ChatCompletionResponse(id=plan.id, model=request.model, choices=choices, usage=plan.usage())
+
+    async def _stream_chat(self, plan: _Plan, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse(ChatCompletionChunk(id=plan.id, created=created, model=request.model, choices=choices, usage=usage))
+
+        for i in range(len(plan.sequences)):  # OpenAI opens each choice with the role
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        try:
+            async for i, out in self._streams(plan):
+                plan.add(i, out)
+                if out.text:
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=out.text))])
+                if out.finish_reason:
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=out.finish_reason)])
+        except Exception as e:
+            yield sse(_stream_error(e))
+            yield DONE
+            return
+        self._done(plan, streamed=True)
+        if request.include_usage():
+            yield chunk([], plan.usage())
+        yield DONE
+
+    def stats(self) -> dict[str, Any]:
+        """Request counters and the engine's (``GET /stats``)."""
+        return {"model": self.name, **self.counters, "engine": self.engine.stats()}
+
+
+def _stream_error(e: Exception) -> dict[str, Any]:
+    log.error("generation failed mid-stream: %r", e)
+    if isinstance(e, OpenAIError):
+        return e.payload()
+    return OpenAIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").payload()
