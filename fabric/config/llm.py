@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pathlib import Path
 
-from fabric.config._base import Section
+from pydantic import Field, field_validator, model_validator
+
+from fabric.config._base import Section, is_uri
 from fabric.config.llm_serve import LLMServeConfig
 from fabric.config.train import DeepSpeedConfig
+
+
+def _local_path_exists(v: str | None) -> str | None:
+    # URIs are resolved by the reader on the cluster; a local path can be checked before anything runs.
+    if v is not None and not is_uri(v) and not Path(v).expanduser().exists():
+        raise ValueError(f"not found: {v!r}")
+    return v
 
 
 class LMModelConfig(Section):
@@ -32,6 +41,8 @@ class LMModelConfig(Section):
     vocab_size: int = Field(default=2000, ge=64)
     """Vocabulary of a tokenizer trained on the data (when there is none to load)."""
 
+    _paths_exist = field_validator("path", "tokenizer_path")(_local_path_exists)
+
     @model_validator(mode="after")
     def _heads(self) -> LMModelConfig:
         if self.n_embd % self.n_head:
@@ -52,8 +63,8 @@ class LMDataConfig(Section):
     """Share of records held out to measure perplexity before and after fine-tuning."""
     seq_len: int = Field(default=128, ge=8)
     """Tokens per packed training sequence (must fit the model's context)."""
-    max_records: int | None = Field(default=None, ge=1)
-    """Use only the first this many records (quick runs); None: all of them."""
+
+    _path_exists = field_validator("path")(_local_path_exists)
 
 
 class LoRAConfig(Section):
