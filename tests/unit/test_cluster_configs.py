@@ -350,7 +350,7 @@ def test_runtime_env_is_valid_and_excludes_what_fabric_submit_excludes() -> None
 
 # --------------------------------------------------------------------------- observability
 
-_DEF = re.compile(r"\b(Counter|Gauge|Histogram)\(\s*(?:name=)?(f?)\"([A-Za-z0-9_{}]+)\"")
+_DEF = re.compile(r"(Counter|Gauge|Histogram)\(\s*(?:name=)?(f?)\"([A-Za-z0-9_{}]+)\"")
 _SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count")}
 
 
@@ -384,7 +384,7 @@ def test_metric_definitions_are_found() -> None:
     fabric, serve = _known_metrics()
     # The scan must see fabric's monitor and sampler metrics and Serve's ingress histogram, or it proves nothing.
     assert {"ray_fabric_monitor_drift_share", "ray_fabric_monitor_dropped_samples_total"} <= fabric
-    assert "ray_fabric_node_cpu_percent" in fabric
+    assert {"ray_fabric_node_cpu_percent", "ray_fabric_serve_batch_size_bucket", "ray_fabric_serve_responses_total"} <= fabric
     assert {"ray_serve_http_request_latency_ms_bucket", "ray_serve_actual_batch_size_bucket"} <= serve
 
 
@@ -397,7 +397,7 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
     for needed in (
         "ray_serve_http_request_latency_ms_bucket",
         "ray_serve_num_http_requests_total",
-        "ray_serve_actual_batch_size_bucket",
+        "ray_fabric_serve_batch_size_bucket",
         "ray_fabric_monitor_drift_share",
         "ray_fabric_monitor_feature_drift_score",
         "ray_fabric_monitor_dropped_samples_total",
