@@ -4,6 +4,7 @@ Importing this package loads neither mlflow nor wandb nor torch; each adapter im
 it is created and names the extra that installs it when missing.
 """
 
+from fabric.tracking._lm import AdapterRegistration, log_finetune
 from fabric.tracking._loggers import (
     MetricLogger,
     MLflowLogger,
@@ -30,6 +31,7 @@ from fabric.tracking._registry import (
 )
 
 __all__ = [
+    "AdapterRegistration",
     "CANDIDATE",
     "CHAMPION",
     "Comparison",
@@ -48,6 +50,7 @@ __all__ = [
     "decide",
     "headline",
     "is_rank_zero",
+    "log_finetune",
     "load_registered",
     "make_logger",
     "on_rank_zero",

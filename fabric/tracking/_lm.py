@@ -1,0 +1,105 @@
+"""Record a LoRA fine-tuning run in MLflow and register its adapter (a peft folder) in the model registry."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, tracking_uri
+from fabric.tracking._rank import on_rank_zero
+from fabric.tracking._registry import CANDIDATE, _client
+
+if TYPE_CHECKING:
+    from fabric.config import PipelineConfig
+
+ADAPTER_ARTIFACT = "adapter"
+"""Where the adapter folder sits among the run's artifacts (and what a registered version points at)."""
+
+
+@dataclass
+class AdapterRegistration:
+    """The MLflow run of a fine-tuning and the registered adapter version."""
+
+    model_name: str
+    version: str
+    run_id: str
+    tracking_uri: str
+    model_uri: str
+    """``models:/<name>/<version>``: download it to get the peft adapter folder."""
+
+
+@on_rank_zero
+def log_finetune(
+    cfg: PipelineConfig,
+    history: list[dict[str, Any]],
+    summary: dict[str, Any],
+    adapter_dir: Path,
+    files: list[Path] | None = None,
+) -> AdapterRegistration:
+    """Log a fine-tuning run (the ``llm`` settings, every epoch's metrics, the summary) and register the
+    adapter folder as a new version of ``cfg.llm.finetune.model_name`` with alias ``candidate``.
+
+    Args:
+        cfg: where to record (``track``) and what (the ``llm`` section).
+        history: every epoch's metrics, in order.
+        summary: the run's headline numbers (perplexity before and after...), logged at the last epoch
+            and tagged on the model version.
+        adapter_dir: the peft adapter folder (with its tokenizer).
+        files: more files to attach to the run (metrics.json, the drift reference).
+
+    Returns:
+        The run and the version; None off rank 0.
+    """
+    from fabric.config import dump_config
+
+    uri = tracking_uri(cfg)
+    name = cfg.llm.finetune.model_name
+    mlf = MLflowLogger.from_config(cfg, run_name=f"{cfg.name}-finetune", tags={"fabric.stage": "finetune"})
+    loggers: list[Any] = [mlf]
+    if cfg.track.wandb.enabled and cfg.track.wandb.mode != "disabled":
+        loggers.append(WandbLogger.from_config(cfg, run_name=f"{cfg.name}-finetune"))
+    status = "failed"
+    try:
+        llm = cfg.llm.model_dump(mode="json", exclude={"serve"})
+        for lg in loggers:
+            lg.log_params({"name": cfg.name, "seed": cfg.seed, "llm": llm})
+        for i, row in enumerate(history):
+            step = int(row.get("epoch", i + 1))
+            for lg in loggers:
+                lg.log_metrics({k: v for k, v in numeric(row).items() if k != "epoch"}, step=step)
+        last = int(history[-1].get("epoch", len(history))) if history else 0
+        for lg in loggers:
+            lg.log_metrics(numeric(summary), step=last)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_file = Path(tmp) / "config.yaml"
+            cfg_file.write_text(dump_config(cfg))
+            mlf.log_artifact(cfg_file)
+        for f in files or []:
+            mlf.log_artifact(f)
+        mlf.log_artifact(adapter_dir, ADAPTER_ARTIFACT)
+        version = _register(mlf, name, summary)
+        status = "success"
+    finally:
+        for lg in loggers:
+            lg.finish(status)  # type: ignore[arg-type]
+    print(f"registry: {name} v{version} ({CANDIDATE}): the LoRA adapter of run {mlf.run_id}", flush=True)
+    return AdapterRegistration(name, version, str(mlf.run_id), uri, f"models:/{name}/{version}")
+
+
+def _register(mlf: MLflowLogger, name: str, summary: dict[str, Any]) -> str:
+    """A new version of ``name`` pointing at the run's adapter folder, aliased ``candidate``."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(mlf.tracking_uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(mlf.run_id).info.artifact_uri}/{ADAPTER_ARTIFACT}"
+    tags = {f"fabric.{k}": str(v) for k, v in numeric(summary).items()}
+    mv = client.create_model_version(name, source=source, run_id=mlf.run_id, tags={"fabric.kind": "lora", **tags})
+    client.set_registered_model_alias(name, CANDIDATE, mv.version)
+    return str(mv.version)

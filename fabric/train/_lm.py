@@ -1,0 +1,273 @@
+"""LoRA fine-tuning of a causal LM on Ray Train: data, base model and tokenizer, the TorchTrainer, outputs.
+
+Everything lands under ``<run_dir>/llm/`` (the contract the serving side reads)::
+
+    base/              HF folder of the base model + tokenizer (also when built from a config)
+    adapter/           peft adapter folder + tokenizer
+    merged/            the base with the adapter merged in + tokenizer (``llm.finetune.merge``)
+    metrics.json       {"perplexity_before", "perplexity_after", ...}
+    reference.parquet  one row per held-out record: prompt_tokens, completion_tokens (drift reference)
+    train/<name>/      Ray Train's run: a checkpoint (the adapter, not the base) per epoch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.config import LMModelConfig, PipelineConfig
+from fabric.data import pack, read_text_records, token_counts
+from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError, require
+from fabric.models.causal_lm import (
+    build_causal_lm,
+    context_length,
+    has_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    merge_and_save,
+    save_pretrained,
+    train_tokenizer,
+)
+from fabric.runtime import connect
+from fabric.tracking import AdapterRegistration, log_finetune
+from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
+from fabric.train._trainer import _warn_if_short, resolve_use_gpu
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from fabric.data import TextSplits
+
+RUN_SPEC = "fabric_lm.json"
+"""Kept next to Ray Train's run: what a rerun must match to continue from its checkpoints."""
+
+
+@dataclass
+class FinetuneResult:
+    """What fine-tuning leaves behind (the folders of the output contract, and the numbers)."""
+
+    llm_dir: Path
+    base_dir: Path
+    adapter_dir: Path
+    merged_dir: Path | None
+    """None when ``llm.finetune.merge`` is off."""
+    metrics: dict[str, Any]
+    """What ``metrics.json`` holds: perplexity before and after, record and block counts, settings."""
+    history: list[dict[str, Any]]
+    """Every epoch's metrics, in order (a resumed run's included)."""
+    checkpoint_dir: Path
+    registration: AdapterRegistration | None = field(default=None)
+    """The MLflow run and the registered adapter version."""
+
+
+def llm_dir(cfg: PipelineConfig) -> Path:
+    """``<run_dir>/llm``: where fine-tuning writes and the LLM endpoint reads."""
+    return (Path(cfg.run_dir) / "llm").resolve()
+
+
+def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerBase:
+    """``tokenizer_path``'s tokenizer, else the model folder's, else one trained on the training texts."""
+    if model.tokenizer_path:
+        return load_tokenizer(model.tokenizer_path)
+    if model.path and has_tokenizer(model.path):
+        return load_tokenizer(model.path, field="llm.model.path")
+    texts = (row["prompt"] + row["completion"] for row in splits.train.iter_rows())
+    tokenizer = train_tokenizer(texts, model.vocab_size)
+    print(f"trained a byte-level BPE tokenizer of {len(tokenizer)} tokens on {splits.train_records} records", flush=True)
+    return tokenizer
+
+
+def _base(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """Load or build the base model, check it against the data and tokenizer, save it to ``out``."""
+    m = cfg.llm.model
+    model = load_causal_lm(m.path) if m.path else build_causal_lm(m, tokenizer, seed=cfg.seed)
+    problems = []
+    if cfg.llm.data.seq_len > context_length(model):
+        problems.append(
+            ConfigProblem("llm.data.seq_len", f"{cfg.llm.data.seq_len} exceeds the model's context ({context_length(model)})")
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        problems.append(
+            ConfigProblem("llm.model.tokenizer_path", f"the tokenizer has {len(tokenizer)} tokens, the model embeds {vocab}")
+        )
+    if problems:
+        raise ConfigError(problems)
+    return save_pretrained(model, tokenizer, out)
+
+
+def _packed(cfg: PipelineConfig, splits: TextSplits, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The packed train and held-out datasets, materialized: small next to the text, and Ray Train's
+    workers hold every CPU of a small cluster, so lazy tokenization would wait for a CPU that never frees."""
+    seq_len, workers = cfg.llm.data.seq_len, cfg.llm.finetune.num_workers
+    out = {
+        "train": pack(splits.train, tokenizer, seq_len).materialize(),
+        "val": pack(splits.heldout, tokenizer, seq_len).materialize(),
+    }
+    for name, ds in out.items():
+        ds.context.enable_progress_bars = False
+        blocks = ds.count()
+        if blocks < workers:
+            what = "training" if name == "train" else "held-out"
+            raise DataValidationError(
+                f"{splits.source}: the {what} records make {blocks} sequence(s) of {seq_len} tokens, fewer than "
+                f"the {workers} workers; add data, lower llm.data.seq_len or raise llm.data.heldout_fraction",
+                rows=blocks,
+            )
+    return out
+
+
+def _loop_config(cfg: PipelineConfig, base_dir: Path) -> dict[str, Any]:
+    f = cfg.llm.finetune
+    return {
+        "base_dir": str(base_dir),
+        "lora": cfg.llm.lora.model_dump(mode="json"),
+        "epochs": f.epochs,
+        "batch_size": f.batch_size,
+        "lr": f.lr,
+        "weight_decay": f.weight_decay,
+        "seed": cfg.seed,
+        "strategy": f.strategy,
+        "zero_stage": f.deepspeed.zero_stage,
+        "offload_optimizer": f.deepspeed.offload_optimizer,
+    }
+
+
+def _run_spec(cfg: PipelineConfig) -> dict[str, Any]:
+    """What a checkpoint of this run depends on: the base, the tokenizer's source, the data, LoRA, strategy."""
+    llm = cfg.llm
+    return {
+        "model": llm.model.model_dump(mode="json"),
+        "data": llm.data.model_dump(mode="json"),
+        "lora": llm.lora.model_dump(mode="json"),
+        "strategy": llm.finetune.strategy,
+        "zero_stage": llm.finetune.deepspeed.zero_stage if llm.finetune.strategy == "deepspeed" else None,
+        "seed": cfg.seed,
+    }
+
+
+def _check_previous_run(run_path: Path, spec: dict[str, Any]) -> None:
+    """A rerun of the same name continues from its checkpoints (Ray Train restores them): refuse when the
+    base, data, LoRA or strategy changed, since those checkpoints would not fit."""
+    spec_file = run_path / RUN_SPEC
+    if spec_file.is_file():
+        old = json.loads(spec_file.read_text())
+        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        if changed:
+            raise FabricError(
+                f"{run_path} holds a fine-tuning with other {', '.join(changed)} settings; choose another `name` "
+                "or `run_dir`, or delete that folder to start over"
+            )
+        print(f"continuing the fine-tuning at {run_path}", flush=True)
+    run_path.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec, indent=2))
+
+
+def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> FinetuneResult:
+    """Fine-tune a LoRA adapter on ``cfg.llm``'s model and data with Ray Train, and write the outputs.
+
+    Reads and checks the JSON-lines records (Ray Data), holds out ``llm.data.heldout_fraction`` of them,
+    loads the base (or builds it from ``llm.model``) and its tokenizer (or trains one on the data), packs
+    the tokens into ``llm.data.seq_len`` blocks, and trains the adapter on ``llm.finetune.num_workers``
+    workers with DDP or DeepSpeed ZeRO, checkpointing the adapter every epoch (a failed worker group
+    restarts up to ``max_failures`` times from the last one). Held-out perplexity is measured before and
+    after; the run goes to MLflow with the adapter registered as ``llm.finetune.model_name``. Outputs
+    land under ``<run_dir>/llm/`` (see this module's docstring).
+
+    Args:
+        cfg: the pipeline config (``llm`` section, ``track``, ``cluster``, ``run_dir``, ``seed``).
+        loop_overrides: keys merged into the workers' loop config (``fault_injection`` in tests).
+
+    Raises:
+        ConfigError: a model or tokenizer folder that does not load, or sizes that do not fit.
+        DataValidationError: bad records, or too little data for the workers.
+        FabricError: training failed after its restarts.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    require("transformers", "llm")
+    f = cfg.llm.finetune
+    if f.strategy == "deepspeed":
+        require("deepspeed", "deepspeed")  # fail here, not in every worker
+    connect(cfg.cluster)
+    out = llm_dir(cfg)
+    storage = out / "train"
+    _check_previous_run(storage / cfg.name, _run_spec(cfg))
+
+    splits = read_text_records(cfg.llm.data, cfg.seed)
+    print(f"text: {splits.train_records} training and {splits.heldout_records} held-out records from {splits.source}", flush=True)
+    tokenizer = _tokenizer(cfg.llm.model, splits)
+    base_dir = _base(cfg, tokenizer, out / "base")
+    datasets = _packed(cfg, splits, tokenizer)
+
+    use_gpu = resolve_use_gpu(f.use_gpu)
+    _warn_if_short(f.num_workers, use_gpu)
+    trainer = TorchTrainer(
+        lm_loop_per_worker,
+        train_loop_config={**_loop_config(cfg, base_dir), **(loop_overrides or {})},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=f.num_workers, use_gpu=use_gpu),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=f.max_failures),
+            checkpoint_config=CheckpointConfig(),  # adapters are small: every epoch's is kept (its metrics too)
+        ),
+    )
+    how = f"DeepSpeed ZeRO-{f.deepspeed.zero_stage}" if f.strategy == "deepspeed" else "DDP"
+    print(
+        f"fine-tuning a LoRA adapter (r={cfg.llm.lora.r}) with {how} on {f.num_workers} "
+        f"{'GPU' if use_gpu else 'CPU'} worker(s) for {f.epochs} epoch(s); checkpoints under {storage / cfg.name}",
+        flush=True,
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise FabricError(f"fine-tuning failed (after up to {f.max_failures} restart(s)): {e}") from e
+    if result.checkpoint is None:
+        raise FabricError(f"fine-tuning at {storage / cfg.name} reported no checkpoint")
+    checkpoint_dir = Path(result.checkpoint.path)
+    history = [dict(m) for _, m in (result.best_checkpoints or [])]
+    last = dict(result.metrics or {})
+
+    adapter_dir = out / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(checkpoint_dir / ADAPTER, adapter_dir)
+    tokenizer.save_pretrained(str(adapter_dir))
+    merged_dir = merge_and_save(base_dir, adapter_dir, out / "merged") if f.merge else None
+
+    metrics = {
+        "perplexity_before": float(last["perplexity_before"]),
+        "perplexity_after": float(last["val_perplexity"]),
+        "val_loss": float(last["val_loss"]),
+        "train_loss": float(last["train_loss"]),
+        "epochs": int(last["epoch"]),
+        "train_records": splits.train_records,
+        "heldout_records": splits.heldout_records,
+        "train_sequences": datasets["train"].count(),
+        "heldout_sequences": datasets["val"].count(),
+        "seq_len": cfg.llm.data.seq_len,
+        "vocab_size": len(tokenizer),
+        "strategy": how,
+        "num_workers": f.num_workers,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    token_counts(splits.heldout, tokenizer).to_pandas().to_parquet(out / "reference.parquet", index=False)
+
+    if not math.isfinite(metrics["perplexity_after"]):
+        raise FabricError(f"fine-tuning diverged (held-out perplexity {metrics['perplexity_after']}); lower llm.finetune.lr")
+    summary = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / "metrics.json"])
+    print(
+        f"fine-tuned: held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}; "
+        f"adapter: {adapter_dir}" + (f"; merged: {merged_dir}" if merged_dir else ""),
+        flush=True,
+    )
+    return FinetuneResult(out, base_dir, adapter_dir, merged_dir, metrics, history, checkpoint_dir, registration)

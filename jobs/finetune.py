@@ -1,0 +1,21 @@
+"""LoRA fine-tuning of a causal language model as a Ray job (Ray Train DDP or DeepSpeed; outputs under
+<run_dir>/llm/ for the OpenAI-compatible endpoint).
+
+Run: python jobs/finetune.py --config jobs/configs/llm_smoke.yaml [section.field=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fabric.runtime import job_main
+from fabric.train import finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse --config and overrides, fine-tune, return the exit code."""
+    return job_main(finetune, argv, prog="jobs/finetune.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
