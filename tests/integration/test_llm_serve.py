@@ -212,3 +212,4 @@ def test_concurrent_requests_are_batched_and_monitored(served: dict[str, Any]) -
     body = drift.json()
     assert body["status"] == "ok", body
     assert set(body["columns"]) == {"prompt_tokens", "completion_tokens"}
+    assert body["monitor"]["received"] >= 8  # one row per answered choice

@@ -28,6 +28,8 @@ __all__ = ["build_openai_app", "deploy", "run", "serve_config"]
 log = logging.getLogger("fabric.serve.llm")
 DEPLOY_TIMEOUT_S = 600.0
 MONITOR_FEATURES = ["prompt_tokens", "completion_tokens"]
+# Handles of monitors started here: a non-detached actor lives while its creator holds a handle.
+_monitors: dict[str, Any] = {}
 
 
 def build_openai_app(args: Any = None) -> Application:
@@ -92,7 +94,7 @@ def start_monitor(cfg: PipelineConfig) -> bool:
 
     frame = pd.read_parquet(reference)
     features = [c for c in MONITOR_FEATURES if c in frame.columns]
-    start(
+    _monitors[s.monitor_actor] = start(
         cfg.monitor.model_copy(update={"actor_name": s.monitor_actor}),
         frame,
         features=features,

@@ -20,6 +20,7 @@ from fabric.errors import FabricError
 # one (to anything but its neutral value) is refused rather than answered differently than asked.
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "response_format")
 NEUTRAL: dict[str, Any] = {"best_of": 1, "frequency_penalty": 0, "presence_penalty": 0}
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart"})
 
 
 # --------------------------------------------------------------------------- errors
@@ -83,8 +84,8 @@ def from_validation_errors(errors: Sequence[Any]) -> OpenAIError:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return bad_request(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
-    # A union's branch name (e.g. `str`, `list[str]`) is not a field: keep the request's own path only.
-    loc = [p for p in loc if not any(ch in p for ch in "[]()")]
+    # A union's branch names (`str`, `list[str]`) are not fields: keep the request's own path only.
+    loc = [p for p in loc if p not in _TYPE_TAGS and not any(ch in p for ch in "[]()")]
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing":

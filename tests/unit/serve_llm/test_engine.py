@@ -1,0 +1,127 @@
+"""The batching CPU engine, driven directly (no Ray, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from fabric.errors import MissingExtraError
+from fabric.serve.llm.engine import GenerationRequest, SamplingParams, choose_engine
+from fabric.serve.llm.transformers_engine import TransformersEngine
+from tests.unit.serve_llm.conftest import serve_cfg
+
+PROMPTS = ["the cat sat", "a dog ran over the green hills to find", "seven", "red apples under an old tree near the"]
+
+
+def _request(engine: TransformersEngine, prompt: str, max_tokens: int = 12, **kw: object) -> GenerationRequest:
+    adapter = kw.pop("adapter", None)
+    ids = engine.tokenizer(prompt)["input_ids"]
+    return GenerationRequest(prompt, prompt, ids, SamplingParams(max_tokens, **kw), adapter)  # type: ignore[arg-type]
+
+
+async def _text(engine: TransformersEngine, request: GenerationRequest) -> tuple[str, str | None, int]:
+    text, last = "", None
+    async for out in engine.generate(request):
+        text += out.text
+        last = out
+    assert last is not None
+    return text, last.finish_reason, last.completion_tokens
+
+
+def test_a_batch_gives_each_row_what_it_gives_alone(engine: TransformersEngine) -> None:
+    alone = [asyncio.run(_text(engine, _request(engine, p, temperature=0.0))) for p in PROMPTS]
+    rows_before = engine.stats()["max_batch_rows"]
+
+    async def together() -> list[tuple[str, str | None, int]]:
+        return await asyncio.gather(*(_text(engine, _request(engine, p, temperature=0.0)) for p in PROMPTS))
+
+    assert asyncio.run(together()) == alone
+    assert rows_before == 1 and engine.stats()["max_batch_rows"] == len(PROMPTS)
+    assert all(reason == "length" and n == 12 for _, reason, n in alone)
+
+
+def test_rows_finish_independently(engine: TransformersEngine) -> None:
+    async def mixed() -> list[tuple[str, str | None, int]]:
+        return await asyncio.gather(
+            *(_text(engine, _request(engine, p, max_tokens=m, temperature=0.0)) for p, m in zip(PROMPTS, (3, 20, 7, 1)))
+        )
+
+    results = asyncio.run(mixed())
+    assert [n for _, _, n in results] == [3, 20, 7, 1]
+    long_alone = asyncio.run(_text(engine, _request(engine, PROMPTS[1], max_tokens=20, temperature=0.0)))
+    assert results[1] == long_alone  # the rows that left the batch did not disturb the one that stayed
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine: TransformersEngine) -> None:
+    seeded = _request(engine, PROMPTS[0], temperature=1.0, top_p=0.9, seed=5)
+    alone = asyncio.run(_text(engine, seeded))
+
+    async def crowded() -> list[tuple[str, str | None, int]]:
+        others = [_request(engine, p, temperature=1.0) for p in PROMPTS[1:]]
+        return await asyncio.gather(*(_text(engine, r) for r in [seeded, *others]))
+
+    assert asyncio.run(crowded())[0] == alone
+    other_seed = asyncio.run(_text(engine, _request(engine, PROMPTS[0], temperature=1.0, top_p=0.9, seed=6)))
+    assert other_seed[0] != alone[0]
+
+
+def test_adapters_load_on_demand_and_the_least_recently_used_is_evicted(engine: TransformersEngine) -> None:
+    def run(adapter: str | None) -> str:
+        return asyncio.run(_text(engine, _request(engine, PROMPTS[0], temperature=0.0, adapter=adapter)))[0]
+
+    before = engine.stats()
+    base, a, b = run(None), run("a"), run("b")
+    assert len({base, a, b}) == 3
+    assert run("a") == a and run(None) == base
+    stats = engine.stats()
+    assert stats["adapter_loads"] - before["adapter_loads"] == 3  # a, b, a again (only one fits)
+    assert stats["adapter_evictions"] - before["adapter_evictions"] == 2
+    assert stats["loaded_adapters"] == ["a"]
+
+
+def test_a_batch_holds_one_adapter(engine: TransformersEngine) -> None:
+    async def mixed() -> list[tuple[str, str | None, int]]:
+        reqs = [_request(engine, PROMPTS[0], temperature=0.0, adapter=x) for x in ("a", "b", "a", None)]
+        return await asyncio.gather(*(_text(engine, r) for r in reqs))
+
+    batches = engine.stats()["batches"]
+    results = asyncio.run(mixed())
+    assert results[0] == results[2] and len({results[0][0], results[1][0], results[3][0]}) == 3
+    assert engine.stats()["batches"] - batches == 3  # grouped by adapter: {a, a}, {b}, {base}
+
+
+def test_a_consumer_that_leaves_frees_its_row(engine: TransformersEngine) -> None:
+    async def leave_early() -> int:
+        gen = engine.generate(_request(engine, PROMPTS[1], max_tokens=80, temperature=0.0))
+        got = 0
+        async for _ in gen:
+            got += 1
+            if got == 2:
+                break
+        await gen.aclose()
+        await asyncio.sleep(0.3)
+        return got
+
+    before = engine.stats()["generated_tokens"]
+    assert asyncio.run(leave_early()) == 2
+    assert engine.stats()["generated_tokens"] - before < 80
+    assert asyncio.run(_text(engine, _request(engine, "seven", max_tokens=4, temperature=0.0)))[2] == 4
+
+
+def test_choose_engine_picks_the_cpu_engine_here(tiny_run: Path) -> None:
+    engine = choose_engine(serve_cfg(tiny_run, engine="auto"))
+    if importlib.util.find_spec("vllm") is None:
+        assert isinstance(engine, TransformersEngine)
+    assert engine.name == "base"
+    assert choose_engine(serve_cfg(tiny_run, served_name="x")).name == "x"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_the_vllm_engine_says_which_extra_it_needs(tiny_run: Path) -> None:
+    engine = choose_engine(serve_cfg(tiny_run, engine="vllm"))
+    assert engine.kind == "vllm"
+    with pytest.raises(MissingExtraError, match=r"fabric\[gpu\]"):
+        engine.start()
