@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--duration 3] [--repeat 3] [--concurrency 1 4 16 64] [--models cheap heavy]
                                [--sides fabric plain same] [--serve-override serve.fast_path=false ...]
+                               [--monitor-concurrency 16]
 
 Three servers answer the same Open Inference Protocol request (one row) with the same model through the
 same ONNX Runtime session settings (one intra-op thread):
@@ -14,6 +15,11 @@ same ONNX Runtime session settings (one intra-op thread):
 
 Two models: ``cheap`` (4 -> 16 -> 3: about 15 us a call, HTTP dominates) and ``heavy`` (32 -> 4 x 2048
 -> 2, 51 MB of weights: about 2.5 ms a call at batch 1 and 6 ms at batch 16 on one core, so batching pays).
+
+A second table puts the drift monitor's cost on the same load: two fabric apps serving the same model
+with named-column input (what the monitor reads; tensor input is not monitored), one with
+``monitor.enabled=false`` and one feeding a real monitor actor with every row (``sample_rate=1``, its
+defaults otherwise), measured back to back the same way. The goal: under 5% throughput lost.
 
 Load: N closed-loop keep-alive HTTP/1.1 clients in a separate process (plain asyncio sockets, so the
 client costs every side the same little CPU). Every point runs all sides back to back, the order
@@ -146,7 +152,7 @@ def make_model(folder: Path, input_dim: int, hidden: int, layers: int, classes: 
     return folder
 
 
-def config(folder: Path, run_dir: Path, name: str, port: int, overrides: list[str]) -> Any:
+def config(folder: Path, run_dir: Path, name: str, port: int, overrides: list[str], app: str | None = None) -> Any:
     from fabric.config import load_config
 
     return load_config(
@@ -155,8 +161,8 @@ def config(folder: Path, run_dir: Path, name: str, port: int, overrides: list[st
             f"run_dir={run_dir}",
             f"serve.model_uri={folder}",
             f"serve.model_name={name}",
-            f"serve.app_name={name}",
-            f"serve.route_prefix=/{name}",
+            f"serve.app_name={app or name}",
+            f"serve.route_prefix=/{app or name}",
             f"serve.port={port}",
             "monitor.enabled=false",
             *overrides,
@@ -267,6 +273,60 @@ def request_body(input_dim: int) -> bytes:
     ).encode()
 
 
+def records_body(input_dim: int) -> bytes:
+    """One row as named columns (``instances``): the input the drift monitor sees."""
+    return json.dumps({"instances": [{f"x{i}": round(0.1 * (i % 7) - 0.3, 3) for i in range(input_dim)}]}).encode()
+
+
+def start_monitor(input_dim: int, overrides: list[str]) -> Any:
+    """The drift-monitor actor (Ray connected) over a reference the benchmark's rows could come from."""
+    import numpy as np
+    import pandas as pd
+
+    from fabric.config import load_config
+    from fabric.monitor import start
+
+    cfg = load_config(None, overrides).monitor
+    rng = np.random.default_rng(0)
+    reference = pd.DataFrame(rng.normal(0, 0.3, (1000, input_dim)), columns=[f"x{i}" for i in range(input_dim)])
+    return start(cfg, reference, task="classification")
+
+
+def monitor_overrides(name: str) -> list[str]:
+    return [
+        "monitor.enabled=true",
+        f"monitor.actor_name=bench-monitor-{name}",
+        "monitor.detached=false",
+        "monitor.resources=false",
+    ]
+
+
+def compare_monitor(
+    name: str, urls: dict[str, str], clients: list[int], duration: float, repeat: int, handle: Any
+) -> list[dict[str, Any]]:
+    """Monitor off vs on, same named-column load, back to back with the order rotating; median runs."""
+    import ray
+
+    body = records_body(MODELS[name][0])
+    path = f"/v2/models/{name}/infer"
+    rows = []
+    for c in clients:
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        for rep in range(repeat):
+            for side in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+                runs[side].append(measure(urls[side] + path, body, c, duration))
+        best = {side: sorted(r, key=lambda m: m["rps"])[len(r) // 2] for side, r in runs.items()}
+        st = ray.get(handle.stats.remote(), timeout=60)
+        rows.append({"model": name, "clients": c, **best, "received": st["received"], "dropped": st["dropped"]})
+        print(
+            f"  {name:5s} c={c:<3d} monitor off {best['off']['rps']:6.0f} req/s | on {best['on']['rps']:6.0f} req/s "
+            f"({best['on']['rps'] / best['off']['rps']:.3f}x); monitor received {st['received']}, "
+            f"dropped {st['dropped']}",
+            flush=True,
+        )
+    return rows
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -287,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--serve-override", nargs="*", default=[], help="overrides for fabric's side, e.g. serve.num_replicas=2"
     )
+    p.add_argument(
+        "--monitor-concurrency",
+        nargs="*",
+        type=int,
+        default=[16],
+        help="clients for the drift monitor on/off comparison (none: skip it)",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -299,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     urls: dict[tuple[str, str], str] = {}
     results: list[dict[str, Any]] = []
+    monitored: list[dict[str, Any]] = []
+    monitor_urls: dict[str, dict[str, str]] = {}
+    monitors: dict[str, Any] = {}
     try:
         for name in args.models:
             folder = make_model(root / name, *MODELS[name])
@@ -316,6 +386,18 @@ def main(argv: list[str] | None = None) -> int:
                 result = deploy(config(folder, root / "runs", name, serve_port, args.serve_override))
                 urls[(name, "fabric")] = result.url
                 print(f"{name}: fabric at {result.url}, fast path {'on' if result.fast_path else 'off'}", flush=True)
+                if args.monitor_concurrency:
+                    # the actor first: a replica looks the monitor up by name when it starts
+                    monitors[name] = start_monitor(MODELS[name][0], monitor_overrides(name))
+                    on = config(
+                        folder,
+                        root / "runs",
+                        name,
+                        serve_port,
+                        [*args.serve_override, *monitor_overrides(name)],
+                        app=f"{name}-monitored",
+                    )
+                    monitor_urls[name] = {"off": result.url, "on": deploy(on).url}
         for name in args.models:
             for side in args.sides:
                 wait_ready(urls[(name, side)])
@@ -343,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     flush=True,
                 )
+        for name, murls in monitor_urls.items():
+            wait_ready(murls["on"])
+            monitored += compare_monitor(
+                name, murls, args.monitor_concurrency, args.duration, args.repeat, monitors[name]
+            )
     finally:
         for proc in procs:
             proc.terminate()
@@ -368,10 +455,23 @@ def main(argv: list[str] | None = None) -> int:
         cells += [f"{r['fabric']['rps'] / r[b]['rps']:.2f}x" for b in base if "fabric" in args.sides]
         cells += [f"{r[s]['p50_ms']:.2f} / {r[s]['p99_ms']:.2f}" for s in args.sides]
         print("| " + " | ".join(cells) + " |")
+    if monitored:
+        print("\nThe drift monitor on vs off (fabric, named-column input, every row sent to the monitor actor):\n")
+        print("| model | clients | monitor off req/s | monitor on req/s | on/off | off p50 / p99 ms | on p50 / p99 ms "
+              "| rows at the monitor | dropped |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in monitored:
+            off, on = r["off"], r["on"]
+            print(
+                f"| {r['model']} | {r['clients']} | {off['rps']:.0f} | {on['rps']:.0f} | {on['rps'] / off['rps']:.3f}x "
+                f"| {off['p50_ms']:.2f} / {off['p99_ms']:.2f} | {on['p50_ms']:.2f} / {on['p99_ms']:.2f} "
+                f"| {r['received']} | {r['dropped']} |"
+            )
     errors = sum(r[s]["errors"] for r in results for s in args.sides)
+    errors += sum(r[s]["errors"] for r in monitored for s in ("off", "on"))
     print(f"\nnon-200 answers: {errors}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"servers": results, "monitor": monitored}, indent=2))
     return 0
 
 

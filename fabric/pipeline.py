@@ -1,6 +1,6 @@
 """The whole lifecycle from one PipelineConfig: each stage's public `run(cfg)`, in order.
 
-ingest → tune → train → register → export (→ serve, when ``serve.enabled``). The search's best
+ingest → tune → train → register → export (→ monitor → serve, when ``serve.enabled``). The search's best
 hyperparameters replace the train section's before training.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fabric.config import PipelineConfig
@@ -38,7 +39,12 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     """Run every stage the config enables, in lifecycle order, on the current Ray."""
     from fabric import data, export, tracking, train, tune
 
-    connect(cfg.cluster)
+    if cfg.serve.enabled:
+        from fabric.serve.control import connect as serve_connect
+
+        serve_connect(cfg)  # a local Ray started here gets the Serve fast path's environment
+    else:
+        connect(cfg.cluster)
     result = PipelineResult()
     _stage(result, "ingest", lambda: data.run(cfg))
     if cfg.tune.enabled:
@@ -51,9 +57,26 @@ def run(cfg: PipelineConfig) -> PipelineResult:
         model = registered.model_uri if registered is not None else trained.model_path
         _stage(result, "export", lambda: export.run(cfg, model))
     if cfg.serve.enabled:
-        from fabric import serve
-
-        _stage(result, "serve", lambda: serve.run(cfg))
+        serve_stages(cfg, result)
     summary = ", ".join(f"{n} {s:.0f}s" for n, s in result.seconds.items())
     print(f"\n== pipeline {cfg.name} done ({summary}); outputs under {cfg.run_dir}/", flush=True)
+    return result
+
+
+def serve_stages(cfg: PipelineConfig, result: PipelineResult | None = None) -> PipelineResult:
+    """The last stages on the current Ray: the drift monitor over ingestion's reference, then the Serve app.
+
+    The monitor starts first (when ``monitor.enabled`` and ``<run_dir>/data/reference.parquet`` exists), so
+    the replicas find it by name as they start; the app then answers at the returned ``stages["serve"].url``.
+    """
+    from fabric import serve
+
+    result = result if result is not None else PipelineResult()
+    if cfg.monitor.enabled and (Path(cfg.run_dir) / "data" / "reference.parquet").is_file():
+        from fabric import monitor
+
+        _stage(result, "monitor", lambda: monitor.run(cfg))
+    elif cfg.monitor.enabled:
+        print(f"no reference sample under {cfg.run_dir}/data: the drift monitor is not started", flush=True)
+    _stage(result, "serve", lambda: serve.run(cfg))
     return result

@@ -4,9 +4,10 @@
     fabric serve set-traffic v1=90 v2=10                        # new weights, no replica restarts
     fabric serve status
 
-Without a configured cluster (``cluster.address``, RAY_ADDRESS) or a running `fabric up` head, a local
-Ray is started here with the Serve fast path (HAProxy ingress, gRPC data plane) and lives as long as
-this command.
+The drift monitor starts first when ``monitor.enabled`` and the run has ingestion's reference sample
+(``<run_dir>/data/reference.parquet``). Without a configured cluster (``cluster.address``, RAY_ADDRESS) or
+a running `fabric up` head, a local Ray is started here with the Serve fast path (HAProxy ingress, gRPC
+data plane) and lives as long as this command.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from fabric.config import load_config
-    from fabric.serve import run as serve_run
-    from fabric.serve.control import clear_state, owns_ray
+    from fabric.pipeline import serve_stages
+    from fabric.serve.control import clear_state, connect, owns_ray
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -114,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "--detach needs a running cluster (`fabric up`, cluster.address or RAY_ADDRESS): a Ray started here ends with this command"
         )
-    result = serve_run(cfg)
+    # The drift monitor first (over the run's reference sample, when ingestion wrote one), so the replicas
+    # find it as they start; the same stages as the pipeline's end.
+    connect(cfg)
+    result = serve_stages(cfg).stages["serve"]
     for route in result.routes:
         print(f"  {route}")
     if args.detach:

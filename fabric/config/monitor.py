@@ -42,6 +42,11 @@ class MonitorConfig(Section):
     """Fewest rows in the window before drift is computed (fewer: a result with status ``insufficient_data``)."""
     sample_rate: float = Field(default=1.0, gt=0, le=1)
     """Share of served rows that replicas send to the monitor (sampled in the replica, before sending)."""
+    batch_interval_s: float = Field(default=0.25, ge=0)
+    """Seconds a replica gathers served rows before handing them to the monitor in one call (or sooner, at
+    ``batch_rows``); 0 sends each request's rows on their own (an actor call costs more than a cheap model)."""
+    batch_rows: int = Field(default=512, ge=1)
+    """Rows gathered at most before they are sent."""
     queue_size: int = Field(default=1000, ge=1)
     """Submissions a replica may have in flight to the actor; past it new samples are dropped and counted."""
     interval_s: float = Field(default=60.0, gt=0)

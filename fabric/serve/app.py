@@ -67,6 +67,9 @@ class TabularModel:
         if metrics is not None:
             metrics.stop()
         service = getattr(self, "service", None)
+        close = getattr(getattr(service, "monitor", None), "close", None)
+        if close is not None:
+            close()  # hand the monitor the rows gathered so far
         for v in service.versions.values() if service is not None else ():
             v.predictor.shutdown()
             v.loaded.engine.shutdown()

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fabric.errors import ClusterError, UsageError
-from fabric.serve.spec import DEPLOYMENT, IMPORT_PATH, app_config, fast_path_env, model_name, serving_versions, traffic
+from fabric.serve.spec import (
+    DEPLOYMENT,
+    IMPORT_PATH,
+    app_config,
+    fast_path_env,
+    haproxy_ports_env,
+    model_name,
+    serving_versions,
+    traffic,
+)
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
@@ -91,6 +100,8 @@ def connect(cfg: PipelineConfig) -> bool:
     if not address:
         # A Ray started here inherits this process's environment, controller and proxies included.
         os.environ.update(env)
+        if env:
+            os.environ.update(haproxy_ports_env())
     runtime.connect(cfg.cluster)
     return bool(env) and not address
 

@@ -5,13 +5,16 @@ input) and the predictions; ``GET /monitor/drift`` and ``GET /monitor/report`` c
 :meth:`report`. :func:`monitor_hook` returns a no-op hook when ``cfg.monitor.enabled`` is false or
 ``fabric.monitor`` is not installed, so serving never depends on the monitor being there.
 
-``observe`` must never block or raise: the monitor client samples and sends fire-and-forget, dropping
-(and counting) samples when the monitor actor is slow or gone.
+``observe`` must never block or raise: it gathers rows for up to ``monitor.batch_interval_s`` (one actor
+call per request would cost a cheap model most of its throughput), and the monitor client samples and sends
+them fire-and-forget, dropping (and counting) samples when the monitor actor is slow or gone.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -53,16 +56,66 @@ class NoMonitor:
 
 
 class ClientMonitor:
-    """The hook over :class:`fabric.monitor.MonitorClient` (the monitor actor, found by name)."""
+    """The hook over :class:`fabric.monitor.MonitorClient` (the monitor actor, found by name).
 
-    def __init__(self, client: Any) -> None:
+    Args:
+        client: the monitor client (``submit(rows, predictions)``).
+        batch_interval_s: longest a served row waits before it is sent; 0 sends every request's rows at once.
+        batch_rows: rows gathered at most before they are sent.
+    """
+
+    def __init__(self, client: Any, batch_interval_s: float = 0.0, batch_rows: int = 512) -> None:
         self.client = client
+        self.batch_interval_s = batch_interval_s
+        self.batch_rows = batch_rows
         self._warned = False
+        self._lock = threading.Lock()
+        self._rows: list[Mapping[str, Any]] = []
+        self._preds: list[Any] = []
+        self._since = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if batch_interval_s > 0:
+            # sends what a quiet spell leaves gathered
+            self._thread = threading.Thread(target=self._loop, name="fabric-monitor-hook", daemon=True)
+            self._thread.start()
 
     def observe(self, version: str, rows: Sequence[Mapping[str, Any]] | None, predictions: Sequence[Any]) -> None:
         # Tensor input carries encoded features only; the monitor compares raw columns with its reference.
         if not rows:
             return
+        if self.batch_interval_s <= 0:
+            self._submit(rows, predictions)
+            return
+        with self._lock:
+            if not self._rows:
+                self._since = time.monotonic()
+            self._rows.extend(rows)
+            self._preds.extend(predictions)
+            due = len(self._rows) >= self.batch_rows or time.monotonic() - self._since >= self.batch_interval_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the gathered rows now."""
+        with self._lock:
+            rows, preds = self._rows, self._preds
+            self._rows, self._preds = [], []
+        if rows:
+            self._submit(rows, preds)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.batch_interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Send what is gathered and stop the background sender."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()
+
+    def _submit(self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any]) -> None:
         try:
             self.client.submit(rows, predictions)
         except Exception as e:  # the monitor must never fail a request
@@ -95,4 +148,5 @@ def monitor_hook(cfg: PipelineConfig) -> MonitorHook:
         from fabric.monitor import MonitorClient
     except ImportError as e:
         return NoMonitor(f"the drift monitor is not available here ({e})")
-    return ClientMonitor(MonitorClient(cfg.monitor))
+    m = cfg.monitor
+    return ClientMonitor(MonitorClient(m), m.batch_interval_s, m.batch_rows)

@@ -224,7 +224,9 @@ class TabularService:
             cols = schema.input_columns
             for i, rec in enumerate(req.instances):
                 _check_present(cols, rec, f"instances[{i}]")
-            return self._from_frame(schema, pd.DataFrame.from_records(req.instances), "instances")
+            x, _ = self._from_frame(schema, pd.DataFrame.from_records(req.instances), "instances", keep_rows=False)
+            # the records are the raw rows already: cheaper than a DataFrame's to_dict
+            return x, [{c: rec[c] for c in cols} for rec in req.instances] if self._observe else None
 
         inputs = req.inputs
         known = set(schema.input_columns)
@@ -264,7 +266,9 @@ class TabularService:
             columns[inp.name] = values
         return self._from_frame(schema, pd.DataFrame(columns), "inputs")
 
-    def _from_frame(self, schema: ModelSchema, df: Any, root: str) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
+    def _from_frame(
+        self, schema: ModelSchema, df: Any, root: str, keep_rows: bool = True
+    ) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
         if len(df) == 0:
             raise invalid(f"{root} has no rows", "invalid_shape", root)
         _check_present(schema.input_columns, df.columns, root)
@@ -287,7 +291,7 @@ class TabularService:
                 raise invalid(first, kind, f"{root}.{e.column}" if e.column else root) from None
         else:
             x = _encoded_from_frame(schema, df, root)
-        rows = df[schema.input_columns].to_dict("records") if self._observe else None
+        rows = df[schema.input_columns].to_dict("records") if self._observe and keep_rows else None
         return np.ascontiguousarray(x, dtype=np.float32), rows
 
     @staticmethod

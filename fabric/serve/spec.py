@@ -27,6 +27,9 @@ FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
+# Ports HAProxy binds on every address besides Serve's own (Ray's defaults 9101 and 8404): a second Serve on
+# the same machine (another user's, a test's) would make HAProxy fail to start.
+HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)")
 
 
@@ -131,6 +134,22 @@ def fast_path_env(cfg: PipelineConfig) -> dict[str, str]:
         if not (os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or which("haproxy")):
             return {}
     return dict(FAST_PATH_ENV)
+
+
+def haproxy_ports_env() -> dict[str, str]:
+    """Free ports for HAProxy's metrics and stats listeners, for those variables not set already.
+
+    For a Ray started on this machine with the fast path, so that it never collides with another one's HAProxy.
+    """
+    import socket
+
+    out = {}
+    for var in HAPROXY_PORT_VARS:
+        if not os.environ.get(var):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                out[var] = str(sock.getsockname()[1])
+    return out
 
 
 def app_config(cfg: PipelineConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from fabric.config import load_config
-from fabric.serve.spec import FAST_PATH_ENV
+from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, haproxy_ports_env
 from tests.unit.serve.models import FEATURES, encode, make_model, reference, softmax, tensor_request
 
 pytestmark = pytest.mark.integration
@@ -45,8 +45,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
     root = tmp_path_factory.mktemp("serve")
     folders = {"a": make_model(root / "a", seed=0), "b": make_model(root / "b", seed=1)}
-    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, "FABRIC_HOME")}
+    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, *HAPROXY_PORT_VARS, "FABRIC_HOME")}
     os.environ.update(FAST_PATH_ENV)
+    os.environ.update(haproxy_ports_env())  # other Serves may be running on this machine
     os.environ["FABRIC_HOME"] = str(root / "home")
     if ray.is_initialized():
         ray.shutdown()

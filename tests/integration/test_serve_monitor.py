@@ -15,6 +15,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ import pandas as pd
 import pytest
 
 from fabric.config import load_config
-from fabric.serve.spec import FAST_PATH_ENV
+from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, haproxy_ports_env
 from tests.unit.serve.models import RAW_COLUMNS, encode, make_model, reference
 
 pytestmark = pytest.mark.integration
@@ -78,8 +79,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     ref = pd.DataFrame(ref_rows)
     ref["prediction"] = reference(folder, encode(ref_rows)).argmax(axis=1)  # what the model says on it
 
-    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, "FABRIC_HOME")}
+    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, *HAPROXY_PORT_VARS, "FABRIC_HOME")}
     os.environ.update(FAST_PATH_ENV)
+    os.environ.update(haproxy_ports_env())  # other Serves may be running on this machine
     os.environ["FABRIC_HOME"] = str(root / "home")
     if ray.is_initialized():
         ray.shutdown()
@@ -102,6 +104,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             "monitor.min_samples=50",
             "monitor.interval_s=3600",  # computed on demand only (GET /monitor/drift?refresh=true)
             "monitor.queue_size=2",  # small, so a burst makes the replica drop (and count) samples
+            "monitor.batch_rows=4",  # each 20-row request is sent at once; 1-row requests in fours
         ],
     )
     try:
@@ -214,12 +217,18 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
 
             return [s for codes in await asyncio.gather(*(client() for _ in range(32))) for s in codes]
 
-    # Concurrent requests make batches, and outrun the monitor's queue of 2 so samples are dropped; the
-    # replica reports its drops to the actor with its next submission that goes through.
-    for _ in range(5):
+    def batched() -> bool:
+        stats = httpx.get(f"{url}/v2/models/{MODEL}/stats", timeout=30).json()["model_stats"][0]
+        return max(b["batch_size"] for b in stats["batch_stats"]) > 1
+
+    # Concurrent requests make batches (when they arrive together: a few bursts make sure some do), and
+    # outrun the monitor's queue of 2 so samples are dropped; the replica reports its drops to the actor
+    # with its next submission that goes through.
+    for _ in range(8):
         assert set(asyncio.run(burst())) == {200}
-        assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json=one, timeout=30).status_code == 200
-        if ray.get(handle.stats.remote(), timeout=30)["dropped"] > 0:
+        for _ in range(4):  # one more submission (1-row requests are sent in fours)
+            assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json=one, timeout=30).status_code == 200
+        if ray.get(handle.stats.remote(), timeout=30)["dropped"] > 0 and batched():
             break
     assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"instances": [{"age": 1}]}).status_code == 422
     last = _drift(url, refresh=False)
@@ -248,7 +257,7 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
 
     text = _wait_for(complete, timeout_s=90, what=f"{sorted(wanted)} in Ray's Prometheus export")
     ok = _value(text, "ray_fabric_serve_responses_total", model=MODEL, version="v1", code="200")
-    assert ok is not None and ok >= 2 * WINDOW // CHUNK + 5 * 32
+    assert ok is not None and ok >= 2 * WINDOW // CHUNK + 5 * 32 + 4
     assert _value(text, "ray_fabric_serve_rows_total", version="v1") >= 2 * WINDOW + 5 * 32
     calls = _value(text, "ray_fabric_serve_batch_size_count", version="v1")
     singles = _value(text, "ray_fabric_serve_batch_size_bucket", version="v1", le="1.0")
@@ -261,3 +270,51 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
         assert score == pytest.approx(last["columns"][feature]["score"], rel=1e-6)
     assert _value(text, "ray_fabric_monitor_window_size", monitor=MONITOR) == WINDOW
     assert _value(text, "ray_serve_deployment_processing_latency_ms_count") > 0
+
+
+def test_the_pipelines_serve_stages_start_the_monitor_and_serve_correct_predictions(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    """fabric.pipeline's tail on an already-running Ray, over what ingestion and training leave in a run_dir."""
+    import json
+
+    import ray
+
+    from fabric.monitor import get_actor
+    from fabric.pipeline import serve_stages
+
+    folder = make_model(tmp_path / "model", seed=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame(_rows(500, seed=4)).to_parquet(data / "reference.parquet")
+    meta = {"task": "classification", "input_columns": RAW_COLUMNS, "categorical": ["city"]}
+    (data / "meta.json").write_text(json.dumps(meta))
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path}",
+            "serve.enabled=true",
+            f"serve.model_uri={folder}",
+            "serve.app_name=pipeline",
+            "serve.route_prefix=/pipeline",
+            "serve.replica_cpus=0",
+            "monitor.actor_name=test-pipeline-monitor",
+            "monitor.detached=false",
+            "monitor.resources=false",
+        ],
+    )
+    result = serve_stages(cfg)
+    assert list(result.stages) == ["monitor", "serve"]
+    url = result.stages["serve"].url
+    assert url.endswith("/pipeline")
+    rows = _rows(8, seed=5)
+    model = result.stages["serve"].model_name
+    r = httpx.post(f"{url}/v2/models/{model}/infer", json={"instances": rows}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    expected = reference(folder, encode(rows))
+    np.testing.assert_array_equal(out["label"]["data"], expected.argmax(axis=1))
+    # the replica found the pipeline's monitor and handed it the served rows
+    handle = get_actor("test-pipeline-monitor")
+    assert handle is not None
+    _wait_for(lambda: ray.get(handle.stats.remote(), timeout=30)["received"] == len(rows), what="rows at the monitor")
