@@ -1,0 +1,64 @@
+"""The FastAPI layer in-process (httpx's ASGI transport): auth, error shapes, routes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from fabric.serve.llm.api import make_asgi
+from fabric.serve.llm.serving import OpenAIServing
+from fabric.serve.llm.transformers_engine import TransformersEngine
+
+KEY = "sk-unit"
+
+
+def _call(app: Any, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.request(method, path, timeout=30, **kw)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def app(engine: TransformersEngine) -> Any:
+    return make_asgi(OpenAIServing(engine, engine.cfg), api_key=KEY)
+
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def test_v1_routes_need_the_key_and_health_does_not(app: Any) -> None:
+    for headers, code in (({}, "missing_api_key"), ({"authorization": "Bearer nope"}, "invalid_api_key"),
+                          ({"authorization": f"Basic {KEY}"}, "invalid_api_key")):
+        r = _call(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == code
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert _call(app, "GET", "/stats").status_code == 401
+    assert _call(app, "GET", "/health").json() == {"status": "ok", "model": "tiny", "engine": "transformers"}
+    assert _call(app, "GET", "/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
+
+
+def test_errors_are_openai_shaped(app: Any) -> None:
+    r = _call(app, "POST", "/v1/chat/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = _call(app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user"}]}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+    r = _call(app, "GET", "/v1/models/nope", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = _call(app, "GET", "/v1/nothing-here", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # the monitor routes answer in the same shape when there is no monitor
+    r = _call(app, "GET", "/monitor/drift")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_completion_through_the_router(app: Any) -> None:
+    r = _call(app, "POST", "/v1/completions", json={"model": "tiny:a", "prompt": "seven", "max_tokens": 3}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny:a" and body["usage"]["completion_tokens"] == 3
+    assert "/v1/chat/completions" in _call(app, "GET", "/openapi.json").json()["paths"]
