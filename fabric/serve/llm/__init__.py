@@ -63,10 +63,13 @@ def serve_config(cfg: PipelineConfig, args: dict[str, Any] | None = None) -> dic
     """
     from fabric.serve.spec import FAST_PATH_ENV
 
+    from fabric.serve.llm.app import IMPORT_PATH
+
     s = cfg.llm.serve
-    app = app_config(cfg)
-    if args is not None:
-        app["args"] = args
+    if args is None:
+        app = app_config(cfg)
+    else:  # portable: resolved where the app is built, so the model need not exist here
+        app = {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH, "args": args}
     out: dict[str, Any] = {"proxy_location": "EveryNode", "http_options": {"host": s.host, "port": s.port}}
     if s.fast_path:
         out["controller_options"] = {"runtime_env": {"env_vars": dict(FAST_PATH_ENV)}}
