@@ -223,7 +223,7 @@ def column_drift(
 
 
 def empty_result(status: str, window_size: int, reference_size: int, **extra: Any) -> dict[str, Any]:
-    """A result with no comparison (``status`` says why)."""
+    """A drift result: with no comparison (``status`` says why), or ``extra`` filling in the comparison."""
     return {
         "status": status,
         "drift_detected": False,
@@ -304,22 +304,22 @@ def compute_drift(
     drifted = [c for c, r in columns.items() if r["drifted"]]
     share = len(drifted) / len(columns) if columns else 0.0
     dataset_drift = bool(columns) and share >= options.drift_share
-    return {
-        "status": "ok",
-        "drift_detected": dataset_drift or bool(pred and pred["drifted"]),
-        "dataset_drift": dataset_drift,
-        "drift_share": share,
-        "drift_share_threshold": options.drift_share,
-        "drifted_columns": drifted,
-        "number_of_columns": len(columns),
-        "columns": columns,
-        "prediction": pred,
-        "skipped_columns": skipped_out,
-        "window_size": len(current),
-        "reference_size": len(reference),
-        "computed_at": time.time() if now is None else now,
-        "duration_s": time.perf_counter() - start,
-    }
+    return empty_result(
+        "ok",
+        len(current),
+        len(reference),
+        drift_detected=dataset_drift or bool(pred and pred["drifted"]),
+        dataset_drift=dataset_drift,
+        drift_share=share,
+        drift_share_threshold=options.drift_share,
+        drifted_columns=drifted,
+        number_of_columns=len(columns),
+        columns=columns,
+        prediction=pred,
+        skipped_columns=skipped_out,
+        computed_at=time.time() if now is None else now,
+        duration_s=time.perf_counter() - start,
+    )
 
 
 def report_html(
