@@ -1,0 +1,105 @@
+"""The notebooks run top to bottom in a kernel of this environment, and are committed without outputs.
+
+Each notebook runs as a user runs it (from notebooks/, its own local Ray, its own temporary run_dir); a
+cell appended in memory then reads what the user would look at and prints it as JSON for the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 600
+
+# What each notebook must have shown, read from its kernel after the last cell.
+PROBES = {
+    "quickstart.ipynb": """
+import json
+print("PROBE " + json.dumps({
+    "ray_running": ray.is_initialized(),
+    "run_dir_left": RUN_DIR.exists(),
+    "accuracy": accuracy,
+    "baseline": float(1 - ordinary["target"].mean()),
+    "bad_status": bad.status_code,
+    "bad_body": bad.json(),
+    "before": {k: before[k] for k in ("status", "dataset_drift", "drifted_columns", "window_size")},
+    "after": {k: after[k] for k in ("status", "dataset_drift", "drifted_columns", "window_size")},
+    "report_bytes": len(report.text),
+}))
+""",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _text(cell: Any) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear the outputs"
+
+
+def test_every_notebook_is_checked() -> None:
+    assert {p.name for p in NOTEBOOKS} == set(PROBES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbclient import NotebookClient
+
+    # The kernel inherits this environment: fabric's state away from the user's, no windows for plots,
+    # and HAProxy's stats/metrics listeners (fixed ports by default) on free ones.
+    monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBES[path.name]))
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",  # ipykernel's own kernelspec: this interpreter, so this environment's fabric
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()  # raises CellExecutionError with the cell and its traceback on the first failure
+
+    figures = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    probe = next(line for line in _text(nb.cells[-1]).splitlines() if line.startswith("PROBE "))
+    result = json.loads(probe.removeprefix("PROBE "))
+    CHECKS[path.name](result, figures)
+
+
+def _check_quickstart(r: dict[str, Any], figures: int) -> None:
+    assert figures >= 2, "the training curves and the drift plots"
+    assert r["ray_running"] is False and r["run_dir_left"] is False, "a clean shutdown"
+    assert r["accuracy"] >= r["baseline"] - 0.02, r
+    assert 400 <= r["bad_status"] < 500 and r["bad_body"]["error"], r["bad_body"]
+    assert r["before"]["status"] == "ok" and r["before"]["window_size"] == 400
+    assert r["before"]["dataset_drift"] is False, r["before"]
+    assert r["after"]["status"] == "ok" and r["after"]["dataset_drift"] is True, r["after"]
+    assert {"age", "yrs_married", "children"} <= set(r["after"]["drifted_columns"]), r["after"]
+    assert r["report_bytes"] > 10_000
+
+
+CHECKS = {"quickstart.ipynb": _check_quickstart}
