@@ -384,7 +384,11 @@ def test_metric_definitions_are_found() -> None:
     fabric, serve = _known_metrics()
     # The scan must see fabric's monitor and sampler metrics and Serve's ingress histogram, or it proves nothing.
     assert {"ray_fabric_monitor_drift_share", "ray_fabric_monitor_dropped_samples_total"} <= fabric
-    assert {"ray_fabric_node_cpu_percent", "ray_fabric_serve_batch_size_bucket", "ray_fabric_serve_responses_total"} <= fabric
+    assert {
+        "ray_fabric_node_cpu_percent",
+        "ray_fabric_serve_batch_size_bucket",
+        "ray_fabric_serve_responses_total",
+    } <= fabric
     assert {"ray_serve_http_request_latency_ms_bucket", "ray_serve_actual_batch_size_bucket"} <= serve
 
 
