@@ -21,10 +21,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 EOS = "<|endoftext|>"
-_WORDS = (
-    "the cat sat on a mat while ray serve batches many tokens for each model request and the dog ran "
-    "over green hills to find seven red apples under an old tree near the quiet river bank today"
-).split()
+_WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "ray", "serve", "batches", "many", "tokens", "for", "each", "model", "request", "and", "the", "dog", "ran", "over", "green", "hills", "to", "find", "seven", "red", "apples", "under", "an", "old", "tree", "near", "the", "quiet", "river", "bank", "today"]
 
 
 def corpus(lines: int = 400, seed: int = 0) -> list[str]:

@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="pipeline YAML with an llm.serve section (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. llm.serve.port=8001")
     p.add_argument(
-        "--detach", action="store_true", help="deploy on the running cluster and return (needs `fabric up` or an address)"
+        "--detach",
+        action="store_true",
+        help="deploy on the running cluster and return (needs `fabric up` or an address)",
     )
     p.add_argument(
         "--print-config",

@@ -61,9 +61,8 @@ def serve_config(cfg: PipelineConfig, args: dict[str, Any] | None = None) -> dic
         cfg: the pipeline config.
         args: the app's args instead of this machine's resolved config, e.g. ``{"config": "jobs/configs/x.yaml"}``.
     """
-    from fabric.serve.spec import FAST_PATH_ENV
-
     from fabric.serve.llm.app import IMPORT_PATH
+    from fabric.serve.spec import FAST_PATH_ENV
 
     s = cfg.llm.serve
     if args is None:

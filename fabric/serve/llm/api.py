@@ -105,7 +105,7 @@ def make_api(serving: OpenAIServing) -> FastAPI:
         title="fabric language-model server",
         version=__version__,
         description="OpenAI-compatible completions and chat completions (streaming as server-sent events), "
-        f"served by fabric's {serving.engine.kind} engine. Pick a LoRA adapter with `model=\"<model>:<adapter>\"`.",
+        f'served by fabric\'s {serving.engine.kind} engine. Pick a LoRA adapter with `model="<model>:<adapter>"`.',
     )
 
     @app.exception_handler(StarletteHTTPException)
@@ -124,7 +124,9 @@ def make_api(serving: OpenAIServing) -> FastAPI:
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, exc: ProtocolError) -> Response:  # from the monitor hook
-        return error_response(OpenAIError(exc.status, exc.message, _KIND.get(exc.status, "invalid_request_error"), None, exc.type))
+        return error_response(
+            OpenAIError(exc.status, exc.message, _KIND.get(exc.status, "invalid_request_error"), None, exc.type)
+        )
 
     def answer(result: Any) -> Response:
         if hasattr(result, "__aiter__"):
@@ -144,7 +146,10 @@ def make_api(serving: OpenAIServing) -> FastAPI:
         return answer(await serving.completions(body))
 
     @app.post(
-        "/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS, summary="Answer a conversation"
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=_ERRORS,
+        summary="Answer a conversation",
     )
     async def chat(body: ChatCompletionRequest) -> Response:
         return answer(await serving.chat(body))

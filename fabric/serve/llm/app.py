@@ -151,7 +151,9 @@ def _monitor(cfg: PipelineConfig) -> Any:
     s = cfg.llm.serve
     if not s.monitor:
         return NoMonitor("the language-model drift monitor is disabled (llm.serve.monitor=false)")
-    return monitor_hook(cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"actor_name": s.monitor_actor})}))
+    return monitor_hook(
+        cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"actor_name": s.monitor_actor})})
+    )
 
 
 def build_openai_app(args: Any = None) -> Application:

@@ -139,7 +139,9 @@ class _Sampling(BaseModel):
                 raise bad_request(f"{name} is not supported by this server", name, "unsupported_parameter")
         for name, neutral in NEUTRAL.items():
             if extra.get(name) not in (None, neutral):
-                raise bad_request(f"{name} is not supported by this server (only {neutral})", name, "unsupported_parameter")
+                raise bad_request(
+                    f"{name} is not supported by this server (only {neutral})", name, "unsupported_parameter"
+                )
         stops = self.stop_list()
         if len(stops) > 4:
             raise bad_request(f"stop takes at most 4 sequences, got {len(stops)}", "stop")

@@ -68,10 +68,14 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {body}\n\n"
 
 
-async def merge(streams: Sequence[AsyncIterator[GenerationOutput]]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+async def merge(
+    streams: Sequence[AsyncIterator[GenerationOutput]],
+) -> AsyncIterator[list[tuple[int, GenerationOutput]]]:
     """Interleave several sequences' outputs as they come, tagged with the sequence's index.
 
-    Leaving early (or one sequence failing) cancels the others, which frees their rows in the engine.
+    Yields every output that is ready at once as one list, so that a busy server sends fewer, larger
+    stream messages. Leaving early (or one sequence failing) cancels the others, which frees their rows in
+    the engine.
     """
     queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]] = asyncio.Queue()
 
@@ -88,13 +92,19 @@ async def merge(streams: Sequence[AsyncIterator[GenerationOutput]]) -> AsyncIter
     try:
         running = len(tasks)
         while running:
-            i, item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            outputs: list[tuple[int, GenerationOutput]] = []
+            for i, item in ready:
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    outputs.append((i, item))
+            if outputs:
+                yield outputs
     finally:
         for t in tasks:
             t.cancel()
@@ -159,7 +169,8 @@ class OpenAIServing:
         """The base model and one entry per adapter (``<base>:<adapter>``)."""
         cards = [ModelCard(id=self.name, root=self.info.path)]
         cards += [
-            ModelCard(id=f"{self.name}:{a}", root=path, parent=self.name) for a, path in sorted(self.info.adapters.items())
+            ModelCard(id=f"{self.name}:{a}", root=path, parent=self.name)
+            for a, path in sorted(self.info.adapters.items())
         ]
         return ModelList(data=cards)
 
@@ -232,12 +243,13 @@ class OpenAIServing:
                 sequences.append(GenerationRequest(rid, prompt, ids, params, adapter))
         return _Plan(request_id, lengths, sequences, request.n, self.clock())
 
-    def _streams(self, plan: _Plan) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    def _streams(self, plan: _Plan) -> AsyncIterator[list[tuple[int, GenerationOutput]]]:
         return merge([self.engine.generate(s) for s in plan.sequences])
 
     async def _collect(self, plan: _Plan) -> None:
-        async for i, out in self._streams(plan):
-            plan.add(i, out)
+        async for ready in self._streams(plan):
+            for i, out in ready:
+                plan.add(i, out)
 
     def _done(self, plan: _Plan, streamed: bool) -> None:
         c = self.counters
@@ -284,18 +296,26 @@ class OpenAIServing:
     async def _stream_completions(self, plan: _Plan, request: CompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
         try:
-            async for i, out in self._streams(plan):
-                plan.add(i, out)
-                if out.text or out.finish_reason:
-                    choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
-                    yield sse(CompletionResponse(id=plan.id, created=created, model=request.model, choices=[choice]))
+            async for ready in self._streams(plan):
+                events = []
+                for i, out in ready:
+                    plan.add(i, out)
+                    if out.text or out.finish_reason:
+                        choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
+                        events.append(
+                            sse(CompletionResponse(id=plan.id, created=created, model=request.model, choices=[choice]))
+                        )
+                if events:
+                    yield "".join(events)
         except Exception as e:  # the status line is sent: report in-band, as OpenAI does
             yield sse(_stream_error(e))
             yield DONE
             return
         self._done(plan, streamed=True)
         if request.include_usage():
-            yield sse(CompletionResponse(id=plan.id, created=created, model=request.model, choices=[], usage=plan.usage()))
+            yield sse(
+                CompletionResponse(id=plan.id, created=created, model=request.model, choices=[], usage=plan.usage())
+            )
         yield DONE
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
@@ -324,17 +344,25 @@ class OpenAIServing:
         created = int(time.time())
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse(ChatCompletionChunk(id=plan.id, created=created, model=request.model, choices=choices, usage=usage))
+            return sse(
+                ChatCompletionChunk(id=plan.id, created=created, model=request.model, choices=choices, usage=usage)
+            )
 
         for i in range(len(plan.sequences)):  # OpenAI opens each choice with the role
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         try:
-            async for i, out in self._streams(plan):
-                plan.add(i, out)
-                if out.text:
-                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=out.text))])
-                if out.finish_reason:
-                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=out.finish_reason)])
+            async for ready in self._streams(plan):
+                events = []
+                for i, out in ready:
+                    plan.add(i, out)
+                    if out.text:
+                        events.append(chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=out.text))]))
+                    if out.finish_reason:
+                        events.append(
+                            chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=out.finish_reason)])
+                        )
+                if events:
+                    yield "".join(events)
         except Exception as e:
             yield sse(_stream_error(e))
             yield DONE

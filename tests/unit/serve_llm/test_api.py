@@ -32,8 +32,11 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def test_v1_routes_need_the_key_and_health_does_not(app: Any) -> None:
-    for headers, code in (({}, "missing_api_key"), ({"authorization": "Bearer nope"}, "invalid_api_key"),
-                          ({"authorization": f"Basic {KEY}"}, "invalid_api_key")):
+    for headers, code in (
+        ({}, "missing_api_key"),
+        ({"authorization": "Bearer nope"}, "invalid_api_key"),
+        ({"authorization": f"Basic {KEY}"}, "invalid_api_key"),
+    ):
         r = _call(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == code
         assert r.headers["www-authenticate"] == "Bearer"
@@ -43,7 +46,9 @@ def test_v1_routes_need_the_key_and_health_does_not(app: Any) -> None:
 
 
 def test_errors_are_openai_shaped(app: Any) -> None:
-    r = _call(app, "POST", "/v1/chat/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    r = _call(
+        app, "POST", "/v1/chat/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = _call(app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user"}]}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
@@ -57,7 +62,9 @@ def test_errors_are_openai_shaped(app: Any) -> None:
 
 
 def test_a_completion_through_the_router(app: Any) -> None:
-    r = _call(app, "POST", "/v1/completions", json={"model": "tiny:a", "prompt": "seven", "max_tokens": 3}, headers=AUTH)
+    r = _call(
+        app, "POST", "/v1/completions", json={"model": "tiny:a", "prompt": "seven", "max_tokens": 3}, headers=AUTH
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "tiny:a" and body["usage"]["completion_tokens"] == 3

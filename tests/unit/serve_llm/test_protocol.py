@@ -25,7 +25,11 @@ def _error(model: type, body: dict) -> OpenAIError:
     ("model", "body", "param"),
     [
         (ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-        (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+        (
+            ChatCompletionRequest,
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            "temperature",
+        ),
         (ChatCompletionRequest, {"model": "m", "messages": []}, "messages"),
         (ChatCompletionRequest, {"model": "m"}, "messages"),
         (CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
@@ -67,11 +71,15 @@ def test_fields_this_server_does_not_implement_are_refused_not_ignored() -> None
 
 def test_chat_token_limit_prefers_max_completion_tokens() -> None:
     msgs = [{"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]}]
-    r = ChatCompletionRequest.model_validate({"model": "m", "messages": msgs, "max_tokens": 5, "max_completion_tokens": 9})
+    r = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": msgs, "max_tokens": 5, "max_completion_tokens": 9}
+    )
     assert r.token_limit() == 9
     assert r.messages[0].text() == "hello"
 
 
 def test_invalid_json_is_a_400_saying_so() -> None:
-    err = from_validation_errors([{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}])
+    err = from_validation_errors(
+        [{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+    )
     assert err.status == 400 and "not valid JSON" in err.message and err.param is None
