@@ -1,8 +1,9 @@
 """`serve run cluster/serve.yaml` works: Ray's own CLI deploys the committed Serve config on a local Ray.
 
-The file is used as committed (import path, the pipeline config it names by a relative path, the fast-path
-controller environment) with two changes a test needs: a free port, and app overrides that point the
-model at a tiny fixture model instead of the registry champion a full pipeline run would have made.
+The file is used as committed (both applications, their import paths, the configs they name by relative
+paths, the fast-path controller environment) with two changes a test needs: a free port, and overrides
+that point the apps at tiny fixture models instead of what a pipeline run and a fine-tuning run would
+have written.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.llm_fixtures import tiny_llm
 from tests.unit.serve.models import encode, make_model, reference, softmax
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
+LLM = "tiny-llm"
 START_TIMEOUT_S = 240
 
 
@@ -53,17 +56,31 @@ def _stop(proc: subprocess.Popen) -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("cluster-serve")
     model = make_model(root / "model", seed=3)
+    llm_run = tiny_llm(root / "llm-run")
     config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
     port = _free_port()
     config["http_options"]["port"] = port
-    (app,) = config["applications"]
-    app["args"]["overrides"] = [
-        f"serve.model_uri={model}",
-        f"serve.model_name={MODEL}",
-        f"run_dir={root / 'runs'}",
-        "monitor.enabled=false",
-        "serve.replica_cpus=0",  # the 2-core machine is shared
-    ]
+    apps = {app["import_path"].rsplit(":", 1)[1]: app for app in config["applications"]}
+    ours = {
+        "build_app": [
+            f"serve.model_uri={model}",
+            f"serve.model_name={MODEL}",
+            f"run_dir={root / 'runs'}",
+            "monitor.enabled=false",
+            "serve.replica_cpus=0",  # the 2-core machine is shared
+        ],
+        "build_openai_app": [
+            f"run_dir={llm_run}",
+            f"llm.serve.model_path={llm_run / 'llm' / 'base'}",
+            f"llm.serve.adapters={{finetuned: {llm_run / 'llm' / 'adapter'}}}",
+            f"llm.serve.served_name={LLM}",
+            "llm.serve.monitor=false",
+            "llm.serve.replica_cpus=0",
+        ],
+    }
+    assert set(apps) == set(ours)
+    for builder, overrides in ours.items():
+        apps[builder]["args"]["overrides"] = [*apps[builder]["args"].get("overrides", []), *overrides]
     path = root / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = (root / "serve-run.log").open("w")
@@ -87,11 +104,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             if proc.poll() is not None:
                 pytest.fail(f"serve run exited with {proc.returncode}:\n{(root / 'serve-run.log').read_text()[-3000:]}")
             try:
-                r = httpx.get(f"{url}/v2/health/ready", timeout=2)
-                if r.status_code == 200 and r.json() == {"ready": True}:
+                tabular = httpx.get(f"{url}/v2/health/ready", timeout=2)
+                llm = httpx.get(f"{url}/llm/v1/models", timeout=2)
+                if tabular.status_code == 200 and tabular.json() == {"ready": True} and llm.status_code == 200:
                     break
             except (httpx.HTTPError, ValueError):
-                pass  # Serve's proxy is not up yet, or answers 404 until the app is deployed
+                pass  # Serve's proxy is not up yet, or answers 404 until the apps are deployed
             if time.monotonic() > deadline:
                 pytest.fail(f"not ready in {START_TIMEOUT_S}s:\n{(root / 'serve-run.log').read_text()[-3000:]}")
             time.sleep(1)
@@ -119,3 +137,15 @@ def test_bad_input_is_a_4xx_naming_the_field(served: dict[str, Any]) -> None:
     r = httpx.post(f"{served['url']}/v2/models/{MODEL}/infer", json={"instances": [{"age": 30}]}, timeout=30)
     assert 400 <= r.status_code < 500, r.text
     assert "income" in r.text or "city" in r.text, r.text
+
+
+def test_the_language_model_app_answers_the_openai_client_under_its_prefix(served: dict[str, Any]) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/llm/v1", api_key="unused", timeout=60, max_retries=0)
+    assert {m.id for m in client.models.list()} >= {LLM, f"{LLM}:finetuned"}
+    chat = client.chat.completions.create(
+        model=f"{LLM}:finetuned", messages=[{"role": "user", "content": "the cat"}], max_tokens=8, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert 0 < chat.usage.completion_tokens <= 8

@@ -66,10 +66,9 @@ def test_every_notebook_is_checked() -> None:
 def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nbclient import NotebookClient
 
-    # The kernel inherits this environment: fabric's state away from the user's, no windows for plots,
+    # The kernel inherits this environment: fabric's state away from the user's,
     # and HAProxy's stats/metrics listeners (fixed ports by default) on free ones.
     monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
     monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))

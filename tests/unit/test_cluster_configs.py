@@ -203,12 +203,24 @@ def test_launcher_starts_ray_with_token_auth_and_the_serve_fast_path(launcher: d
 def test_serve_yaml_is_a_valid_serve_config_that_the_cli_still_generates() -> None:
     from ray.serve.schema import ServeDeploySchema
 
+    from fabric.serve.llm import serve_config as llm_serve_config
+
     raw = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
     ServeDeploySchema.model_validate(raw)
-    # The committed file is what `fabric serve jobs/configs/pipeline.yaml --print-config` prints.
-    (app,) = raw["applications"]
-    regenerated = serve_config(load_config(app["args"]["config"]), app["args"])
-    assert raw == regenerated
+    apps = {app["import_path"]: app for app in raw["applications"]}
+    assert set(apps) == {"fabric.serve.app:build_app", "fabric.serve.llm.app:build_openai_app"}
+    # Each app is what `fabric serve ... --print-config` / `fabric serve-llm ... --print-config` prints.
+    tabular = apps["fabric.serve.app:build_app"]["args"]
+    expected = serve_config(load_config(tabular["config"]), tabular)
+    llm = apps["fabric.serve.llm.app:build_openai_app"]["args"]
+    llm_expected = llm_serve_config(load_config(llm["config"], llm["overrides"]), llm)
+    for generated in (expected, llm_expected):
+        assert {k: v for k, v in raw.items() if k != "applications"} == {
+            k: v for k, v in generated.items() if k != "applications"
+        }
+    assert raw["applications"] == expected["applications"] + llm_expected["applications"]
+    prefixes = [app["route_prefix"] for app in raw["applications"]]
+    assert len(set(prefixes)) == len(prefixes), "two apps on one route"
     assert raw["http_options"]["host"] == "127.0.0.1"
     assert raw["controller_options"]["runtime_env"]["env_vars"] == FAST_PATH_ENV
     for app in raw["applications"]:
@@ -304,19 +316,28 @@ def test_kuberay_rayservice_serves_cluster_serve_yaml_on_the_pod_network() -> No
     for app in config["applications"]:
         _check_serve_app(app)
         assert app["args"]["config"].startswith(IMAGE_ROOT + "/"), "a path inside the image, whatever the cwd"
-    # Same as cluster/serve.yaml but for the bind address, the config's path and the shared run_dir.
+    # Same as cluster/serve.yaml but for the bind address, the configs' paths and outputs on the shared volume.
     local = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
     assert config["http_options"]["host"] == "0.0.0.0"
     assert {**config, "http_options": local["http_options"], "applications": None} == {**local, "applications": None}
-    (app,) = config["applications"]
-    assert "serve.host=0.0.0.0" in app["args"]["overrides"]
-    assert any(o.startswith("run_dir=/mnt/fabric/") for o in app["args"]["overrides"])
-    mounts = {
-        m["mountPath"]
-        for g in [service["rayClusterConfig"]["headGroupSpec"], *service["rayClusterConfig"]["workerGroupSpecs"]]
-        for m in g["template"]["spec"]["containers"][0]["volumeMounts"]
-    }
+    strip = ("name", "route_prefix", "import_path")
+    assert [{k: a[k] for k in strip} for a in config["applications"]] == [
+        {k: a[k] for k in strip} for a in local["applications"]
+    ]
+    for app, mine in zip(config["applications"], local["applications"], strict=True):
+        assert app["args"]["config"] == f"{IMAGE_ROOT}/{mine['args']['config']}"
+        overrides = app["args"]["overrides"]
+        assert set(mine["args"].get("overrides", [])) <= set(overrides)
+        assert any(o.endswith("host=0.0.0.0") for o in overrides), overrides
+        assert any(o.startswith("run_dir=/mnt/fabric/") for o in overrides), overrides
+    groups = [service["rayClusterConfig"]["headGroupSpec"], *service["rayClusterConfig"]["workerGroupSpecs"]]
+    mounts = {m["mountPath"] for g in groups for m in g["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert mounts == {"/mnt/fabric"}
+    # The language model runs on vLLM: a GPU group must exist for its replicas.
+    llm = next(a for a in config["applications"] if a["import_path"].endswith(":build_openai_app"))
+    if "llm.serve.engine=vllm" in llm["args"]["overrides"]:
+        limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups]
+        assert any(int(lim.get("nvidia.com/gpu", 0)) >= 1 for lim in limits)
 
 
 def test_dockerfile_installs_like_the_makefile_and_copies_existing_paths() -> None:
