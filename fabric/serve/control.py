@@ -149,6 +149,26 @@ def _wait_running(app: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def _wait_answering(url: str, timeout_s: float) -> None:
+    """Wait until the app answers its readiness route over HTTP: the ingress (HAProxy) learns a new app's
+    route a moment after Serve reports it running, and meanwhile sends its requests to another app."""
+    import urllib.error
+    import urllib.request
+
+    probe = url.replace("://0.0.0.0:", "://127.0.0.1:") + "/v2/health/ready"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(probe, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not routed here yet (404 from another app, connection refused)
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the Serve app is running but {probe} did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
 def _apply(client: Any, apps: dict[str, dict[str, Any]]) -> None:
     import ray
     from ray.serve.schema import ServeDeploySchema
@@ -194,6 +214,7 @@ def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeRes
     )
     prefix = cfg.serve.route_prefix.rstrip("/")
     url = f"http://{http['host']}:{http['port']}{prefix}"
+    _wait_answering(url, timeout_s)
     name = model_name(cfg)
     return ServeResult(
         app_name=cfg.serve.app_name,

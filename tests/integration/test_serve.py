@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -22,64 +21,40 @@ import numpy as np
 import pytest
 
 from fabric.config import load_config
-from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, haproxy_ports_env
 from tests.unit.serve.models import FEATURES, encode, make_model, reference, softmax, tensor_request
+from tests.unit.serve.serving import fast_path_ray, free_port
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Ray with the fast-path environment (it must be there before Ray starts), and the app deployed."""
-    import ray
-
+    """Ray with the fast-path environment, and the app deployed."""
     from fabric.serve import deploy
 
     root = tmp_path_factory.mktemp("serve")
     folders = {"a": make_model(root / "a", seed=0), "b": make_model(root / "b", seed=1)}
-    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, *HAPROXY_PORT_VARS, "FABRIC_HOME")}
-    os.environ.update(FAST_PATH_ENV)
-    os.environ.update(haproxy_ports_env())  # other Serves may be running on this machine
-    os.environ["FABRIC_HOME"] = str(root / "home")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    cfg = load_config(
-        None,
-        [
-            f"run_dir={root / 'runs'}",
-            f"serve.port={port}",
-            f"serve.model_name={MODEL}",
-            f"serve.versions=[{{name: a, model_uri: {folders['a']}, weight: 80}}, {{name: b, model_uri: {folders['b']}, weight: 20}}]",
-            "serve.sticky_header=x-user",
-            "serve.replica_cpus=0",
-            "serve.max_batch_size=16",
-            "serve.batch_wait_timeout_s=0.02",
-            "serve.max_body_bytes=65536",
-            "monitor.enabled=false",
-        ],
-    )
-    try:
+    versions = f"[{{name: a, model_uri: {folders['a']}, weight: 80}}, {{name: b, model_uri: {folders['b']}, weight: 20}}]"
+    with fast_path_ray(root / "home"):
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={root / 'runs'}",
+                f"serve.port={free_port()}",
+                f"serve.model_name={MODEL}",
+                f"serve.versions={versions}",
+                "serve.sticky_header=x-user",
+                "serve.replica_cpus=0",
+                "serve.max_batch_size=16",
+                "serve.batch_wait_timeout_s=0.02",
+                "serve.max_body_bytes=65536",
+                "monitor.enabled=false",
+            ],
+        )
         result = deploy(cfg, timeout_s=240)
         yield {"url": result.url, "folders": folders, "cfg": cfg, "result": result}
-    finally:
-        # ray.shutdown ends Serve with the local Ray; serve.shutdown would first drain each replica's
-        # direct-ingress port for its graceful period (tens of seconds)
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _post(url: str, body: Any, path: str = f"/v2/models/{MODEL}/infer", **kw: Any) -> httpx.Response:

@@ -1,0 +1,57 @@
+"""Helpers of the real-Serve integration tests: a local Ray on Serve's fast path, free ports, bounded waits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, haproxy_ports_env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy (returned), at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def fast_path_ray(fabric_home: Path) -> Iterator[None]:
+    """A local 2-CPU Ray whose processes have the fast path's environment (it must be there before Ray
+    starts), HAProxy's side ports free (other Serves may run on this machine) and FABRIC_HOME set."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, *HAPROXY_PORT_VARS, "FABRIC_HOME")}
+    os.environ.update(FAST_PATH_ENV)
+    os.environ.update(haproxy_ports_env())
+    os.environ["FABRIC_HOME"] = str(fabric_home)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        # ray.shutdown ends Serve with the local Ray; serve.shutdown would first drain each replica's
+        # direct-ingress port for its graceful period (tens of seconds)
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
