@@ -1,6 +1,6 @@
 """Language-model serving speed: fabric's OpenAI endpoint (batching CPU engine) vs plain ``model.generate``.
 
-    python benchmarks/llm_serve.py [--concurrency 1 4 16] [--max-tokens 64] [--threads 1] [--layers 4] [--width 256]
+    python benchmarks/llm_serve.py [--concurrency 1 4 16] [--max-tokens 64] [--threads 1] [--layers 6] [--width 512]
 
 Both sides run the same freshly initialised GPT-2 (``--layers`` x ``--width``, byte-level BPE tokenizer trained
 here; nothing downloaded) on the same number of torch threads, greedy, every request generating exactly
@@ -31,7 +31,46 @@ from pathlib import Path
 from typing import Any
 
 BURST = 16
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "ray", "serve", "batches", "many", "tokens", "for", "each", "model", "request", "and", "the", "dog", "ran", "over", "green", "hills", "to", "find", "seven", "red", "apples", "under", "an", "old", "tree", "near", "the", "quiet", "river", "bank", "today"]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "ray",
+    "serve",
+    "batches",
+    "many",
+    "tokens",
+    "for",
+    "each",
+    "model",
+    "request",
+    "and",
+    "the",
+    "dog",
+    "ran",
+    "over",
+    "green",
+    "hills",
+    "to",
+    "find",
+    "seven",
+    "red",
+    "apples",
+    "under",
+    "an",
+    "old",
+    "tree",
+    "near",
+    "the",
+    "quiet",
+    "river",
+    "bank",
+    "today",
+]
 
 
 def build_model(out: Path, layers: int, width: int, seed: int = 0) -> Path:
@@ -190,8 +229,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--width", type=int, default=512)
     args = p.parse_args()
 
     import ray

@@ -278,7 +278,9 @@ class TransformersEngine(LLMEngine):
             while True:
                 self._count_step(len(seqs))
                 tokens = self._sample(logits, seqs)
-                keep = [i for i, s in enumerate(seqs) if not self._advance(s, int(tokens[i]))]
+                step = [(s, self._advance(s, int(tokens[i]))) for i, s in enumerate(seqs)]
+                _deliver([(s, out) for s, out in step if out is not None])
+                keep = [i for i, (s, _) in enumerate(step) if not s.done]
                 if not keep or self._stopping.is_set():
                     break
                 if len(keep) < len(seqs):
@@ -326,11 +328,11 @@ class TransformersEngine(LLMEngine):
                 tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
         return tokens
 
-    def _advance(self, seq: _Sequence, token: int) -> bool:
-        """Hand one new token to its sequence; True when the sequence is over (finished or abandoned)."""
+    def _advance(self, seq: _Sequence, token: int) -> GenerationOutput | None:
+        """Hand one new token to its sequence: its output, or None when the consumer left (the row is done)."""
         if seq.cancelled:
             seq.done = True
-            return True
+            return None
         seq.completion += 1
         self.counters["generated_tokens"] += 1
         finish = None
@@ -342,7 +344,24 @@ class TransformersEngine(LLMEngine):
                 finish = "stop"
             elif seq.completion >= seq.request.params.max_tokens:
                 text, finish = text + seq.stream.flush(), "length"
-        seq.post(GenerationOutput(text, [token], seq.completion, finish))
         if finish is not None:
             seq.done = True
-        return finish is not None
+        return GenerationOutput(text, [token], seq.completion, finish)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, GenerationOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
+def _deliver(outputs: list[tuple[_Sequence, GenerationOutput]]) -> None:
+    """Hand a step's outputs to their consumers: one wake-up per event loop, not one per row."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, GenerationOutput]]] = {}
+    for seq, out in outputs:
+        by_loop.setdefault(seq.loop, []).append((seq, out))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, [(seq.queue, out) for seq, out in items])
+        except RuntimeError:  # the consumers' event loop is closed
+            for seq, _ in items:
+                seq.cancelled = True
