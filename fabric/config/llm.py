@@ -79,6 +79,10 @@ class LoRAConfig(Section):
     target_modules: list[str] | None = None
     """Module names to adapt; None: the architecture's attention projections (``c_attn`` for GPT-2,
     ``q_proj``/``v_proj`` for Llama)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter, e.g. ``[wte, lm_head]`` (GPT-2) or
+    ``[embed_tokens, lm_head]`` (Llama) for a base built from a config, whose random embeddings LoRA
+    alone cannot fix. Costs vocabulary x hidden size parameters each; None: only the LoRA matrices train."""
 
 
 class FinetuneConfig(Section):

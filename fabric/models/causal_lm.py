@@ -216,6 +216,7 @@ def lora_wrap(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
         task_type="CAUSAL_LM",
         # GPT-2's projections are Conv1D layers, whose weights are stored transposed.
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "llm.model.n_layer=2", "llm.model.n_embd=64", "llm.model.n_head=2", "llm.model.context_length=64",
     "llm.model.vocab_size=400", "llm.data.seq_len=64", "llm.lora.dropout=0.0", "llm.finetune.batch_size=8",
-    "llm.finetune.lr=0.01", "llm.finetune.num_workers=2",
+    "llm.finetune.lr=0.01", "llm.finetune.num_workers=2", "llm.lora.modules_to_save=[wte,lm_head]",
 ]  # fmt: skip
 
 
@@ -54,7 +54,7 @@ def test_ddp_finetune_lowers_heldout_perplexity_and_writes_the_contract(ddp_run:
     assert result.llm_dir == llm and result.base_dir == llm / "base" and result.adapter_dir == llm / "adapter"
     metrics = json.loads((llm / "metrics.json").read_text())
     assert metrics == result.metrics
-    assert metrics["perplexity_after"] < 0.9 * metrics["perplexity_before"]
+    assert metrics["perplexity_after"] < 0.5 * metrics["perplexity_before"]
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert result.history[-1]["val_perplexity"] < result.history[0]["val_perplexity"]
     for folder in ("base", "merged"):
@@ -116,7 +116,7 @@ def test_deepspeed_zero2_on_cpu_finetunes_from_the_same_config(ray_local: None, 
     # The real job entrypoint, with overrides as a person would type them.
     code = _jobs_finetune_main()(
         [*overrides, "llm.finetune.strategy=deepspeed", "llm.finetune.deepspeed.zero_stage=2", "llm.finetune.epochs=2",
-         "llm.finetune.merge=false"]
+         "llm.finetune.merge=false", "llm.lora.modules_to_save=null"]
     )  # fmt: skip
     assert code == 0
     llm = tmp_path / "llm"
@@ -130,7 +130,7 @@ def test_deepspeed_zero2_on_cpu_finetunes_from_the_same_config(ray_local: None, 
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    # The frozen base stays out of the checkpoint: its model states are far smaller than the base.
+    # The frozen base stays out of the checkpoint (LoRA matrices only here): far smaller than the base.
     base_bytes = (llm / "base" / "model.safetensors").stat().st_size
     assert (last / "deepspeed" / "mp_rank_00_model_states.pt").stat().st_size < base_bytes / 2
     assert (last / "adapter" / "adapter_model.safetensors").is_file()

@@ -91,6 +91,14 @@ def test_lora_trains_only_the_adapter_on_default_targets(tokenizer, arch: str, t
     assert wrapped.peft_config["default"].r == 4
 
 
+def test_modules_to_save_train_in_full(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = build_causal_lm(LMModelConfig(n_layer=1, n_embd=32), tokenizer)
+    wrapped = lora_wrap(model, LoRAConfig(r=4, modules_to_save=["wte", "lm_head"]))
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("wte" in n and "lora_" not in n for n in trainable)
+    assert any("lm_head" in n and "lora_" not in n for n in trainable)
+
+
 def test_lora_names_the_field_of_an_unknown_target(tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = build_causal_lm(LMModelConfig(n_layer=1, n_embd=32), tokenizer)
     with pytest.raises(ConfigError, match=r"llm\.lora\.target_modules.*nope"):
