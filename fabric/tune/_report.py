@@ -53,13 +53,13 @@ def _max_epochs(grid: ResultGrid) -> int:
 
 def learning_curves_png(grid: ResultGrid, metric: str, path: Path) -> Path:
     """Plot ``metric`` per epoch for every trial (ASHA's early stops show as short curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot, no matplotlib.use) leaves the caller's backend alone, so a notebook that runs
+    # the search still shows its own plots inline.
     import matplotlib.ticker
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for result in grid:
         df = result.metrics_dataframe
         if df is None or metric not in df:
@@ -76,5 +76,4 @@ def learning_curves_png(grid: ResultGrid, metric: str, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
