@@ -77,7 +77,7 @@ def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerB
         return load_tokenizer(model.path, field="llm.model.path")
     texts = (row["prompt"] + row["completion"] for row in splits.train.iter_rows())
     tokenizer = train_tokenizer(texts, model.vocab_size)
-    print(f"trained a byte-level BPE tokenizer of {len(tokenizer)} tokens on {splits.train_records} records", flush=True)
+    print(f"trained a byte-level BPE tokenizer of {len(tokenizer)} tokens on the training records", flush=True)
     return tokenizer
 
 
@@ -86,15 +86,13 @@ def _base(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, out: Path) ->
     m = cfg.llm.model
     model = load_causal_lm(m.path) if m.path else build_causal_lm(m, tokenizer, seed=cfg.seed)
     problems = []
-    if cfg.llm.data.seq_len > context_length(model):
-        problems.append(
-            ConfigProblem("llm.data.seq_len", f"{cfg.llm.data.seq_len} exceeds the model's context ({context_length(model)})")
-        )
+    seq_len, context = cfg.llm.data.seq_len, context_length(model)
+    if seq_len > context:
+        problems.append(ConfigProblem("llm.data.seq_len", f"{seq_len} exceeds the model's context ({context})"))
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
-        problems.append(
-            ConfigProblem("llm.model.tokenizer_path", f"the tokenizer has {len(tokenizer)} tokens, the model embeds {vocab}")
-        )
+        message = f"the tokenizer has {len(tokenizer)} tokens, the model embeds {vocab}"
+        problems.append(ConfigProblem("llm.model.tokenizer_path", message))
     if problems:
         raise ConfigError(problems)
     return save_pretrained(model, tokenizer, out)
@@ -200,7 +198,10 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     _check_previous_run(storage / cfg.name, _run_spec(cfg))
 
     splits = read_text_records(cfg.llm.data, cfg.seed)
-    print(f"text: {splits.train_records} training and {splits.heldout_records} held-out records from {splits.source}", flush=True)
+    print(
+        f"text: {splits.train_records} training and {splits.heldout_records} held-out records from {splits.source}",
+        flush=True,
+    )
     tokenizer = _tokenizer(cfg.llm.model, splits)
     base_dir = _base(cfg, tokenizer, out / "base")
     datasets = _packed(cfg, splits, tokenizer)
@@ -262,7 +263,9 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     token_counts(splits.heldout, tokenizer).to_pandas().to_parquet(out / "reference.parquet", index=False)
 
     if not math.isfinite(metrics["perplexity_after"]):
-        raise FabricError(f"fine-tuning diverged (held-out perplexity {metrics['perplexity_after']}); lower llm.finetune.lr")
+        raise FabricError(
+            f"fine-tuning diverged (held-out perplexity {metrics['perplexity_after']}); lower llm.finetune.lr"
+        )
     summary = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / "metrics.json"])
     print(

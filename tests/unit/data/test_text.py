@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from fabric.data import BUILTIN_CORPUS, pack_ids, parse_lines, parse_record, render_prompt
 from fabric.data._text import heldout_mask
