@@ -51,7 +51,8 @@ def run(cfg: PipelineConfig) -> ActorHandle:
     and, with ``cfg.monitor.resources``, a resource sampler on every node.
 
     Returns:
-        The actor's handle.
+        The actor's handle. With ``monitor.detached=false`` keep it: the actor ends when its last handle
+        goes (and ``/monitor/drift`` then answers 503).
     """
     from fabric.runtime import connect
 
