@@ -1,11 +1,15 @@
-"""The CPU engine: transformers + peft, with a background step loop that batches concurrent requests.
+"""The CPU engine: transformers + peft, with a background step loop that batches concurrent requests continuously.
 
 One thread owns the model. It takes waiting sequences of one adapter (up to ``max_batch_size``; the queue is
 grouped by adapter, oldest first), prefills them together (left-padded, with an attention mask and position
-ids), then decodes one token per row per step on the KV cache. Each row samples with its own parameters and
-random generator, and finishes on its own (end of sequence, a stop sequence, ``max_tokens``, or its client
-leaving); finished rows leave the cache so the others run on. A forward pass over 16 rows costs little more
-than over one on a small model, which is where throughput under concurrency comes from.
+ids), then decodes one token per row per step on the KV cache. Before each step, requests of the same adapter
+that arrived meanwhile join the running batch: they are prefilled on their own, their first tokens sent at once,
+and their KV cache is merged into the batch's (both left-padded to one width, concatenated along the rows), so a
+newcomer waits one step, not for the batch to finish. A request of another adapter at the head of the queue stops
+the joining, so the batch drains and that adapter goes next. Each row samples with its own parameters and random
+generator, and finishes on its own (end of sequence, a stop sequence, ``max_tokens``, or its client leaving);
+finished rows leave the cache so the others run on. A forward pass over 16 rows costs little more than over one
+on a small model, which is where throughput under concurrency comes from.
 
 LoRA adapters are loaded on demand (transformers' peft integration: ``load_adapter``) and the least recently
 used is deleted when more than ``max_loaded_adapters`` would be held.
@@ -56,6 +60,62 @@ class _Sequence:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed
             self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Rows:
+    """The running batch: its sequences and, row for row, the model state decoding continues from.
+
+    Rows are right-aligned (left padding, marked 0 in ``mask``), so every row's newest token is in the last
+    column and ``last`` holds each row's own position id.
+    """
+
+    seqs: list[_Sequence]
+    cache: Any
+    """The KV cache (a transformers ``DynamicCache``, keys and values ``[rows, heads, width, head_dim]``)."""
+    mask: Any
+    """``[rows, width]`` attention mask: 1 for a real token, 0 for padding."""
+    last: Any
+    """``[rows]`` position id of each row's newest token in the cache."""
+    tokens: Any
+    """``[rows]`` each row's sampled token, the input of the next step."""
+
+    @property
+    def joinable(self) -> bool:
+        """Whether other rows can be merged in: plain per-layer caches (not sliding-window, quantized, ...)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(self.cache, "layers", [None]))
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep``, then drop the leading columns that are padding in every row left."""
+        import torch
+
+        index = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.mask, self.last, self.tokens = self.mask[index], self.last[index], self.tokens[index]
+        self.seqs = [self.seqs[i] for i in keep]
+        first = int(self.mask.any(dim=0).long().argmax())  # the longest remaining row starts here
+        if first > 0 and self.joinable:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+    def extend(self, other: _Rows) -> None:
+        """Append ``other``'s rows: left-pad the narrower side's cache and mask to one width, concatenate rows."""
+        import torch
+        from torch.nn.functional import pad
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        grow, grow_other = width - self.mask.shape[1], width - other.mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            # padded positions hold zeros and are masked out, so they never reach a row's attention
+            mine.keys = torch.cat([pad(mine.keys, (0, 0, grow, 0)), pad(theirs.keys, (0, 0, grow_other, 0))])
+            mine.values = torch.cat([pad(mine.values, (0, 0, grow, 0)), pad(theirs.values, (0, 0, grow_other, 0))])
+        self.mask = torch.cat([pad(self.mask, (grow, 0)), pad(other.mask, (grow_other, 0))])
+        self.last = torch.cat([self.last, other.last])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.seqs = self.seqs + other.seqs
 
 
 class AdapterSlots:
@@ -115,7 +175,14 @@ class TransformersEngine(LLMEngine):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
-        self.counters = {"batches": 0, "steps": 0, "rows_stepped": 0, "max_batch_rows": 0, "generated_tokens": 0}
+        self.counters = {
+            "batches": 0,
+            "joined": 0,
+            "steps": 0,
+            "rows_stepped": 0,
+            "max_batch_rows": 0,
+            "generated_tokens": 0,
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,11 +284,12 @@ class TransformersEngine(LLMEngine):
             batch = self._next_batch()
             if not batch:
                 continue
+            members = list(batch)  # grows as requests join the running batch
             try:
-                self._run(batch)
+                self._run(members)
             except Exception as e:  # one bad batch fails its requests, not the engine
                 log.exception("generation failed")
-                for seq in batch:
+                for seq in members:
                     if not seq.done:
                         seq.done = True
                         seq.post(e)
@@ -250,58 +318,102 @@ class TransformersEngine(LLMEngine):
             self._pending = collections.deque(s for s in live if id(s) not in chosen)
             return batch
 
+    def _joiners(self, adapter: str | None, room: int) -> list[_Sequence]:
+        """Waiting sequences of ``adapter`` from the head of the queue, up to ``room``, without waiting.
+
+        Stops at the first sequence of another adapter, so a stream of one adapter's requests cannot keep the
+        batch running forever while another adapter's request waits: the batch drains and that one goes next.
+        """
+        with self._cond:
+            while self._pending and self._pending[0].cancelled:
+                self._pending.popleft()
+            taken: list[_Sequence] = []
+            while self._pending and len(taken) < room and self._pending[0].request.adapter == adapter:
+                seq = self._pending.popleft()
+                if not seq.cancelled:
+                    taken.append(seq)
+            return taken
+
     def _fail_pending(self, error: BaseException) -> None:
         with self._cond:
             pending, self._pending = list(self._pending), collections.deque()
         for seq in pending:
             seq.post(error)
 
-    def _run(self, batch: list[_Sequence]) -> None:
+    def _run(self, members: list[_Sequence]) -> None:
+        """Decode ``members`` until every row is done, letting the same adapter's new requests join at each step.
+
+        Newcomers are prefilled on their own (left-padded), their first tokens sampled and sent at once, and their
+        KV cache merged into the running batch's (see :meth:`_Rows.extend`), so the next decode step covers them.
+        """
         import torch
 
         assert self.adapters is not None
+        adapter = members[0].request.adapter
         with torch.inference_mode():
-            self.adapters.use(batch[0].request.adapter)
-            prompts = [s.request.prompt_ids for s in batch]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, p in enumerate(prompts):  # left padding: every row's next token lands in the last column
-                ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
-            last = positions[:, -1]
-            seqs = batch
-            self.counters["batches"] += 1
+            self.adapters.use(adapter)
+            rows: _Rows | None = None
+            newcomers = list(members)
             while True:
-                self._count_step(len(seqs))
-                tokens = self._sample(logits, seqs)
-                step = [(s, self._advance(s, int(tokens[i]))) for i, s in enumerate(seqs)]
-                _deliver([(s, out) for s, out in step if out is not None])
-                keep = [i for i, (s, _) in enumerate(step) if not s.done]
-                if not keep or self._stopping.is_set():
+                if newcomers and rows is None:  # nothing running: a new batch starts
+                    self.counters["batches"] += 1
+                    rows = self._prefill(newcomers)
+                elif newcomers:
+                    self.counters["joined"] += len(newcomers)
+                    fresh = self._prefill(newcomers)
+                    if fresh is not None:
+                        rows.extend(fresh)
+                if rows is None or self._stopping.is_set():
                     break
-                if len(keep) < len(seqs):
-                    index = torch.tensor(keep, dtype=torch.long)
-                    cache.batch_select_indices(index)
-                    mask, tokens, last = mask[index], tokens[index], last[index]
-                    seqs = [seqs[i] for i in keep]
-                mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=torch.long)], dim=1)
-                last = last + 1
+                rows.mask = torch.cat([rows.mask, torch.ones((len(rows.seqs), 1), dtype=torch.long)], dim=1)
+                rows.last = rows.last + 1
                 out = self.model(
-                    input_ids=tokens[:, None],
-                    attention_mask=mask,
-                    position_ids=last[:, None],
-                    past_key_values=cache,
+                    input_ids=rows.tokens[:, None],
+                    attention_mask=rows.mask,
+                    position_ids=rows.last[:, None],
+                    past_key_values=rows.cache,
                     use_cache=True,
                 )
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
-        for s in seqs:
+                rows.cache = out.past_key_values
+                rows = self._emit(rows, out.logits[:, -1, :])
+                room = self.cfg.max_batch_size - (len(rows.seqs) if rows else 0)
+                newcomers = self._joiners(adapter, room) if rows is None or rows.joinable else []
+                members[:] = [s for s in members if not s.done] + newcomers  # a busy batch may run for hours
+                if rows is None and not newcomers:
+                    break
+        for s in members:
             if not s.done:  # shutting down mid-batch
                 s.done = True
                 s.post(EngineStoppedError("the engine shut down"))
+
+    def _prefill(self, seqs: list[_Sequence]) -> _Rows | None:
+        """Run the prompts of ``seqs`` together (left-padded) and send their first tokens; None when all are done."""
+        import torch
+
+        prompts = [s.request.prompt_ids for s in seqs]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token lands in the last column
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        rows = _Rows(list(seqs), out.past_key_values, mask, positions[:, -1], ids[:, -1])
+        return self._emit(rows, out.logits[:, -1, :])
+
+    def _emit(self, rows: _Rows, logits: Any) -> _Rows | None:
+        """Sample each row's next token from ``logits``, send it, and drop the rows that are done (None: all are)."""
+        self._count_step(len(rows.seqs))
+        rows.tokens = self._sample(logits, rows.seqs)
+        step = [(s, self._advance(s, int(rows.tokens[i]))) for i, s in enumerate(rows.seqs)]
+        _deliver([(s, out) for s, out in step if out is not None])
+        keep = [i for i, s in enumerate(rows.seqs) if not s.done]
+        if not keep:
+            return None
+        if len(keep) < len(rows.seqs):
+            rows.select(keep)
+        return rows
 
     def _count_step(self, rows: int) -> None:
         c = self.counters

@@ -68,6 +68,46 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine: TransformersEngine
     assert other_seed[0] != alone[0]
 
 
+def test_requests_arriving_mid_decode_join_the_running_batch(engine: TransformersEngine) -> None:
+    long = _request(engine, PROMPTS[0], max_tokens=80, temperature=0.0)
+    # wider prompts than the running rows (the running cache is padded), then a narrower one (the newcomer's is)
+    early = [
+        _request(engine, PROMPTS[1], max_tokens=8, temperature=0.0),
+        _request(engine, PROMPTS[3], max_tokens=8, temperature=1.0, top_p=0.9, seed=3),
+    ]
+    late = _request(engine, PROMPTS[2], max_tokens=6, temperature=0.0)
+    alone = [asyncio.run(_text(engine, r)) for r in (long, *early, late)]
+    before = engine.stats()
+
+    async def staggered() -> tuple[list[tuple[str, str | None, int]], list[tuple[str, int]]]:
+        events: list[tuple[str, int]] = []  # (request, completion tokens so far) in the order outputs arrive
+        joiners: list[asyncio.Task] = []
+
+        async def follow(name: str, request: GenerationRequest) -> tuple[str, str | None, int]:
+            text, last = "", None
+            async for out in engine.generate(request):
+                events.append((name, out.completion_tokens))
+                text, last = text + out.text, out
+                if name == "long" and out.completion_tokens == 2:
+                    joiners.extend(asyncio.create_task(follow(f"early{i}", r)) for i, r in enumerate(early))
+                if name == "long" and out.completion_tokens == 30:
+                    joiners.append(asyncio.create_task(follow("late", late)))
+            assert last is not None
+            return text, last.finish_reason, last.completion_tokens
+
+        first = await follow("long", long)
+        return [first, *await asyncio.gather(*joiners)], events
+
+    results, events = asyncio.run(staggered())
+    assert results == alone
+    long_done = events.index(("long", 80))
+    for name, n in (("early0", 8), ("early1", 8), ("late", 6)):
+        assert events.index((name, 1)) > events.index(("long", 1))
+        assert events.index((name, n)) < long_done  # started and finished while the long request still ran
+    stats = engine.stats()
+    assert stats["batches"] - before["batches"] == 1 and stats["joined"] - before["joined"] == 3
+
+
 def test_adapters_load_on_demand_and_the_least_recently_used_is_evicted(engine: TransformersEngine) -> None:
     def run(adapter: str | None) -> str:
         return asyncio.run(_text(engine, _request(engine, PROMPTS[0], temperature=0.0, adapter=adapter)))[0]
