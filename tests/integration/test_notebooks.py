@@ -36,6 +36,23 @@ print("PROBE " + json.dumps({
     "report_bytes": len(report.text),
 }))
 """,
+    "llm.ipynb": """
+import json
+print("PROBE " + json.dumps({
+    "ray_running": ray.is_initialized(),
+    "run_dir_left": RUN_DIR.exists(),
+    "perplexity_before": perplexity_before,
+    "perplexity_after": perplexity_after,
+    "epochs": history["epoch"].tolist(),
+    "models": models,
+    "replies": replies,
+    "streamed": streamed,
+    "bad_status": bad["status"],
+    "bad_body": bad["body"],
+    "drift": {k: drift[k] for k in ("status", "window_size", "columns")},
+    "served": len(served),
+}))
+""",
 }
 
 
@@ -101,4 +118,24 @@ def _check_quickstart(r: dict[str, Any], figures: int) -> None:
     assert r["report_bytes"] > 10_000
 
 
-CHECKS = {"quickstart.ipynb": _check_quickstart}
+def _check_llm(r: dict[str, Any], figures: int) -> None:
+    assert figures >= 2, "perplexity before/after with the per-epoch curves, and the served lengths"
+    assert r["ray_running"] is False and r["run_dir_left"] is False, "a clean shutdown"
+    assert r["perplexity_after"] < r["perplexity_before"], r
+    assert r["epochs"] == list(range(1, len(r["epochs"]) + 1)) and r["epochs"], r["epochs"]
+    assert r["models"] == ["llm-smoke", "llm-smoke:finetuned"]
+    replies = r["replies"]
+    for who in ("base", "adapter"):  # both the base model and the adapter answered every question
+        assert replies[who] and all(isinstance(t, str) and t for t in replies[who]), replies
+    assert replies["adapter"] != replies["base"], "the adapter changes the answers"
+    assert isinstance(r["streamed"], str) and r["streamed"], r["streamed"]
+    assert 400 <= r["bad_status"] < 500, r
+    assert {"message", "type", "param", "code"} <= set(r["bad_body"]) and r["bad_body"]["message"], r["bad_body"]
+    assert r["bad_body"]["param"] == "temperature", r["bad_body"]
+    # the monitor received the served chats (one row per answered choice) and compared them
+    assert r["drift"]["status"] == "ok", r["drift"]
+    assert r["drift"]["window_size"] >= r["served"] >= 10
+    assert set(r["drift"]["columns"]) == {"prompt_tokens", "completion_tokens"}
+
+
+CHECKS = {"quickstart.ipynb": _check_quickstart, "llm.ipynb": _check_llm}
