@@ -1,0 +1,135 @@
+"""The OpenAI-compatible LLM app (fabric.serve.llm) on real Serve at 127.0.0.1 with an API key set: every route
+of its OpenAPI document refuses requests without the key, every operation fuzzed (schemathesis, valid and
+invalid requests, with the key) gets no 5xx and no hung request, and the endpoint listens on loopback only.
+
+The tabular app's fuzzing is in tests/integration/test_reliability.py (it shares that module's deployment).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from fabric import runtime
+from fabric.config import load_config
+from tests.llm_fixtures import tiny_llm
+
+pytestmark = pytest.mark.integration
+
+KEY_ENV = "FABRIC_FUZZ_LLM_KEY"
+KEY = "sk-fuzz-51c9"
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Ray and the LLM app (CPU engine, tiny model, an API key) on a free port; ended with Ray."""
+    import ray
+
+    from fabric.serve.llm import deploy
+
+    root = tmp_path_factory.mktemp("llm-fuzz")
+    run_dir = tiny_llm(root / "runs")
+    saved = {k: os.environ.get(k) for k in (KEY_ENV, "FABRIC_HOME")}
+    os.environ[KEY_ENV] = KEY
+    os.environ["FABRIC_HOME"] = str(root / "home")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = runtime.free_port()
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"llm.serve.port={port}",
+            f"llm.serve.served_name={MODEL}",
+            f"llm.serve.api_key_env={KEY_ENV}",
+            "llm.serve.replica_cpus=0",
+            # HAProxy binds fixed stats/metrics ports (8404, 9101), which parallel test runs on one host share
+            "llm.serve.fast_path=false",
+            "monitor.enabled=false",
+        ],
+    )
+    try:
+        url = deploy(cfg, timeout_s=240)
+        yield {"url": url.rstrip("/"), "port": port}
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def openapi(served: dict[str, Any]) -> dict[str, Any]:
+    return httpx.get(served["url"] + "/openapi.json", timeout=30).json()
+
+
+def test_every_protected_route_refuses_requests_without_the_key(
+    served: dict[str, Any], openapi: dict[str, Any]
+) -> None:
+    routes = [
+        (method.upper(), path)
+        for path, ops in openapi["paths"].items()
+        for method in ops
+        if path.startswith(("/v1/", "/stats"))
+    ]
+    assert {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")} <= set(routes)
+    for method, path in routes:
+        concrete = path.replace("{model}", MODEL).replace("{model_id}", MODEL)
+        for headers in ({}, {"authorization": "Bearer sk-wrong"}, {"authorization": KEY}):  # the last: no scheme
+            r = httpx.request(method, served["url"] + concrete, headers=headers, json={}, timeout=10)
+            assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
+            assert r.json()["error"]["type"] == "authentication_error"
+    # and the same routes answer with it
+    ok = httpx.get(served["url"] + "/v1/models", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
+
+
+def test_every_operation_fuzzed_with_the_key_gets_no_5xx_and_no_hang(served: dict[str, Any]) -> None:
+    schema = schemathesis.openapi.from_url(served["url"] + "/openapi.json")
+    auth = {"authorization": f"Bearer {KEY}"}
+    seen: list[int] = []
+    problems: list[str] = []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    for op in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case: Any) -> None:
+                try:
+                    # generation is bounded by the tiny model's context; a hung request times out here
+                    response = case.call(base_url=served["url"], headers=auth, timeout=60)
+                except Exception as e:  # the transport's timeout and connection errors
+                    problems.append(f"{case.method} {case.formatted_path}: {type(e).__name__}")
+                    return
+                seen.append(response.status_code)
+                if response.status_code >= 500 or "Traceback" in response.text:
+                    where = f"{case.method} {case.formatted_path}"
+                    problems.append(f"{where}: {response.status_code} {response.text[:200]!r}")
+
+            try:
+                check()
+            except Unsatisfiable:
+                assert mode == GenerationMode.NEGATIVE, op.label  # an operation without inputs has no invalid form
+    print(f"\nLLM fuzz: {len(seen)} requests over {len(operations)} operations, statuses {sorted(set(seen))}")
+    assert not problems, "\n".join(problems[:20])
+    assert 200 in seen and any(400 <= code < 500 for code in seen)
+
+
+def test_the_llm_endpoint_listens_on_loopback_only(served: dict[str, Any]) -> None:
+    conns = psutil.net_connections("tcp")
+    listening = {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN and c.laddr.port == served["port"]}
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
