@@ -124,8 +124,8 @@ def test_every_operation_fuzzed_from_openapi_gets_no_5xx_and_no_hang(served: dic
 def _session_processes() -> list[psutil.Process]:
     import ray
 
-    session = ray.get_runtime_context().gcs_address and ray._private.worker._global_node.get_session_dir_path()
-    return runtime.head_processes(session)
+    # Every process of this Ray carries its session folder on its command line (or descends from one that does).
+    return runtime.head_processes(ray._private.worker._global_node.get_session_dir_path())
 
 
 def _other_address() -> str | None:

@@ -2,8 +2,8 @@
 
 Where this process may make network namespaces (root, iproute2), the worker runs in a namespace of its
 own, joined to the host by a veth pair with private 10.x addresses, so every byte between the nodes
-crosses an interface; elsewhere the worker listens on 127.0.0.2 beside the head on 127.0.0.1. The module
-docstring of each run's output (``TWO_NODE_MODE``, printed) says which one ran. Each node declares its own
+crosses an interface; elsewhere the worker listens on 127.0.0.2 beside the head on 127.0.0.1. The line
+``TWO_NODE_MODE=...`` in the output (``-s``) says which one ran. Each node declares its own
 resources (one CPU and a ``head_node``/``worker_node`` marker), so one worker, block or replica per CPU
 must land on each node.
 
