@@ -144,7 +144,8 @@ async def _stream(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[
 
 async def _fabric_burst(
     url: str, texts: list[str], concurrency: int, max_tokens: int
-) -> tuple[float, list[float], int]:
+) -> tuple[float, list[float], int, dict[str, int]]:
+    """The burst over HTTP: (wall seconds, TTFTs, completion tokens, the engine's step counters over the burst)."""
     import httpx
 
     per_client = [texts[i::concurrency] for i in range(concurrency)]
@@ -161,10 +162,13 @@ async def _fabric_burst(
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(limits=limits) as client:
         await _stream(client, url, texts[0], 4)  # warm-up
+        before = (await client.get(url + "/stats")).json()["engine"]
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client, mine) for mine in per_client))
         wall = time.perf_counter() - start
-    return wall, ttfts, total
+        after = (await client.get(url + "/stats")).json()["engine"]
+    steps = {k: after[k] - before[k] for k in ("steps", "rows_stepped", "joined")}
+    return wall, ttfts, total, steps
 
 
 # --------------------------------------------------------------------------- baseline: model.generate, one at a time
@@ -266,9 +270,10 @@ def main() -> None:
     try:
         _baseline_burst(folder, texts[:1], 1, 4, state)  # warm-up
         for c in args.concurrency:
-            f_wall, f_ttft, f_tokens = asyncio.run(_fabric_burst(url, texts, c, args.max_tokens))
+            f_wall, f_ttft, f_tokens, steps = asyncio.run(_fabric_burst(url, texts, c, args.max_tokens))
             b_wall, b_ttft, b_tokens = _baseline_burst(folder, texts, c, args.max_tokens, state)
-            rows.append((c, f_tokens / f_wall, b_tokens / b_wall, statistics.median(f_ttft), statistics.median(b_ttft)))
+            f_rate, b_rate = f_tokens / f_wall, b_tokens / b_wall
+            rows.append((c, f_rate, b_rate, statistics.median(f_ttft), statistics.median(b_ttft), steps))
     finally:
         ray.shutdown()
 
@@ -276,10 +281,17 @@ def main() -> None:
         f"\nGPT-2 {args.layers}x{args.width} (fresh weights), {BURST} requests x {args.max_tokens} tokens per "
         f"level, greedy, {args.threads} torch thread(s) per side\n"
     )
-    print("| concurrency | fabric tok/s | generate tok/s | ratio | fabric TTFT p50 ms | generate TTFT p50 ms |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for c, f, b, ft, bt in rows:
-        print(f"| {c} | {f:,.0f} | {b:,.0f} | {f / b:.2f}x | {ft * 1000:,.0f} | {bt * 1000:,.0f} |")
+    print(
+        "| concurrency | fabric tok/s | generate tok/s | ratio | fabric TTFT p50 ms | generate TTFT p50 ms "
+        "| TTFT ratio | fabric rows/step | joined a running batch |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c, f, b, ft, bt, steps in rows:
+        per_step = steps["rows_stepped"] / max(1, steps["steps"])
+        print(
+            f"| {c} | {f:,.0f} | {b:,.0f} | {f / b:.2f}x | {ft * 1000:,.0f} | {bt * 1000:,.0f} | {bt / ft:.2f}x "
+            f"| {per_step:.1f} | {steps['joined']} |"
+        )
 
 
 if __name__ == "__main__":
