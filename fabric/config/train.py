@@ -35,4 +35,6 @@ class TrainConfig(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts allowed; each resumes from the last checkpoint."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' bundles: PACK fills a node first; SPREAD puts them on different nodes."""
     seed: int = 0

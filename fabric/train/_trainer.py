@@ -98,7 +98,9 @@ def build_trainer(cfg: PipelineConfig, loop_overrides: dict[str, Any] | None = N
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=use_gpu, placement_strategy=t.placement_strategy
+        ),
         datasets=_datasets(folder, t.num_workers),
         run_config=RunConfig(
             name=cfg.name,
