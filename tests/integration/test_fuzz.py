@@ -7,7 +7,6 @@ The tabular app's fuzzing is in tests/integration/test_reliability.py (it shares
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from schemathesis import GenerationMode
 from fabric import runtime
 from fabric.config import load_config
 from tests.llm_fixtures import tiny_llm
+from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -33,42 +33,27 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Ray and the LLM app (CPU engine, tiny model, an API key) on a free port; ended with Ray."""
-    import ray
-
     from fabric.serve.llm import deploy
 
     root = tmp_path_factory.mktemp("llm-fuzz")
     run_dir = tiny_llm(root / "runs")
-    saved = {k: os.environ.get(k) for k in (KEY_ENV, "FABRIC_HOME")}
-    os.environ[KEY_ENV] = KEY
-    os.environ["FABRIC_HOME"] = str(root / "home")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = runtime.free_port()
-    cfg = load_config(
-        None,
-        [
-            f"run_dir={run_dir}",
-            f"llm.serve.port={port}",
-            f"llm.serve.served_name={MODEL}",
-            f"llm.serve.api_key_env={KEY_ENV}",
-            "llm.serve.replica_cpus=0",
-            # HAProxy binds fixed stats/metrics ports (8404, 9101), which parallel test runs on one host share
-            "llm.serve.fast_path=false",
-            "monitor.enabled=false",
-        ],
-    )
-    try:
+    # HAProxy binds fixed stats/metrics ports (8404, 9101), which parallel test runs on one host share
+    with local_ray(root / "home", fast_path=False, env={KEY_ENV: KEY}):
+        port = runtime.free_port()
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={run_dir}",
+                f"llm.serve.port={port}",
+                f"llm.serve.served_name={MODEL}",
+                f"llm.serve.api_key_env={KEY_ENV}",
+                "llm.serve.replica_cpus=0",
+                "llm.serve.fast_path=false",
+                "monitor.enabled=false",
+            ],
+        )
         url = deploy(cfg, timeout_s=240)
         yield {"url": url.rstrip("/"), "port": port}
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ completions, chat, streaming, n > 1, stop sequences, adapter selection, the 4xx 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 
 from fabric.config import load_config
 from tests.llm_fixtures import CONTEXT, tiny_llm
+from tests.unit.serve.serving import free_port, local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -27,55 +26,34 @@ KEY = "sk-test-7f3a"
 MODEL = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Ray, the LLM app on a free port and its drift monitor; ended with Ray."""
-    import ray
-
     from fabric.serve.llm import deploy
 
     root = tmp_path_factory.mktemp("llm-serve")
     run_dir = tiny_llm(root / "runs")
-    saved = {k: os.environ.get(k) for k in (KEY_ENV, "FABRIC_HOME")}
-    os.environ[KEY_ENV] = KEY
-    os.environ["FABRIC_HOME"] = str(root / "home")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = load_config(
-        None,
-        [
-            f"run_dir={run_dir}",
-            f"llm.serve.port={_free_port()}",
-            f"llm.serve.served_name={MODEL}",
-            f"llm.serve.adapters={{a: {run_dir / 'llm' / 'adapter'}, b: {run_dir / 'llm' / 'adapter2'}}}",
-            "llm.serve.max_loaded_adapters=1",
-            f"llm.serve.api_key_env={KEY_ENV}",
-            "llm.serve.replica_cpus=0",
-            # HAProxy binds fixed stats/metrics ports (8404, 9101), which parallel test runs on one host share
-            "llm.serve.fast_path=false",
-            "llm.serve.batch_wait_s=0.05",
-            "monitor.min_samples=5",
-            "monitor.resources=false",
-            "monitor.detached=false",
-        ],
-    )
-    try:
+    # HAProxy binds fixed stats/metrics ports (8404, 9101), which parallel test runs on one host share
+    with local_ray(root / "home", fast_path=False, env={KEY_ENV: KEY}):  # its end ends Serve and the monitor
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={run_dir}",
+                f"llm.serve.port={free_port()}",
+                f"llm.serve.served_name={MODEL}",
+                f"llm.serve.adapters={{a: {run_dir / 'llm' / 'adapter'}, b: {run_dir / 'llm' / 'adapter2'}}}",
+                "llm.serve.max_loaded_adapters=1",
+                f"llm.serve.api_key_env={KEY_ENV}",
+                "llm.serve.replica_cpus=0",
+                "llm.serve.fast_path=false",
+                "llm.serve.batch_wait_s=0.05",
+                "monitor.min_samples=5",
+                "monitor.resources=false",
+                "monitor.detached=false",
+            ],
+        )
         url = deploy(cfg, timeout_s=240)
         yield {"url": url, "cfg": cfg, "run_dir": Path(run_dir)}
-    finally:
-        ray.shutdown()  # ends Serve and the monitor with the local Ray
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ benchmarks/reliability.py prints the figures.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -33,8 +32,8 @@ from schemathesis import GenerationMode
 
 from fabric import runtime
 from fabric.config import load_config
-from fabric.serve.spec import FAST_PATH_ENV
 from tests.unit.serve.models import FEATURES, make_model, tensor_request
+from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -44,42 +43,27 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A local Ray with the fast path's environment and the app deployed with 2 replicas."""
-    import ray
-
     from fabric.serve import deploy
 
     root = tmp_path_factory.mktemp("reliability")
     folder = make_model(root / "model")
-    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, "FABRIC_HOME")}
-    os.environ.update(FAST_PATH_ENV)  # read by Ray's processes as they start
-    os.environ["FABRIC_HOME"] = str(root / "home")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = runtime.free_port()
-    cfg = load_config(
-        None,
-        [
-            f"run_dir={root / 'runs'}",
-            f"serve.port={port}",
-            f"serve.model_uri={folder}",
-            f"serve.model_name={MODEL}",
-            "serve.num_replicas=2",
-            "serve.replica_cpus=0",
-            "serve.max_body_bytes=65536",
-            "monitor.enabled=false",
-        ],
-    )
-    try:
+    with local_ray(root / "home"):  # its end ends Serve (serve.shutdown would wait out each replica's drain)
+        port = runtime.free_port()
+        cfg = load_config(
+            None,
+            [
+                f"run_dir={root / 'runs'}",
+                f"serve.port={port}",
+                f"serve.model_uri={folder}",
+                f"serve.model_name={MODEL}",
+                "serve.num_replicas=2",
+                "serve.replica_cpus=0",
+                "serve.max_body_bytes=65536",
+                "monitor.enabled=false",
+            ],
+        )
         result = deploy(cfg, timeout_s=240)
         yield {"url": result.url, "port": port, "cfg": cfg}
-    finally:
-        ray.shutdown()  # ends Serve with it (serve.shutdown would wait out each replica's drain period)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_every_operation_fuzzed_from_openapi_gets_no_5xx_and_no_hang(served: dict[str, Any]) -> None:

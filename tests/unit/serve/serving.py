@@ -32,15 +32,19 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "cond
 
 
 @contextlib.contextmanager
-def fast_path_ray(fabric_home: Path) -> Iterator[None]:
-    """A local 2-CPU Ray whose processes have the fast path's environment (it must be there before Ray
-    starts), HAProxy's side ports free (other Serves may run on this machine) and FABRIC_HOME set."""
+def local_ray(fabric_home: Path, fast_path: bool = True, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A local 2-CPU Ray with FABRIC_HOME and ``env`` set, and with ``fast_path`` the fast path's environment
+    (it must be there before Ray starts) with HAProxy's side ports free (other Serves may run on this machine).
+    Everything set is restored afterwards."""
     import ray
 
-    saved = {k: os.environ.get(k) for k in (*FAST_PATH_ENV, *HAPROXY_PORT_VARS, "FABRIC_HOME")}
-    os.environ.update(FAST_PATH_ENV)
-    os.environ.update(haproxy_ports_env())
-    os.environ["FABRIC_HOME"] = str(fabric_home)
+    extra = dict(env or {})
+    if fast_path:
+        extra.update(FAST_PATH_ENV)
+        extra.update(haproxy_ports_env())
+    extra["FABRIC_HOME"] = str(fabric_home)
+    saved = {k: os.environ.get(k) for k in (*extra, *HAPROXY_PORT_VARS)}
+    os.environ.update(extra)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -55,3 +59,8 @@ def fast_path_ray(fabric_home: Path) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def fast_path_ray(fabric_home: Path) -> contextlib.AbstractContextManager[None]:
+    """:func:`local_ray` on Serve's fast path."""
+    return local_ray(fabric_home, fast_path=True)
