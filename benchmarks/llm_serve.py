@@ -1,6 +1,7 @@
 """Language-model serving speed: fabric's OpenAI endpoint (batching CPU engine) vs plain ``model.generate``.
 
     python benchmarks/llm_serve.py [--concurrency 1 4 16] [--max-tokens 64] [--threads 1] [--layers 6] [--width 512]
+        [--repeats 3]
 
 Both sides run the same freshly initialised GPT-2 (``--layers`` x ``--width``, byte-level BPE tokenizer trained
 here; nothing downloaded) on the same number of torch threads, greedy, every request generating exactly
@@ -13,7 +14,9 @@ here; nothing downloaded) on the same number of torch threads, greedy, every req
   of a burst of N waits for the ones before it, as it would behind a one-at-a-time server.
 
 Output tokens/s is all completion tokens over the wall time of the burst; time to first token (TTFT) is the
-median from sending a request to its first token. The goal: >= 4x the baseline's tokens/s at 16 concurrent.
+median from sending a request to its first token. Each level runs ``--repeats`` times, a fabric burst then a
+baseline burst, and the table shows medians (ratios are taken per pair, so load that drifts between pairs cancels).
+The goal: >= 4x the baseline's tokens/s at 16 concurrent.
 """
 
 from __future__ import annotations
@@ -235,6 +238,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3, help="paired fabric/baseline runs per level (medians shown)")
     args = p.parse_args()
 
     import ray
@@ -266,31 +270,37 @@ def main() -> None:
     )
     url = deploy(cfg)
     state: dict[str, Any] = {}
-    rows = []
+    runs: dict[int, list[tuple[float, float, float, float, dict[str, int]]]] = {c: [] for c in args.concurrency}
     try:
         _baseline_burst(folder, texts[:1], 1, 4, state)  # warm-up
-        for c in args.concurrency:
-            f_wall, f_ttft, f_tokens, steps = asyncio.run(_fabric_burst(url, texts, c, args.max_tokens))
-            b_wall, b_ttft, b_tokens = _baseline_burst(folder, texts, c, args.max_tokens, state)
-            f_rate, b_rate = f_tokens / f_wall, b_tokens / b_wall
-            rows.append((c, f_rate, b_rate, statistics.median(f_ttft), statistics.median(b_ttft), steps))
+        # each fabric burst is paired with a baseline burst right after it, so both see the same machine load
+        for _ in range(args.repeats):
+            for c in args.concurrency:
+                f_wall, f_ttft, f_tokens, steps = asyncio.run(_fabric_burst(url, texts, c, args.max_tokens))
+                b_wall, b_ttft, b_tokens = _baseline_burst(folder, texts, c, args.max_tokens, state)
+                f_ttft_p50, b_ttft_p50 = statistics.median(f_ttft), statistics.median(b_ttft)
+                runs[c].append((f_tokens / f_wall, b_tokens / b_wall, f_ttft_p50, b_ttft_p50, steps))
     finally:
         ray.shutdown()
 
     print(
         f"\nGPT-2 {args.layers}x{args.width} (fresh weights), {BURST} requests x {args.max_tokens} tokens per "
-        f"level, greedy, {args.threads} torch thread(s) per side\n"
+        f"level, greedy, {args.threads} torch thread(s) per side; medians of {args.repeats} paired runs\n"
     )
     print(
         "| concurrency | fabric tok/s | generate tok/s | ratio | fabric TTFT p50 ms | generate TTFT p50 ms "
         "| TTFT ratio | fabric rows/step | joined a running batch |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c, f, b, ft, bt, steps in rows:
-        per_step = steps["rows_stepped"] / max(1, steps["steps"])
+    for c, level in runs.items():
+        f, b, ft, bt = (statistics.median(r[i] for r in level) for i in range(4))
+        ratio = statistics.median(r[0] / r[1] for r in level)  # per pair: load drift between runs cancels
+        ttft_ratio = statistics.median(r[3] / r[2] for r in level)
+        rows_stepped, steps = sum(r[4]["rows_stepped"] for r in level), sum(r[4]["steps"] for r in level)
+        joined = sum(r[4]["joined"] for r in level) / len(level)
         print(
-            f"| {c} | {f:,.0f} | {b:,.0f} | {f / b:.2f}x | {ft * 1000:,.0f} | {bt * 1000:,.0f} | {bt / ft:.2f}x "
-            f"| {per_step:.1f} | {steps['joined']} |"
+            f"| {c} | {f:,.0f} | {b:,.0f} | {ratio:.2f}x | {ft * 1000:,.0f} | {bt * 1000:,.0f} | {ttft_ratio:.2f}x "
+            f"| {rows_stepped / max(1, steps):.1f} | {joined:.1f} |"
         )
 
 
