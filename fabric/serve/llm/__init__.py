@@ -96,6 +96,11 @@ def start_monitor(cfg: PipelineConfig) -> bool:
 
     frame = pd.read_parquet(reference)
     features = [c for c in MONITOR_FEATURES if c in frame.columns]
+    # Token counts are quantities: as floats Evidently compares their distributions (K-S / Wasserstein); as
+    # integers with few values it would call them categories, and any length absent from a small reference
+    # would read as drift.
+    numeric = [c for c in frame.columns if pd.api.types.is_integer_dtype(frame[c])]
+    frame[numeric] = frame[numeric].astype("float64")
     _monitors[s.monitor_actor] = start(
         cfg.monitor.model_copy(update={"actor_name": s.monitor_actor}),
         frame,
