@@ -399,7 +399,7 @@ class TransformersEngine(LLMEngine):
             mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        rows = _Rows(list(seqs), out.past_key_values, mask, positions[:, -1], ids[:, -1])
+        rows = _Rows(list(seqs), out.past_key_values, mask, positions[:, -1], tokens=ids[:, -1])  # _emit samples them
         return self._emit(rows, out.logits[:, -1, :])
 
     def _emit(self, rows: _Rows, logits: Any) -> _Rows | None:
