@@ -212,16 +212,23 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
         "ray_fabric_monitor_submitted_samples_total",
     }
 
+    seen: dict[str, Any] = {}
+
     def complete() -> str | None:
         text = _scrape(port)
         have = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")}
         # the replica publishes every second and Ray exports every few: wait for the counts to catch up
         ok = _value(text, "ray_fabric_serve_responses_total", model=MODEL, version="v1", code="200") or 0
-        if wanted <= have and ok >= sent and _value(text, "ray_fabric_serve_responses_total", code="422"):
+        bad = _value(text, "ray_fabric_serve_responses_total", code="422")
+        seen.update(missing=sorted(wanted - have), ok=ok, sent=sent, code_422=bad)
+        if wanted <= have and ok >= sent and bad:
             return text
         return None
 
-    text = wait_for(complete, timeout_s=90, what=f"{sorted(wanted)} in Ray's Prometheus export")
+    try:
+        text = wait_for(complete, timeout_s=180, what="fabric's and Serve's metrics in Ray's Prometheus export")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last scrape: {seen}") from None
     assert _value(text, "ray_fabric_serve_rows_total", version="v1") >= 2 * WINDOW + 5 * 32
     calls = _value(text, "ray_fabric_serve_batch_size_count", version="v1")
     singles = _value(text, "ray_fabric_serve_batch_size_bucket", version="v1", le="1.0")
