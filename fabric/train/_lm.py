@@ -35,7 +35,7 @@ from fabric.models.causal_lm import (
 from fabric.runtime import connect
 from fabric.tracking import AdapterRegistration, log_finetune
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
-from fabric.train._trainer import _warn_if_short, resolve_use_gpu
+from fabric.train._trainer import _warn_if_short, fit, resolve_use_gpu
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,7 +185,7 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         DataValidationError: bad records, or too little data for the workers.
         FabricError: training failed after its restarts.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     require("transformers", "llm")
@@ -227,14 +227,7 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         f"{'GPU' if use_gpu else 'CPU'} worker(s) for {f.epochs} epoch(s); checkpoints under {storage / cfg.name}",
         flush=True,
     )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        raise FabricError(f"fine-tuning failed (after up to {f.max_failures} restart(s)): {e}") from e
-    if result.checkpoint is None:
-        raise FabricError(f"fine-tuning at {storage / cfg.name} reported no checkpoint")
-    checkpoint_dir = Path(result.checkpoint.path)
-    history = [dict(m) for _, m in (result.best_checkpoints or [])]
+    result, checkpoint_dir, history = fit(trainer, "fine-tuning", f.max_failures, storage / cfg.name)
     last = dict(result.metrics or {})
 
     adapter_dir = out / "adapter"

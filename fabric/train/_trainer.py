@@ -157,6 +157,23 @@ def _check_previous_run(run_path: Path, config: dict[str, Any]) -> None:
     print(f"continuing the run at {run_path} from {folder.name}", flush=True)
 
 
+def fit(trainer: TorchTrainer, what: str, max_failures: int, where: Path) -> tuple[Any, Path, list[dict[str, Any]]]:
+    """Run ``trainer`` and return its Result, last checkpoint folder and per-checkpoint metrics.
+
+    Raises:
+        FabricError: the run failed after its restarts, or reported no checkpoint.
+    """
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise FabricError(f"{what} failed (after up to {max_failures} restart(s)): {e}") from e
+    if result.checkpoint is None:
+        raise FabricError(f"{what} at {where} reported no checkpoint")
+    return result, Path(result.checkpoint.path), [dict(m) for _, m in (result.best_checkpoints or [])]
+
+
 def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg.train``'s model with Ray Train on the ingested data and write the model artifact.
 
@@ -169,8 +186,6 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         cfg: the pipeline config; the ingestion stage must have written ``<run_dir>/data``.
         loop_overrides: keys merged into the workers' loop config (e.g. ``fault_injection`` in tests).
     """
-    from ray.train import TrainingFailedError
-
     connect(cfg.cluster)
     storage = train_dir(cfg)
     _check_previous_run(storage / cfg.name, {**loop_config(cfg), **(loop_overrides or {})})
@@ -184,14 +199,7 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         f"checkpoints under {storage / cfg.name}",
         flush=True,
     )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        raise FabricError(f"training failed (after up to {t.max_failures} restart(s)): {e}") from e
-    if result.checkpoint is None:
-        raise FabricError(f"training at {storage / cfg.name} reported no checkpoint")
-    checkpoint_dir = Path(result.checkpoint.path)
-    history = [dict(metrics) for _, metrics in (result.best_checkpoints or [])]
+    result, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / cfg.name)
     model_path = to_artifact(checkpoint_dir, storage / "model")
     metrics = dict(result.metrics or {})
     print(f"trained: {_summary(metrics)}; model: {model_path}", flush=True)
