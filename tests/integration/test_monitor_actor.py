@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +13,9 @@ import pytest
 from fabric.config import MonitorConfig, PipelineConfig
 from fabric.monitor import MonitorClient, get_actor, start
 from tests.unit.monitor._data import N_REF, make_frame, rows_and_preds
+from tests.unit.serve.serving import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +89,14 @@ def test_killed_actor_restarts_with_its_window_and_reference(monitor: tuple[Moni
     cfg, handle, ckpt = monitor
     before = ray.get(handle.stats.remote())
     window_before = before["window_size"]
-    _wait_for(
+    wait_for(
         lambda: ray.get(handle.stats.remote())["checkpointed_received"] == before["received"],
         what="the periodic checkpoint",
     )
     assert ckpt.is_file()
 
     ray.kill(handle, no_restart=False)  # asynchronous: wait for a new process, not an answer from the old one
-    after = _wait_for(
+    after = wait_for(
         lambda: (s := _stats_if_up(handle)) and s["pid"] != before["pid"] and s, timeout_s=90, what="the restart"
     )
     assert after["restored"] is True
@@ -149,7 +140,7 @@ start(cfg, make_frame(3000, seed=0), target="target", checkpoint_path={str(ckpt)
         before = ray.get(handle.stats.remote())
         assert before["reference_size"] == 3000 and ckpt.is_file()
         ray.kill(handle, no_restart=False)
-        after = _wait_for(
+        after = wait_for(
             lambda: (s := _stats_if_up(handle)) and s["pid"] != before["pid"] and s, timeout_s=90, what="the restart"
         )
         assert after["restored"] and after["reference_fingerprint"] == before["reference_fingerprint"]
@@ -191,7 +182,7 @@ def test_run_starts_the_monitor_over_ingestion_outputs(ray_local: None, tmp_path
         assert isinstance(reading["gpus"], list)
     finally:
         assert fm.stop(cfg)
-    _wait_for(lambda: get_actor("test-run-monitor") is None, timeout_s=30, what="the monitor to stop")
+    wait_for(lambda: get_actor("test-run-monitor") is None, timeout_s=30, what="the monitor to stop")
 
 
 def test_metrics_reach_prometheus_export(monitor: tuple[MonitorConfig, Any, Path]) -> None:
@@ -221,5 +212,5 @@ def test_metrics_reach_prometheus_export(monitor: tuple[MonitorConfig, Any, Path
         names = {line.split("{", 1)[0] for line in text.splitlines() if line.startswith("ray_fabric_")}
         return text if wanted <= names else None
 
-    text = _wait_for(scrape, timeout_s=60, what=f"{sorted(wanted)} in Ray's Prometheus export")
+    text = wait_for(scrape, timeout_s=60, what=f"{sorted(wanted)} in Ray's Prometheus export")
     assert 'feature="age"' in text and 'test="ks"' in text and 'reason="backpressure"' in text

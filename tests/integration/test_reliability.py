@@ -26,12 +26,10 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
-from schemathesis import GenerationMode
 
 from fabric import runtime
 from fabric.config import load_config
+from tests.integration.fuzzing import fuzz
 from tests.unit.serve.models import FEATURES, make_model, tensor_request
 from tests.unit.serve.serving import local_ray
 
@@ -68,39 +66,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 def test_every_operation_fuzzed_from_openapi_gets_no_5xx_and_no_hang(served: dict[str, Any]) -> None:
     """Valid and invalid requests generated from each operation of the app's own OpenAPI document."""
-    from hypothesis import given
-    from hypothesis.errors import Unsatisfiable
-
-    schema = schemathesis.openapi.from_url(f"{served['url']}/openapi.json")
-    seen: list[tuple[str, int]] = []
-    problems: list[str] = []
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 5, [op.label for op in operations]
-    for op in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-            @given(case=op.as_strategy(generation_mode=mode))
-            def check(case: Any) -> None:
-                try:
-                    # a request that hangs raises a timeout: recorded as a problem, like a 5xx
-                    response = case.call(base_url=served["url"], timeout=15)
-                except Exception as e:  # the transport's timeout and connection errors
-                    problems.append(f"{case.method} {case.formatted_path}: {type(e).__name__}")
-                    return
-                seen.append((op.label, response.status_code))
-                if response.status_code >= 500 or "Traceback" in response.text:
-                    where = f"{case.method} {case.formatted_path}"
-                    problems.append(f"{where}: {response.status_code} {response.text[:200]!r}")
-
-            try:
-                check()
-            except Unsatisfiable:
-                # an operation without parameters or body (GET /v2/health/live) has no invalid form
-                assert mode == GenerationMode.NEGATIVE, op.label
-    statuses = sorted({code for _, code in seen})
-    print(f"\nfuzz: {len(seen)} requests over {len(operations)} operations, statuses {statuses}")
-    assert not problems, "\n".join(problems[:20])
+    result = fuzz(served["url"], max_examples=30, timeout_s=15)
+    statuses = sorted(set(result.statuses))
+    print(f"\nfuzz: {len(result.statuses)} requests over {len(result.operations)} operations, statuses {statuses}")
+    assert len(result.operations) >= 5, result.operations
+    assert not result.problems, "\n".join(result.problems[:20])
     assert any(code >= 400 for code in statuses) and 200 in statuses  # both kinds of request were made
 
 
