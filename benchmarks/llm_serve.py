@@ -239,6 +239,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="paired fabric/baseline runs per level (medians shown)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fabric config overrides (llm.serve.*)")
+    p.add_argument(
+        "--no-fast-path", action="store_true", help="Serve's Python proxy instead of the HAProxy fast path (default)"
+    )
     args = p.parse_args()
 
     import ray
@@ -253,7 +257,6 @@ def main() -> None:
     folder = build_model(root / "model", args.layers, args.width)
     texts = prompts(BURST)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = load_config(
         None,
         [
@@ -264,11 +267,13 @@ def main() -> None:
             f"llm.serve.threads={args.threads}",
             f"llm.serve.max_batch_size={BURST}",
             "llm.serve.replica_cpus=0",
-            "llm.serve.fast_path=false",  # HAProxy's fixed stats ports clash with other Serve instances on a host
+            f"llm.serve.fast_path={not args.no_fast_path}",
             "llm.serve.monitor=false",
+            "cluster.num_cpus=2",
+            *args.set,
         ],
     )
-    url = deploy(cfg)
+    url = deploy(cfg)  # starts a local Ray the way `fabric serve-llm` does
     state: dict[str, Any] = {}
     runs: dict[int, list[tuple[float, float, float, float, dict[str, int]]]] = {c: [] for c in args.concurrency}
     try:
@@ -285,7 +290,8 @@ def main() -> None:
 
     print(
         f"\nGPT-2 {args.layers}x{args.width} (fresh weights), {BURST} requests x {args.max_tokens} tokens per "
-        f"level, greedy, {args.threads} torch thread(s) per side; medians of {args.repeats} paired runs\n"
+        f"level, greedy, {args.threads} torch thread(s) per side; medians of {args.repeats} paired runs; "
+        f"Serve ingress: {'Python proxy' if args.no_fast_path else 'HAProxy fast path'}\n"
     )
     print(
         "| concurrency | fabric tok/s | generate tok/s | ratio | fabric TTFT p50 ms | generate TTFT p50 ms "
