@@ -149,13 +149,38 @@ def _wait_running(app: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def put_app(app: dict[str, Any], ready_url: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+    """Deploy (or update) one declarative Serve app next to the apps already there, and wait until it answers.
+
+    Serve must be started (:func:`start`). Records this Serve as the one ``fabric serve``/``status`` attach to.
+
+    Args:
+        app: the app as in a Serve config file (``name``, ``route_prefix``, ``import_path``, ``args``).
+        ready_url: a route of the app that answers 200 once it serves.
+        timeout_s: how long to wait for the app to run and answer.
+
+    Raises:
+        ClusterError: the app failed to deploy (with Serve's reason) or did not answer in time.
+    """
+    import ray
+
+    client = _client()
+    apps = _declared(client)
+    apps[app["name"]] = app
+    _apply(client, apps)
+    _wait_running(app["name"], timeout_s)
+    _state_file().parent.mkdir(parents=True, exist_ok=True)
+    _state_file().write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": app["name"]}))
+    _wait_answering(ready_url, timeout_s)
+
+
 def _wait_answering(url: str, timeout_s: float) -> None:
-    """Wait until the app answers its readiness route over HTTP: the ingress (HAProxy) learns a new app's
-    route a moment after Serve reports it running, and meanwhile sends its requests to another app."""
+    """Wait until ``url`` answers 200 over HTTP: the ingress (HAProxy) learns a new app's route a moment after
+    Serve reports it running, and meanwhile sends its requests to another app."""
     import urllib.error
     import urllib.request
 
-    probe = url.replace("://0.0.0.0:", "://127.0.0.1:") + "/v2/health/ready"
+    probe = url.replace("://0.0.0.0:", "://127.0.0.1:")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -201,20 +226,8 @@ def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeRes
         locate(version, cfg)  # a readable error here rather than a traceback in Serve's status
     started_fast = connect(cfg)
     http = start(cfg)
-    client = _client()
-    apps = _declared(client)
-    apps[cfg.serve.app_name] = app_config(cfg)
-    _apply(client, apps)
-    _wait_running(cfg.serve.app_name, timeout_s)
-    import ray
-
-    _state_file().parent.mkdir(parents=True, exist_ok=True)
-    _state_file().write_text(
-        json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": cfg.serve.app_name})
-    )
-    prefix = cfg.serve.route_prefix.rstrip("/")
-    url = f"http://{http['host']}:{http['port']}{prefix}"
-    _wait_answering(url, timeout_s)
+    url = f"http://{http['host']}:{http['port']}{cfg.serve.route_prefix.rstrip('/')}"
+    put_app(app_config(cfg), url + "/v2/health/ready", timeout_s)
     name = model_name(cfg)
     return ServeResult(
         app_name=cfg.serve.app_name,

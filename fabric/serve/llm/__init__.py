@@ -13,7 +13,6 @@ Importing this package loads neither Ray nor torch nor vLLM.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,7 +111,7 @@ def start_monitor(cfg: PipelineConfig) -> bool:
 
 
 def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
-    """Deploy (or update) ``cfg``'s OpenAI app on Serve, wait until it runs, and return its base URL.
+    """Deploy (or update) ``cfg``'s OpenAI app on Serve, wait until it answers, and return its base URL.
 
     Connects to Ray (a local one when no cluster is configured), starts Serve on ``llm.serve.host:port``
     (a running Serve keeps its own), starts the drift monitor, and deploys
@@ -134,18 +133,9 @@ def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
         start_monitor(cfg)
     except Exception as e:  # serving does not depend on the monitor
         log.warning("the drift monitor did not start: %s", e)
-    client = control._client()
-    apps = control._declared(client)
-    name = cfg.llm.serve.app_name
-    apps[name] = app_config(cfg)
-    control._apply(client, apps)
-    control._wait_running(name, timeout_s)
-    import ray
-
-    state = control._state_file()
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": name}))
-    return f"http://{http['host']}:{http['port']}{cfg.llm.serve.route_prefix.rstrip('/')}"
+    url = f"http://{http['host']}:{http['port']}{cfg.llm.serve.route_prefix.rstrip('/')}"
+    control.put_app(app_config(cfg), url + "/health", timeout_s)
+    return url
 
 
 def run(cfg: PipelineConfig) -> str:
