@@ -10,7 +10,7 @@ from fabric.config.monitor import MonitorConfig
 from fabric.config.pipeline import PipelineConfig
 from fabric.config.serve import ServeConfig
 from fabric.config.track import PromotionConfig, TrackConfig, WandbConfig
-from fabric.config.train import DeepSpeedConfig, TrainConfig
+from fabric.config.train import DeepSpeedConfig, TrainConfig, WorkerGroupConfig
 from fabric.config.tune import Param, Scheduler, TuneConfig
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "TuneConfig",
     "WandbConfig",
+    "WorkerGroupConfig",
     "deep_merge",
     "dump_config",
     "load_config",

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fabric.config._base import Section, is_uri
 from fabric.config.llm_serve import LLMServeConfig
-from fabric.config.train import DeepSpeedConfig
+from fabric.config.train import WorkerGroupConfig
 
 
 def _local_path_exists(v: str | None) -> str | None:
@@ -85,27 +84,14 @@ class LoRAConfig(Section):
     alone cannot fix. Costs vocabulary x hidden size parameters each; None: only the LoRA matrices train."""
 
 
-class FinetuneConfig(Section):
-    """How the adapter is trained (Ray Train TorchTrainer: DDP or DeepSpeed ZeRO)."""
+class FinetuneConfig(WorkerGroupConfig):
+    """How the adapter is trained (Ray Train TorchTrainer: DDP or DeepSpeed ZeRO); the worker-group fields are
+    ``train``'s."""
 
     epochs: int = Field(default=2, ge=1)
     """Passes over the training split."""
     batch_size: int = Field(default=8, ge=1)
     """Sequences per worker per step."""
-    lr: float = Field(default=1e-3, gt=0)
-    """AdamW learning rate of the adapter's weights."""
-    weight_decay: float = Field(default=0.0, ge=0)
-    """AdamW weight decay."""
-    num_workers: int = Field(default=2, ge=1)
-    """Ray Train workers (one process each)."""
-    use_gpu: bool | Literal["auto"] = "auto"
-    """``auto`` uses GPUs when the cluster has them."""
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    """``ddp``: torch DDP (gloo on CPU, NCCL on GPU); ``deepspeed``: DeepSpeed ZeRO (``deepspeed`` below)."""
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    """ZeRO stage and optimizer offload, used when ``strategy`` is ``deepspeed``."""
-    max_failures: int = Field(default=2, ge=0)
-    """Worker-group restarts allowed; each resumes from the last adapter checkpoint."""
     merge: bool = True
     """Also write the base with the adapter merged in (for single-model serving)."""
     model_name: str = "fabric-lm"

@@ -35,7 +35,7 @@ from fabric.models.causal_lm import (
 from fabric.runtime import connect
 from fabric.tracking import AdapterRegistration, log_finetune
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
-from fabric.train._trainer import _warn_if_short, fit, resolve_use_gpu
+from fabric.train._trainer import _warn_if_short, fit, resolve_use_gpu, worker_group_trainer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,13 +185,10 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         DataValidationError: bad records, or too little data for the workers.
         FabricError: training failed after its restarts.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     require("transformers", "llm")
     f = cfg.llm.finetune
     if f.strategy == "deepspeed":
-        require("deepspeed", "deepspeed")  # fail here, not in every worker
+        require("deepspeed", "deepspeed")  # before reading any data
     connect(cfg.cluster)
     out = llm_dir(cfg)
     storage = out / "train"
@@ -208,19 +205,8 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
 
     use_gpu = resolve_use_gpu(f.use_gpu)
     _warn_if_short(f.num_workers, use_gpu)
-    trainer = TorchTrainer(
-        lm_loop_per_worker,
-        train_loop_config={**_loop_config(cfg, base_dir), **(loop_overrides or {})},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=f.num_workers, use_gpu=use_gpu),
-        datasets=datasets,
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=f.max_failures),
-            checkpoint_config=CheckpointConfig(),  # adapters are small: every epoch's is kept (its metrics too)
-        ),
-    )
+    loop_config = {**_loop_config(cfg, base_dir), **(loop_overrides or {})}
+    trainer = worker_group_trainer(lm_loop_per_worker, loop_config, f, datasets, name=cfg.name, storage=storage)
     how = f"DeepSpeed ZeRO-{f.deepspeed.zero_stage}" if f.strategy == "deepspeed" else "DDP"
     print(
         f"fine-tuning a LoRA adapter (r={cfg.llm.lora.r}) with {how} on {f.num_workers} "

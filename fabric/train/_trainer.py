@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.config import PipelineConfig
+from fabric.config import PipelineConfig, WorkerGroupConfig
 from fabric.errors import FabricError, require
 from fabric.models import read_spec
 from fabric.runtime import connect
@@ -83,31 +84,49 @@ def build_trainer(cfg: PipelineConfig, loop_overrides: dict[str, Any] | None = N
         cfg: the pipeline config (``cfg.train`` shapes the run); Ray must be connected.
         loop_overrides: keys merged into the loop config last (the benchmark and tests use this).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     t = cfg.train
-    if t.strategy == "deepspeed":
-        require("deepspeed", "deepspeed")  # fail here, not in every worker
-    use_gpu = resolve_use_gpu(t.use_gpu)
     config = {**loop_config(cfg), **(loop_overrides or {}), "ray_data_shards": True}
     folder = Path(config["data_dir"])
     storage = train_dir(cfg)
     storage.mkdir(parents=True, exist_ok=True)
+    return worker_group_trainer(
+        train_loop_per_worker, config, t, _datasets(folder, t.num_workers), name=cfg.name, storage=storage
+    )
+
+
+def worker_group_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    group: WorkerGroupConfig,
+    datasets: dict[str, Any],
+    name: str,
+    storage: Path,
+) -> TorchTrainer:
+    """A TorchTrainer running ``loop`` as ``group`` says: workers, GPUs (NCCL) or CPUs (gloo), placement, restarts.
+
+    Every epoch's checkpoint is kept (tabular models and adapters are small; their metrics are the history).
+
+    Raises:
+        FabricError: DeepSpeed is asked for and not installed (here, not in every worker).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if group.strategy == "deepspeed":
+        require("deepspeed", "deepspeed")
+    use_gpu = resolve_use_gpu(group.use_gpu)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
+        loop,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=use_gpu, placement_strategy=t.placement_strategy
+            num_workers=group.num_workers, use_gpu=use_gpu, placement_strategy=group.placement_strategy
         ),
-        datasets=_datasets(folder, t.num_workers),
+        datasets=datasets,
         run_config=RunConfig(
-            name=cfg.name,
+            name=name,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            # Every epoch's checkpoint is kept: its metrics are the run's history, and tabular models
-            # are small.
+            failure_config=FailureConfig(max_failures=group.max_failures),
             checkpoint_config=CheckpointConfig(),
         ),
     )

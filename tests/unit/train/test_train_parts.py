@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fabric.config import PipelineConfig
-from fabric.errors import FabricError
+from fabric.errors import ConfigError, FabricError
 from fabric.models import build_mlp, load_model
 from fabric.train import loop_config
 from fabric.train._checkpoint import kind, load_ddp, save_ddp, to_artifact
@@ -128,3 +128,26 @@ def test_ddp_checkpoint_round_trip_and_artifact(tmp_path: Path) -> None:
 def test_an_unknown_checkpoint_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FabricError, match="neither a DDP nor a DeepSpeed checkpoint"):
         kind(tmp_path)
+
+
+def test_training_and_finetuning_share_the_worker_group_settings(tmp_path: Path) -> None:
+    """`llm.finetune` takes the same worker-group settings as `train` (placement included) into its trainer."""
+    from fabric.config import load_config
+    from fabric.train._trainer import worker_group_trainer
+
+    cfg = load_config(
+        None,
+        [
+            "llm.finetune.num_workers=3",
+            "llm.finetune.use_gpu=false",
+            "llm.finetune.placement_strategy=SPREAD",
+            "llm.finetune.max_failures=4",
+        ],
+    )
+    assert cfg.llm.finetune.epochs == 2 and cfg.train.epochs == 5  # each keeps its own defaults
+    trainer = worker_group_trainer(lambda c: None, {}, cfg.llm.finetune, {}, name="t", storage=tmp_path)
+    scaling, run = trainer.scaling_config, trainer.run_config
+    assert (scaling.num_workers, scaling.use_gpu, scaling.placement_strategy) == (3, False, "SPREAD")
+    assert run.failure_config.max_failures == 4 and run.storage_path == str(tmp_path)
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        load_config(None, ["llm.finetune.placement_strategy=ANYWHERE"])
