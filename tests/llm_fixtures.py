@@ -6,6 +6,7 @@
   ``tokenizers`` on a few hundred generated lines, carrying the chat template of the fine-tuning contract;
 * ``llm/adapter/`` and ``llm/adapter2/``: peft LoRA adapters with random (not zero) weights, so selecting one
   visibly changes the output;
+* ``llm/adapter3/``: the same, which also saves a trained copy of the final layer norm (``modules_to_save``);
 * ``llm/reference.parquet``: the drift reference of the serving stream.
 """
 
@@ -21,7 +22,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 EOS = "<|endoftext|>"
-_WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "ray", "serve", "batches", "many", "tokens", "for", "each", "model", "request", "and", "the", "dog", "ran", "over", "green", "hills", "to", "find", "seven", "red", "apples", "under", "an", "old", "tree", "near", "the", "quiet", "river", "bank", "today"]
+_WORDS = (
+    "the cat sat on a mat while ray serve batches many tokens for each model request and the dog ran over green "
+    "hills to find seven red apples under an old tree near the quiet river bank today"
+).split()
 
 
 def corpus(lines: int = 400, seed: int = 0) -> list[str]:
@@ -79,10 +83,20 @@ def tiny_llm(root: Path, seed: int = 0) -> Path:
         # Fresh weights rarely but sometimes pick the end-of-sequence token first; keep outputs full-length.
         model.lm_head.weight[tok.eos_token_id] = 0.0  # type: ignore[attr-defined]
     model.save_pretrained(base)
-    for i, name in enumerate(("adapter", "adapter2")):
+    for i, name in enumerate(("adapter", "adapter2", "adapter3")):
         torch.manual_seed(seed + 1 + i)
-        lora = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True)
+        lora = LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=["c_attn"],
+            init_lora_weights=False,
+            fan_in_fan_out=True,
+            modules_to_save=["ln_f"] if name == "adapter3" else None,
+        )
         wrapped = get_peft_model(GPT2LMHeadModel.from_pretrained(base), lora)
+        if name == "adapter3":
+            with torch.no_grad():  # the saved copy differs from the base's, so it changes outputs
+                wrapped.base_model.model.transformer.ln_f.modules_to_save["default"].weight.mul_(1.5)
         wrapped.save_pretrained(llm / name)
         tok.save_pretrained(llm / name)  # type: ignore[attr-defined]
     rng = random.Random(seed)

@@ -47,7 +47,8 @@ class LLMServeConfig(Section):
     batch_wait_s: float = Field(default=0.01, ge=0)
     """How long an idle engine waits for more requests before starting a batch (more rows per step)."""
     max_loaded_adapters: int = Field(default=4, ge=1)
-    """LoRA adapters held in memory at once; loading one more evicts the least recently used."""
+    """LoRA adapters held in memory at once; loading one more evicts the least recently used. The CPU engine
+    mixes up to this many adapters (and the base) in one batch."""
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads of the CPU engine; None: one per CPU reserved for the replica."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -1,15 +1,19 @@
 """The CPU engine: transformers + peft, with a background step loop that batches concurrent requests continuously.
 
-One thread owns the model. It takes waiting sequences of one adapter (up to ``max_batch_size``; the queue is
-grouped by adapter, oldest first), prefills them together (left-padded, with an attention mask and position
-ids), then decodes one token per row per step on the KV cache. Before each step, requests of the same adapter
-that arrived meanwhile join the running batch: they are prefilled on their own, their first tokens sent at once,
-and their KV cache is merged into the batch's (both left-padded to one width, concatenated along the rows), so a
-newcomer waits one step, not for the batch to finish. A request of another adapter at the head of the queue stops
-the joining, so the batch drains and that adapter goes next. Each row samples with its own parameters and random
-generator, and finishes on its own (end of sequence, a stop sequence, ``max_tokens``, or its client leaving);
-finished rows leave the cache so the others run on. A forward pass over 16 rows costs little more than over one
-on a small model, which is where throughput under concurrency comes from.
+One thread owns the model. It takes the waiting sequences that fit a batch with the oldest one (up to
+``max_batch_size``), prefills them together (left-padded, with an attention mask and position ids), then decodes
+one token per row per step on the KV cache. Before each step, fitting requests that arrived meanwhile join the
+running batch: they are prefilled on their own, their first tokens sent at once, and their KV cache is merged into
+the batch's (both left-padded to one width, concatenated along the rows), so a newcomer waits one step, not for
+the batch to finish. A request at the head of the queue that does not fit stops the joining, so the batch drains
+and that request goes next. Each row samples with its own parameters and random generator, and finishes on its
+own (end of sequence, a stop sequence, ``max_tokens``, or its client leaving); finished rows leave the cache so
+the others run on. A forward pass over 16 rows costs little more than over one on a small model, which is where
+throughput under concurrency comes from.
+
+What fits: rows of the base and of up to ``max_loaded_adapters`` LoRA adapters share a batch, each row through
+its own adapter (peft's mixed-adapter batches). An adapter that also saves whole modules (``modules_to_save``)
+cannot mix, since peft would apply its module copies to every row: its requests form batches of their own.
 
 LoRA adapters are loaded on demand (transformers' peft integration: ``load_adapter``) and the least recently
 used is deleted when more than ``max_loaded_adapters`` would be held.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import threading
 import time
@@ -118,8 +123,28 @@ class _Rows:
         self.seqs = self.seqs + other.seqs
 
 
+BASE = "__base__"
+"""peft's name for "no adapter" in a mixed batch."""
+_UNSET = object()
+_MIXED = object()
+
+
+def saves_modules(folder: str) -> bool:
+    """Whether a peft adapter folder also holds whole modules (``modules_to_save``); unreadable counts as yes."""
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("modules_to_save"))
+
+
 class AdapterSlots:
-    """Which LoRA adapters are loaded on a transformers model, least recently used first.
+    """Which LoRA adapters are loaded on a transformers model, least recently used first, and which rows use which.
+
+    A forward pass either runs one adapter for every row (:meth:`use`), or gives each row its own adapter or the
+    base (:meth:`mix`: peft's mixed-adapter batches, the ``adapter_names`` argument of its LoRA layers, passed by a
+    pre-forward hook). Adapters that also replace whole modules (``modules_to_save``) cannot mix: peft applies a
+    module copy to every row of a batch.
 
     Args:
         model: a transformers ``PreTrainedModel`` (its peft integration loads and deletes adapters).
@@ -131,31 +156,93 @@ class AdapterSlots:
         self.model = model
         self.paths = dict(paths)
         self.capacity = capacity
+        self.exclusive = {name for name, folder in self.paths.items() if saves_modules(folder)}
         self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.loads = 0
         self.evictions = 0
+        self._rows: list[str] | None = None
+        """Each row's adapter (``BASE``: none) for the LoRA layers' hook; None: the active adapter for all rows."""
+        self._active: str | None | object = _UNSET
+
+    def mixable(self, name: str | None) -> bool:
+        """Whether rows of ``name`` (None: the base) may share a forward pass with other adapters' rows."""
+        return name not in self.exclusive
 
     def use(self, name: str | None) -> None:
-        """Make ``name`` the active adapter (loading it, and evicting the LRU one, as needed); None: the base."""
-        if name is None:
-            if self.loaded:
-                self.model.disable_adapters()
+        """Make ``name`` the adapter of every row (loading it, and evicting the LRU one, as needed); None: the base."""
+        self._rows = None
+        if name is not None:
+            self._load({name})
+        self._activate(name)
+
+    def mix(self, rows: list[str | None], keep: set[str] | None = None) -> None:
+        """Give the next forward passes' rows these adapters (None: the base), loading them as needed.
+
+        Args:
+            rows: one adapter per row, all mixable.
+            keep: adapters that must stay loaded besides (the running batch's).
+        """
+        wanted = {name for name in rows if name is not None}
+        self._load(wanted, protect=wanted | (keep or set()))
+        self._rows = [BASE if name is None else name for name in rows] if wanted else None
+        self._activate(_MIXED if wanted else None)
+
+    def _activate(self, name: str | None | object) -> None:
+        """Point every adapter layer at ``name``: one adapter for all rows, None for the base, or ``_MIXED`` (LoRA
+        layers follow the per-row names, module copies stay off). A no-op when nothing changes."""
+        if name == self._active:
             return
-        if name not in self.paths:
-            raise UsageError(f"unknown adapter {name!r}; configured: {', '.join(sorted(self.paths)) or 'none'}")
-        if name not in self.loaded:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):  # a module copy serves only its own adapter's batches
+                own = isinstance(name, str) and name in module._adapters
+                if own:
+                    module.set_adapter(name)
+                module.enable_adapters(own)
+            elif isinstance(module, BaseTunerLayer):
+                if isinstance(name, str):
+                    module.set_adapter(name)
+                module.enable_adapters(name is not None)
+        self._active = name
+
+    def _load(self, names: set[str], protect: set[str] | None = None) -> None:
+        protect = protect if protect is not None else names
+        for name in sorted(names - set(self.loaded)):
+            if name not in self.paths:
+                raise UsageError(f"unknown adapter {name!r}; configured: {', '.join(sorted(self.paths)) or 'none'}")
             while len(self.loaded) >= self.capacity:
-                old, _ = self.loaded.popitem(last=False)
+                old = next((a for a in self.loaded if a not in protect), None)
+                if old is None:
+                    raise FabricError(f"more than max_loaded_adapters={self.capacity} adapters in one batch")
+                del self.loaded[old]
                 self.model.delete_adapter(old)
+                self._active = _UNSET
                 self.evictions += 1
                 log.info("evicted LoRA adapter %s", old)
             self.model.load_adapter(self.paths[name], adapter_name=name)
+            self._active = _UNSET
             self.loads += 1
             log.info("loaded LoRA adapter %s from %s", name, self.paths[name])
-        self.loaded[name] = None
-        self.loaded.move_to_end(name)
-        self.model.set_adapter(name)
-        self.model.enable_adapters()
+            self._hook_lora_layers()
+        for name in names:
+            self.loaded[name] = None
+            self.loaded.move_to_end(name)
+
+    def _hook_lora_layers(self) -> None:
+        """Hand each row's adapter to every LoRA layer (new ones appear as adapters load) while :meth:`mix` says."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and not getattr(module, "_fabric_rows_hook", False):
+                module.register_forward_pre_hook(self._pass_rows, with_kwargs=True)
+                module._fabric_rows_hook = True
+
+    def _pass_rows(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if self._rows is not None:
+            kwargs["adapter_names"] = self._rows
+        return args, kwargs
 
 
 class TransformersEngine(LLMEngine):
@@ -295,41 +382,65 @@ class TransformersEngine(LLMEngine):
                         seq.post(e)
 
     def _next_batch(self) -> list[_Sequence]:
-        """The oldest waiting sequence's adapter group, up to ``max_batch_size`` (after a short wait to fill)."""
+        """The waiting sequences that fit a batch with the oldest one (see :meth:`_admits`), up to
+        ``max_batch_size``; when the queue was empty, after waiting up to ``batch_wait_s`` for it to fill."""
         size = self.cfg.max_batch_size
         with self._cond:
             if not self._pending:
                 self._cond.wait(_IDLE_POLL_S)
-            if not self._pending:
-                return []
-            deadline = time.monotonic() + self.cfg.batch_wait_s
-            while len(self._pending) < size and not self._stopping.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+                if not self._pending:
+                    return []
+                deadline = time.monotonic() + self.cfg.batch_wait_s
+                while len(self._pending) < size and not self._stopping.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
             live = [s for s in self._pending if not s.cancelled]
             if not live:
                 self._pending.clear()
                 return []
-            adapter = live[0].request.adapter
-            batch = [s for s in live if s.request.adapter == adapter][:size]
+            head = live[0].request.adapter
+            mixed, names = self.adapters.mixable(head), set()  # type: ignore[union-attr]
+            batch = []
+            for seq in live:
+                if len(batch) == size:
+                    break
+                if self._admits(seq, head, mixed, names):
+                    batch.append(seq)
             chosen = set(map(id, batch))
             self._pending = collections.deque(s for s in live if id(s) not in chosen)
             return batch
 
-    def _joiners(self, adapter: str | None, room: int) -> list[_Sequence]:
-        """Waiting sequences of ``adapter`` from the head of the queue, up to ``room``, without waiting.
+    def _admits(self, seq: _Sequence, only: str | None, mixed: bool, names: set[str]) -> bool:
+        """Whether ``seq`` fits a batch that runs adapter ``only`` on every row (``mixed`` False), or that mixes
+        the adapters ``names`` (at most ``max_loaded_adapters``; its adapter is added to them when it fits)."""
+        adapter = seq.request.adapter
+        if not mixed:
+            return adapter == only
+        if not self.adapters.mixable(adapter):  # type: ignore[union-attr]
+            return False
+        if adapter is None or adapter in names:
+            return True
+        if len(names) >= self.cfg.max_loaded_adapters:
+            return False
+        names.add(adapter)
+        return True
 
-        Stops at the first sequence of another adapter, so a stream of one adapter's requests cannot keep the
-        batch running forever while another adapter's request waits: the batch drains and that one goes next.
+    def _joiners(self, only: str | None, mixed: bool, names: set[str], room: int) -> list[_Sequence]:
+        """Waiting sequences that fit the running batch (see :meth:`_admits`) from the head of the queue, up to
+        ``room``, without waiting.
+
+        Stops at the first sequence that does not fit, so a stream of fitting requests cannot keep the batch
+        running forever while another adapter's request waits: the batch drains and that one goes next.
         """
         with self._cond:
-            while self._pending and self._pending[0].cancelled:
-                self._pending.popleft()
             taken: list[_Sequence] = []
-            while self._pending and len(taken) < room and self._pending[0].request.adapter == adapter:
-                seq = self._pending.popleft()
+            while self._pending and len(taken) < room:
+                seq = self._pending[0]
+                if not seq.cancelled and not self._admits(seq, only, mixed, names):
+                    break
+                self._pending.popleft()
                 if not seq.cancelled:
                     taken.append(seq)
             return taken
@@ -341,21 +452,28 @@ class TransformersEngine(LLMEngine):
             seq.post(error)
 
     def _run(self, members: list[_Sequence]) -> None:
-        """Decode ``members`` until every row is done, letting the same adapter's new requests join at each step.
+        """Decode ``members`` until every row is done, letting fitting new requests join at each step.
 
         Newcomers are prefilled on their own (left-padded), their first tokens sampled and sent at once, and their
         KV cache merged into the running batch's (see :meth:`_Rows.extend`), so the next decode step covers them.
+        A batch either mixes the base and adapters without module copies, each row through its own, or runs one
+        adapter that copies modules on every row.
         """
         import torch
 
-        assert self.adapters is not None
-        adapter = members[0].request.adapter
+        slots = self.adapters
+        assert slots is not None
+        only = members[0].request.adapter
+        mixed = slots.mixable(only)
         with torch.inference_mode():
-            self.adapters.use(adapter)
+            if not mixed:
+                slots.use(only)
             rows: _Rows | None = None
             newcomers = list(members)
             while True:
-                if newcomers and rows is None:  # nothing running: a new batch starts
+                if newcomers and mixed:
+                    slots.mix([s.request.adapter for s in newcomers], keep=_adapters(rows.seqs) if rows else set())
+                if rows is None:  # a new batch starts
                     self.counters["batches"] += 1
                     rows = self._prefill(newcomers)
                 elif newcomers:
@@ -365,6 +483,8 @@ class TransformersEngine(LLMEngine):
                         rows.extend(fresh)
                 if rows is None or self._stopping.is_set():
                     break
+                if mixed:
+                    slots.mix([s.request.adapter for s in rows.seqs])
                 rows.mask = torch.cat([rows.mask, torch.ones((len(rows.seqs), 1), dtype=torch.long)], dim=1)
                 rows.last = rows.last + 1
                 out = self.model(
@@ -376,11 +496,11 @@ class TransformersEngine(LLMEngine):
                 )
                 rows.cache = out.past_key_values
                 rows = self._emit(rows, out.logits[:, -1, :])
-                room = self.cfg.max_batch_size - (len(rows.seqs) if rows else 0)
-                newcomers = self._joiners(adapter, room) if rows is None or rows.joinable else []
-                members[:] = [s for s in members if not s.done] + newcomers  # a busy batch may run for hours
-                if rows is None and not newcomers:
+                if rows is None:  # all done: the next batch is picked afresh, whatever it holds
                     break
+                room = self.cfg.max_batch_size - len(rows.seqs)
+                newcomers = self._joiners(only, mixed, _adapters(rows.seqs), room) if rows.joinable else []
+                members[:] = [s for s in members if not s.done] + newcomers  # a busy batch may run for hours
         for s in members:
             if not s.done:  # shutting down mid-batch
                 s.done = True
@@ -459,6 +579,11 @@ class TransformersEngine(LLMEngine):
         if finish is not None:
             seq.done = True
         return GenerationOutput(text, [token], seq.completion, finish)
+
+
+def _adapters(seqs: list[_Sequence]) -> set[str]:
+    """The adapters rows use (the base is none)."""
+    return {s.request.adapter for s in seqs if s.request.adapter is not None}
 
 
 def _put_all(items: list[tuple[asyncio.Queue, GenerationOutput]]) -> None:
