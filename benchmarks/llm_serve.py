@@ -1,7 +1,7 @@
 """Language-model serving speed: fabric's OpenAI endpoint (batching CPU engine) vs plain ``model.generate``.
 
     python benchmarks/llm_serve.py [--concurrency 1 4 16] [--max-tokens 64] [--threads 1] [--layers 6] [--width 512]
-        [--repeats 3]
+        [--repeats 3] [--adapters 0] [--no-fast-path] [--set llm.serve.KEY=VALUE ...]
 
 Both sides run the same freshly initialised GPT-2 (``--layers`` x ``--width``, byte-level BPE tokenizer trained
 here; nothing downloaded) on the same number of torch threads, greedy, every request generating exactly
@@ -12,6 +12,9 @@ here; nothing downloaded) on the same number of torch threads, greedy, every req
 * ``baseline``: the same 16 prompts through ``model.generate`` one request at a time, in this process (no
   HTTP, so the baseline pays nothing for the network); a streamer timestamps each first token, and a request
   of a burst of N waits for the ones before it, as it would behind a one-at-a-time server.
+
+With ``--adapters K``, K LoRA adapters (rank 8, random weights) are made too and the requests go round robin over
+the base and them, on both sides (the baseline holds them all loaded and switches per request).
 
 Output tokens/s is all completion tokens over the wall time of the burst; time to first token (TTFT) is the
 median from sending a request to its first token. Each level runs ``--repeats`` times, a fabric burst then a
@@ -111,6 +114,28 @@ def build_model(out: Path, layers: int, width: int, seed: int = 0) -> Path:
     return out
 
 
+def build_adapters(folder: Path, count: int) -> dict[str, str]:
+    """``count`` LoRA adapters (rank 8 on ``c_attn``, random weights) of the model in ``folder``, saved beside it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    out = {}
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True)
+        path = folder.parent / f"adapter{i}"
+        get_peft_model(GPT2LMHeadModel.from_pretrained(folder), lora).save_pretrained(path)
+        out[f"adapter{i}"] = str(path)
+    return out
+
+
+def models_of(n: int, adapters: list[str]) -> list[str | None]:
+    """Which adapter each of ``n`` requests uses, round robin over the base (None) and ``adapters``."""
+    choices: list[str | None] = [None, *adapters]
+    return [choices[i % len(choices)] for i in range(n)]
+
+
 def prompts(n: int, seed: int = 1) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) for _ in range(n)]
@@ -119,10 +144,12 @@ def prompts(n: int, seed: int = 1) -> list[str]:
 # --------------------------------------------------------------------------- fabric: the HTTP endpoint
 
 
-async def _stream(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+async def _stream(
+    client: Any, url: str, prompt: str, max_tokens: int, adapter: str | None = None
+) -> tuple[float, float, int]:
     """One streamed completion: (seconds to the first token, seconds in all, completion tokens)."""
     body = {
-        "model": "bench",
+        "model": "bench" if adapter is None else f"bench:{adapter}",
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -146,19 +173,21 @@ async def _stream(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[
 
 
 async def _fabric_burst(
-    url: str, texts: list[str], concurrency: int, max_tokens: int
+    url: str, texts: list[str], adapters: list[str | None], concurrency: int, max_tokens: int
 ) -> tuple[float, list[float], int, dict[str, int]]:
-    """The burst over HTTP: (wall seconds, TTFTs, completion tokens, the engine's step counters over the burst)."""
+    """The burst over HTTP (request i through ``adapters[i]``): (wall seconds, TTFTs, completion tokens, the
+    engine's step counters over the burst)."""
     import httpx
 
-    per_client = [texts[i::concurrency] for i in range(concurrency)]
+    work = list(zip(texts, adapters, strict=True))
+    per_client = [work[i::concurrency] for i in range(concurrency)]
     ttfts: list[float] = []
     total = 0
 
-    async def client_loop(client: Any, mine: list[str]) -> None:
+    async def client_loop(client: Any, mine: list[tuple[str, str | None]]) -> None:
         nonlocal total
-        for p in mine:
-            ttft, _, n = await _stream(client, url, p, max_tokens)
+        for p, adapter in mine:
+            ttft, _, n = await _stream(client, url, p, max_tokens, adapter)
             ttfts.append(ttft)
             total += n
 
@@ -194,7 +223,13 @@ class _FirstToken:
 
 
 def _baseline_burst(
-    folder: Path, texts: list[str], concurrency: int, max_tokens: int, state: dict
+    folder: Path,
+    texts: list[str],
+    adapters: list[str | None],
+    paths: dict[str, str],
+    concurrency: int,
+    max_tokens: int,
+    state: dict,
 ) -> tuple[float, list[float], int]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,6 +237,8 @@ def _baseline_burst(
     if "model" not in state:
         state["tok"] = AutoTokenizer.from_pretrained(folder)
         state["model"] = AutoModelForCausalLM.from_pretrained(folder).eval()
+        for name, path in paths.items():  # all loaded up front: switching is free, as on the fabric side
+            state["model"].load_adapter(path, adapter_name=name)
     tok, model = state["tok"], state["model"]
     ttfts: list[float] = []
     total = 0
@@ -209,7 +246,12 @@ def _baseline_burst(
     # a burst of `concurrency` requests arrives at once; each waits for the ones served before it
     for group in range(0, len(texts), concurrency):
         arrived = time.perf_counter()
-        for p in texts[group : group + concurrency]:
+        for p, adapter in zip(texts[group : group + concurrency], adapters[group : group + concurrency], strict=True):
+            if adapter is not None:
+                model.set_adapter(adapter)
+                model.enable_adapters()
+            elif paths:
+                model.disable_adapters()
             ids = tok(p, return_tensors="pt")
             streamer = _FirstToken()
             with torch.inference_mode():
@@ -239,6 +281,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="paired fabric/baseline runs per level (medians shown)")
+    p.add_argument(
+        "--adapters", type=int, default=0, help="LoRA adapters; requests go round robin over the base and them"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fabric config overrides (llm.serve.*)")
     p.add_argument(
         "--no-fast-path", action="store_true", help="Serve's Python proxy instead of the HAProxy fast path (default)"
@@ -256,6 +301,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fabric-llm-bench-"))
     folder = build_model(root / "model", args.layers, args.width)
     texts = prompts(BURST)
+    paths = build_adapters(folder, args.adapters)
+    adapters = models_of(BURST, sorted(paths))
 
     cfg = load_config(
         None,
@@ -270,6 +317,8 @@ def main() -> None:
             f"llm.serve.fast_path={not args.no_fast_path}",
             "llm.serve.monitor=false",
             "cluster.num_cpus=2",
+            *(f"llm.serve.adapters.{name}={path}" for name, path in paths.items()),
+            f"llm.serve.max_loaded_adapters={max(1, args.adapters)}",
             *args.set,
         ],
     )
@@ -277,12 +326,12 @@ def main() -> None:
     state: dict[str, Any] = {}
     runs: dict[int, list[tuple[float, float, float, float, dict[str, int]]]] = {c: [] for c in args.concurrency}
     try:
-        _baseline_burst(folder, texts[:1], 1, 4, state)  # warm-up
+        _baseline_burst(folder, texts[:1], [None], paths, 1, 4, state)  # warm-up
         # each fabric burst is paired with a baseline burst right after it, so both see the same machine load
         for _ in range(args.repeats):
             for c in args.concurrency:
-                f_wall, f_ttft, f_tokens, steps = asyncio.run(_fabric_burst(url, texts, c, args.max_tokens))
-                b_wall, b_ttft, b_tokens = _baseline_burst(folder, texts, c, args.max_tokens, state)
+                f_wall, f_ttft, f_tokens, steps = asyncio.run(_fabric_burst(url, texts, adapters, c, args.max_tokens))
+                b_wall, b_ttft, b_tokens = _baseline_burst(folder, texts, adapters, paths, c, args.max_tokens, state)
                 f_ttft_p50, b_ttft_p50 = statistics.median(f_ttft), statistics.median(b_ttft)
                 runs[c].append((f_tokens / f_wall, b_tokens / b_wall, f_ttft_p50, b_ttft_p50, steps))
     finally:
@@ -291,7 +340,9 @@ def main() -> None:
     print(
         f"\nGPT-2 {args.layers}x{args.width} (fresh weights), {BURST} requests x {args.max_tokens} tokens per "
         f"level, greedy, {args.threads} torch thread(s) per side; medians of {args.repeats} paired runs; "
-        f"Serve ingress: {'Python proxy' if args.no_fast_path else 'HAProxy fast path'}\n"
+        f"Serve ingress: {'Python proxy' if args.no_fast_path else 'HAProxy fast path'}"
+        + (f"; requests round robin over the base and {args.adapters} LoRA adapter(s)" if args.adapters else "")
+        + "\n"
     )
     print(
         "| concurrency | fabric tok/s | generate tok/s | ratio (pairs' range) | fabric TTFT p50 ms "
