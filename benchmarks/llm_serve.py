@@ -29,12 +29,13 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fabric.runtime import free_port
 
 BURST = 16
 WORDS = [
@@ -267,12 +268,6 @@ def _baseline_burst(
 # --------------------------------------------------------------------------- main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -310,7 +305,7 @@ def main() -> None:
             f"run_dir={root}",
             f"llm.serve.model_path={folder}",
             "llm.serve.served_name=bench",
-            f"llm.serve.port={_free_port()}",
+            f"llm.serve.port={free_port()}",
             f"llm.serve.threads={args.threads}",
             f"llm.serve.max_batch_size={BURST}",
             "llm.serve.replica_cpus=0",

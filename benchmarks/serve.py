@@ -43,6 +43,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel  # the plain baseline's request and response models (below)
 
+from fabric.runtime import free_port
+
 MODELS = {
     # name: (input_dim, hidden_size, num_layers, num_classes)
     "cheap": (4, 16, 1, 3),
@@ -258,14 +260,6 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def request_body(input_dim: int) -> bytes:
     row = [round(0.1 * (i % 7) - 0.3, 3) for i in range(input_dim)]
     return json.dumps(
@@ -313,7 +307,7 @@ def compare_monitor(
     for c in clients:
         runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         for rep in range(repeat):
-            for side in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+            for side in ("off", "on") if rep % 2 == 0 else ("on", "off"):
                 runs[side].append(measure(urls[side] + path, body, c, duration))
         best = {side: sorted(r, key=lambda m: m["rps"])[len(r) // 2] for side, r in runs.items()}
         st = ray.get(handle.stats.remote(), timeout=60)

@@ -214,9 +214,27 @@ def head_processes(temp_dir: str) -> list[psutil.Process]:
 
 
 def free_port() -> int:
-    """A TCP port free on this machine right now."""
+    """A TCP port free on every address of this machine now, for a listener started a moment later.
+
+    Picked below the kernel's ephemeral range, from which Ray's processes (and every other ``bind(0)``) take
+    ports while a cluster starts, and above Ray's worker ports (10002-19999), so that nothing else is handed it
+    in between. Falls back to a port of the kernel's choosing.
+    """
+    import random
     import socket
 
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(20000, max(20000, low)))
+    for port in random.sample(candidates, min(len(candidates), 64)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))  # the wildcard: taken on any address (a node IP included) fails here
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
@@ -268,7 +286,7 @@ def check_node_ip(node_ip: str) -> str:
 def check_resources(resources: object) -> dict[str, float]:
     """Validate custom node resources: a mapping of names to non-negative numbers, CPU/GPU/memory excluded."""
     if not isinstance(resources, dict):
-        raise UsageError(f"--resources: expected a JSON object such as {{\"head_node\": 1}}, got {resources!r}")
+        raise UsageError(f'--resources: expected a JSON object such as {{"head_node": 1}}, got {resources!r}')
     out: dict[str, float] = {}
     for name, value in resources.items():
         if name in ("CPU", "GPU", "memory", "object_store_memory"):

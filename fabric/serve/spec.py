@@ -141,15 +141,9 @@ def haproxy_ports_env() -> dict[str, str]:
 
     For a Ray started on this machine with the fast path, so that it never collides with another one's HAProxy.
     """
-    import socket
+    from fabric.runtime import free_port
 
-    out = {}
-    for var in HAPROXY_PORT_VARS:
-        if not os.environ.get(var):
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                out[var] = str(sock.getsockname()[1])
-    return out
+    return {var: str(free_port()) for var in HAPROXY_PORT_VARS if not os.environ.get(var)}
 
 
 def app_config(cfg: PipelineConfig) -> dict[str, Any]:

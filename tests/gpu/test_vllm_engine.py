@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from fabric.config import load_config
+from fabric.runtime import free_port
 from tests.llm_fixtures import tiny_llm
 
 pytestmark = [
@@ -22,10 +22,6 @@ pytestmark = [
 openai = pytest.importorskip("openai")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         None,
         [
             f"run_dir={run_dir}",
-            f"llm.serve.port={_free_port()}",
+            f"llm.serve.port={free_port()}",
             "llm.serve.served_name=tiny",
             f"llm.serve.adapters={{a: {run_dir / 'llm' / 'adapter'}}}",
             "llm.serve.engine=vllm",

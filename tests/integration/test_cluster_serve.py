@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fabric.runtime import free_port
 from tests.llm_fixtures import tiny_llm
 from tests.unit.serve.models import encode, make_model, reference, softmax
 
@@ -32,12 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
 LLM = "tiny-llm"
 START_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -58,7 +52,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     model = make_model(root / "model", seed=3)
     llm_run = tiny_llm(root / "llm-run")
     config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     apps = {app["import_path"].rsplit(":", 1)[1]: app for app in config["applications"]}
     ours = {
@@ -89,8 +83,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         "RAY_USAGE_STATS_ENABLED": "0",
         # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101): free ones, so this
         # Serve never collides with another on the machine.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
     serve_bin = str(Path(sys.executable).with_name("serve"))
     # From the project root, like the file's header says: the app's `config:` path is relative to it.

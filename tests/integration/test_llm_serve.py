@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from fabric.config import load_config
+from fabric.runtime import free_port
 from tests.llm_fixtures import CONTEXT, tiny_llm
-from tests.unit.serve.serving import free_port, local_ray
+from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration
 

@@ -7,12 +7,13 @@ cell appended in memory then reads what the user would look at and prints it as 
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+
+from fabric.runtime import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,6 +39,7 @@ print("PROBE " + json.dumps({
 """,
     "llm.ipynb": """
 import json
+from fabric.runtime import free_port
 print("PROBE " + json.dumps({
     "ray_running": ray.is_initialized(),
     "run_dir_left": RUN_DIR.exists(),
@@ -54,12 +56,6 @@ print("PROBE " + json.dumps({
 }))
 """,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _text(cell: Any) -> str:
@@ -87,8 +83,8 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
     # and HAProxy's stats/metrics listeners (fixed ports by default) on free ones.
     monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBES[path.name]))

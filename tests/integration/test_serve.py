@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from fabric.config import load_config
+from fabric.runtime import free_port
 from tests.unit.serve.models import FEATURES, encode, make_model, reference, softmax, tensor_request
-from tests.unit.serve.serving import fast_path_ray, free_port
+from tests.unit.serve.serving import fast_path_ray
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
     root = tmp_path_factory.mktemp("serve")
     folders = {"a": make_model(root / "a", seed=0), "b": make_model(root / "b", seed=1)}
-    versions = f"[{{name: a, model_uri: {folders['a']}, weight: 80}}, {{name: b, model_uri: {folders['b']}, weight: 20}}]"
+    versions = (
+        f"[{{name: a, model_uri: {folders['a']}, weight: 80}}, {{name: b, model_uri: {folders['b']}, weight: 20}}]"
+    )
     with fast_path_ray(root / "home"):
         cfg = load_config(
             None,

@@ -22,8 +22,9 @@ import pandas as pd
 import pytest
 
 from fabric.config import load_config
+from fabric.runtime import free_port
 from tests.unit.serve.models import RAW_COLUMNS, encode, make_model, reference
-from tests.unit.serve.serving import fast_path_ray, free_port, wait_for
+from tests.unit.serve.serving import fast_path_ray, wait_for
 
 pytestmark = pytest.mark.integration
 

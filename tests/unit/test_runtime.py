@@ -121,3 +121,16 @@ def test_up_refuses_bad_options_with_one_line_and_starts_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "head.json").exists()
+
+
+def test_free_ports_stay_out_of_the_ranges_others_take_ports_from() -> None:
+    """HAProxy's side ports come from here: one that bind(0) could hand to a Ray process would make it fail."""
+    import socket
+
+    from fabric.runtime import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < low for p in ports) and len(ports) > 1
+    with socket.socket() as sock:
+        sock.bind(("", ports.pop()))  # free on every address, not only on 127.0.0.1
