@@ -12,8 +12,9 @@ the others run on. A forward pass over 16 rows costs little more than over one o
 throughput under concurrency comes from.
 
 What fits: rows of the base and of up to ``max_loaded_adapters`` LoRA adapters share a batch, each row through
-its own adapter (peft's mixed-adapter batches). An adapter that also saves whole modules (``modules_to_save``)
-cannot mix, since peft would apply its module copies to every row: its requests form batches of their own.
+its own adapter (peft's mixed-adapter batches). An adapter that also saves whole modules (``modules_to_save``),
+trains token rows or uses DoRA cannot mix, since peft would apply those to every row (or refuses): its requests
+form batches of their own.
 
 LoRA adapters are loaded on demand (transformers' peft integration: ``load_adapter``) and the least recently
 used is deleted when more than ``max_loaded_adapters`` would be held.
@@ -129,13 +130,16 @@ _UNSET = object()
 _MIXED = object()
 
 
-def saves_modules(folder: str) -> bool:
-    """Whether a peft adapter folder also holds whole modules (``modules_to_save``); unreadable counts as yes."""
+def mixes(folder: str) -> bool:
+    """Whether the peft adapter in ``folder`` can share a batch with others: plain LoRA, without whole-module
+    copies (``modules_to_save``), trained token rows or DoRA, which peft applies to a whole batch or refuses to
+    mix. An unreadable config cannot."""
     try:
         config = json.loads((Path(folder) / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        return True
-    return bool(config.get("modules_to_save"))
+        return False
+    plain = config.get("peft_type", "LORA") == "LORA" and not config.get("use_dora")
+    return plain and not config.get("modules_to_save") and not config.get("trainable_token_indices")
 
 
 class AdapterSlots:
@@ -144,7 +148,7 @@ class AdapterSlots:
     A forward pass either runs one adapter for every row (:meth:`use`), or gives each row its own adapter or the
     base (:meth:`mix`: peft's mixed-adapter batches, the ``adapter_names`` argument of its LoRA layers, passed by a
     pre-forward hook). Adapters that also replace whole modules (``modules_to_save``) cannot mix: peft applies a
-    module copy to every row of a batch.
+    module copy to every row of a batch (see :func:`mixes`).
 
     Args:
         model: a transformers ``PreTrainedModel`` (its peft integration loads and deletes adapters).
@@ -156,7 +160,7 @@ class AdapterSlots:
         self.model = model
         self.paths = dict(paths)
         self.capacity = capacity
-        self.exclusive = {name for name, folder in self.paths.items() if saves_modules(folder)}
+        self.exclusive = {name for name, folder in self.paths.items() if not mixes(folder)}
         self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.loads = 0
         self.evictions = 0

@@ -238,3 +238,18 @@ def test_a_module_copy_serves_only_its_own_adapters_batches(mixing_engine: Trans
         slots.use(None)
         slots.use("c")
         assert not copy.disable_adapters  # turned back on after a base batch turned adapters off
+
+
+def test_which_adapters_can_share_a_batch(tmp_path: Path, tiny_run: Path) -> None:
+    import json
+
+    from fabric.serve.llm.transformers_engine import mixes
+
+    llm = tiny_run / "llm"
+    assert mixes(str(llm / "adapter")) and not mixes(str(llm / "adapter3"))  # adapter3 copies ln_f
+    plain = json.loads((llm / "adapter" / "adapter_config.json").read_text())
+    for name, change in {"dora": {"use_dora": True}, "tokens": {"trainable_token_indices": [1, 2]}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**plain, **change}))
+        assert not mixes(str(tmp_path / name))
+    assert not mixes(str(tmp_path / "missing"))
