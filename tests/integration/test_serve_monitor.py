@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,29 @@ def _send(served: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     wait_for(landed, timeout_s=60, what=f"{len(rows)} rows at the monitor")
 
 
+def _within(timeout_s: float, cond: Callable[[], bool]) -> bool:
+    """Whether ``cond`` holds within ``timeout_s`` (polled every half second)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _settled(handle: Any, quiet_s: float = 2.0) -> None:
+    """Wait until no more rows reach the monitor (submissions are fire-and-forget)."""
+    state = {"last": -1, "since": time.monotonic()}
+
+    def quiet() -> bool:
+        got = _received(handle)
+        if got != state["last"]:
+            state["last"], state["since"] = got, time.monotonic()
+        return time.monotonic() - state["since"] >= quiet_s
+
+    wait_for(quiet, timeout_s=60, what="the monitor to stop receiving rows")
+
+
 def _drift(url: str, refresh: bool = True) -> dict[str, Any]:
     r = httpx.get(f"{url}/monitor/drift", params={"refresh": refresh}, timeout=120)
     assert r.status_code == 200, r.text
@@ -186,20 +209,28 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
         stats = httpx.get(f"{url}/v2/models/{MODEL}/stats", timeout=30).json()["model_stats"][0]
         return max(b["batch_size"] for b in stats["batch_stats"]) > 1
 
+    port = ray._private.worker.global_worker.node.metrics_export_port  # this node's Prometheus endpoint
+
+    def dropped() -> bool:
+        count = _value(
+            _scrape(port), "ray_fabric_monitor_dropped_samples_total", monitor=MONITOR, reason="backpressure"
+        )
+        return (count or 0) > 0
+
     # Concurrent requests make batches (when they arrive together: a few bursts make sure some do). The
     # monitor's four threads are kept busy writing reports meanwhile, so its acknowledgements lag and the
-    # replica's gathered rows outrun its queue of 2 submissions: dropped and counted.
+    # replica's gathered rows outrun its queue of 2 submissions: dropped and counted. How soon depends on the
+    # machine's load, so bursts repeat (a bounded number) until both showed.
     for attempt in range(8):
-        busy = [handle.report_html.remote(True) for _ in range(4)] if attempt == 0 else []
+        busy = [handle.report_html.remote(True) for _ in range(4)]
         assert set(asyncio.run(burst())) == {200}
         ray.get(busy, timeout=120)
-        if batched():
+        if batched() and _within(15.0, dropped):
             break
     sent = 2 * WINDOW // CHUNK + (attempt + 1) * 5 * 32
     assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"instances": [{"age": 1}]}).status_code == 422
-    last = _drift(url, refresh=False)
-
-    port = ray._private.worker.global_worker.node.metrics_export_port  # this node's Prometheus endpoint
+    _settled(handle)
+    last = _drift(url)  # the window no longer changes: every computation from here gives this result
     wanted = {
         "ray_serve_deployment_processing_latency_ms_bucket",  # Serve's request latency histogram
         "ray_serve_deployment_request_counter_total",
@@ -224,6 +255,8 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
         seen.update(missing=sorted(wanted - have), ok=ok, sent=sent, code_422=bad)
         if wanted <= have and ok >= sent and bad:
             return text
+        if "ray_fabric_monitor_drift_share" not in have:
+            _drift(url)  # publish the drift gauges again (same window, same values)
         return None
 
     try:
