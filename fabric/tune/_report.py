@@ -28,7 +28,8 @@ def results_table(grid: ResultGrid, space: dict[str, Param], metric: str, mode: 
         history = result.metrics_dataframe
         values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
         row: dict[str, Any] = {"trial": (result.metrics or {}).get("trial_id", "?")}
-        row.update({k: result.config.get(k) for k in space})
+        config = result.config or {}  # a trial interrupted before it started has none
+        row.update({k: config.get(k) for k in space})
         row["epochs"] = int(len(values))
         row[f"last_{metric}"] = float(values.iloc[-1]) if len(values) else float("nan")
         row[f"best_{metric}"] = float(values.min() if mode == "min" else values.max()) if len(values) else float("nan")

@@ -252,10 +252,11 @@ def test_request_batch_and_monitor_metrics_reach_prometheus(served: dict[str, An
         # the replica publishes every second and Ray exports every few: wait for the counts to catch up
         ok = _value(text, "ray_fabric_serve_responses_total", model=MODEL, version="v1", code="200") or 0
         bad = _value(text, "ray_fabric_serve_responses_total", code="422")
-        seen.update(missing=sorted(wanted - have), ok=ok, sent=sent, code_422=bad)
-        if wanted <= have and ok >= sent and bad:
-            return text
-        if "ray_fabric_monitor_drift_share" not in have:
+        share = _value(text, "ray_fabric_monitor_drift_share", monitor=MONITOR)
+        seen.update(missing=sorted(wanted - have), ok=ok, sent=sent, code_422=bad, drift_share=share)
+        if wanted <= have and ok >= sent and bad and share == pytest.approx(last["drift_share"]):
+            return text  # the export caught up with the counts and with the last drift result
+        if share is None:
             _drift(url)  # publish the drift gauges again (same window, same values)
         return None
 
