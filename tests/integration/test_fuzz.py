@@ -34,7 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
     root = tmp_path_factory.mktemp("llm-fuzz")
     run_dir = tiny_llm(root / "runs")
-    # HAProxy binds fixed stats/metrics ports (8404, 9101), which parallel test runs on one host share
+    # Serve's Python proxy: these tests are about the API; the fast path is served in test_cluster_serve.py
     with local_ray(root / "home", fast_path=False, env={KEY_ENV: KEY}):
         port = runtime.free_port()
         cfg = load_config(
