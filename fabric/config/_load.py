@@ -14,8 +14,17 @@ from fabric.errors import ConfigError, ConfigProblem
 M = TypeVar("M", bound=BaseModel)
 
 
+class Replacement(dict):  # type: ignore[type-arg]
+    """A mapping an override sets as a whole: :func:`deep_merge` puts it in place of the value it names
+    instead of merging into it (so ``llm.serve.adapters={}`` empties the mapping)."""
+
+
 def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[ConfigProblem]]:
-    """Turn ``["train.num_workers=4", ...]`` into a nested dict; values are parsed as YAML scalars."""
+    """Turn ``["train.num_workers=4", ...]`` into a nested dict; values are parsed as YAML.
+
+    Each override replaces the value it names: a mapping value (``key={}``, ``key={a: 1}``) comes back as a
+    :class:`Replacement`, which :func:`deep_merge` sets instead of merging.
+    """
     nested: dict[str, Any] = {}
     problems: list[ConfigProblem] = []
     for item in overrides:
@@ -37,15 +46,18 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[ConfigPr
                 break
             node = child
         else:
-            node[parts[-1]] = value
+            node[parts[-1]] = Replacement(value) if isinstance(value, dict) else value
     return nested, problems
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Return ``base`` with ``update`` merged in; nested dicts merge, everything else replaces."""
+    """Return ``base`` with ``update`` merged in; nested dicts merge, everything else (a
+    :class:`Replacement` included) replaces."""
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, Replacement):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

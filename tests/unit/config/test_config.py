@@ -116,3 +116,12 @@ def test_config_error_pickles_with_its_problems() -> None:
     copy = pickle.loads(pickle.dumps(info.value))
     assert copy.problems == info.value.problems
     assert str(copy) == str(info.value)
+
+
+def test_an_override_replaces_the_value_it_names() -> None:
+    shipped = load_config(ROOT / "jobs" / "configs" / "llm_serve_smoke.yaml")
+    assert shipped.llm.serve.adapters  # the config lists an adapter...
+    emptied = load_config(ROOT / "jobs" / "configs" / "llm_serve_smoke.yaml", ["llm.serve.adapters={}"])
+    assert emptied.llm.serve.adapters == {}  # ...and `key={}` empties the mapping
+    cfg = load_config(None, ["tune.search_space={lr: {type: loguniform, low: 0.001, high: 0.1}}"])
+    assert list(cfg.tune.search_space) == ["lr"]  # a mapping value replaces, it does not merge
