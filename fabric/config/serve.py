@@ -85,6 +85,10 @@ class ServeConfig(Section):
     """Requests waiting for a replica before new ones get 503; -1: no limit."""
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted; bigger ones get 413 before they are read."""
+    impute_nulls: bool = False
+    """Accept nulls in named-column input, filled as in training (a numeric column's training mean, no category),
+    even in columns that held no nulls in the training data; False answers such a null with a 422 naming the row
+    and the column."""
     access_log: bool = False
     """Serve's per-request access log line in the replica logs (a few percent of a cheap request's CPU)."""
     fast_path: bool = True

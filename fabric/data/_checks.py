@@ -297,6 +297,10 @@ class Plan:
             if self.kinds.get(c) == "numeric"
         }
 
+    def nullable(self, columns: list[str]) -> list[str]:
+        """The ``columns`` that hold nulls in the training split (serving refuses nulls in the others)."""
+        return [c for c in columns if c in self.train and self.train[c].nulls > 0]
+
     def categories(self) -> dict[str, list[str]]:
         return {c: list((self.train[c].counts or {}).keys()) for c, k in self.kinds.items() if k == "categorical"}
 

@@ -365,7 +365,13 @@ def run(cfg: PipelineConfig) -> IngestResult:
 
     with DataContext.current(data_context(source)):
         ds, spec, plan = _scan_source(source, data)
-        pre = Preprocessor.fit(plan.numeric_stats(), plan.categories(), list(spec.features), data.scaling)
+        pre = Preprocessor.fit(
+            plan.numeric_stats(),
+            plan.categories(),
+            list(spec.features),
+            data.scaling,
+            nullable=plan.nullable(list(spec.features)),
+        )
         if out_dir.exists():  # a previous run's outputs: replaced as a whole, never mixed with these
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)

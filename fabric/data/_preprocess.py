@@ -173,6 +173,8 @@ class Preprocessor:
 
     columns: list[NumericColumn | CategoricalColumn]
     scaling: Scaling = "standard"
+    nullable: list[str] | None = None
+    """The input columns that held nulls in the training split; None: not recorded (files before it was)."""
     _lookup: dict[str, pd.CategoricalDtype] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +191,7 @@ class Preprocessor:
         categorical: Mapping[str, Iterable[str]],
         order: list[str],
         scaling: Scaling = "standard",
+        nullable: Iterable[str] | None = None,
     ) -> Preprocessor:
         """Build from training-split statistics.
 
@@ -197,6 +200,7 @@ class Preprocessor:
             categorical: per categorical column, the category keys seen in the training split.
             order: the input columns in the order their features appear.
             scaling: ``standard`` (mean 0, std 1), ``minmax`` (to [0, 1]) or ``none``.
+            nullable: the columns that hold nulls in the training split (recorded for serving's input checks).
         """
         columns: list[NumericColumn | CategoricalColumn] = []
         for name in order:
@@ -214,7 +218,7 @@ class Preprocessor:
                 center, scale = 0.0, 1.0
             record = {k: _finite(s.get(k), None) for k in _STATS}
             columns.append(NumericColumn(name, float(center), float(scale) if scale > 0 else 1.0, float(mean), record))
-        return cls(columns, scaling)
+        return cls(columns, scaling, list(nullable) if nullable is not None else None)
 
     # ------------------------------------------------------------------ applying
 
@@ -281,12 +285,15 @@ class Preprocessor:
                 )
             else:
                 cols.append({"name": c.name, "kind": "categorical", "categories": list(c.categories)})
-        return {
+        out = {
             "format_version": FORMAT_VERSION,
             "scaling": self.scaling,
             "columns": cols,
             "feature_names": self.feature_names,
         }
+        if self.nullable is not None:
+            out["nullable"] = list(self.nullable)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessor:
@@ -297,7 +304,8 @@ class Preprocessor:
                 cols.append(NumericColumn(c["name"], float(c["center"]), float(c["scale"]), float(c["fill"]), stats))
             else:
                 cols.append(CategoricalColumn(c["name"], [str(k) for k in c["categories"]]))
-        return cls(cols, d.get("scaling", "standard"))
+        nullable = d.get("nullable")
+        return cls(cols, d.get("scaling", "standard"), list(nullable) if nullable is not None else None)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -61,13 +61,20 @@ class MonitorMetrics:
             "fabric_monitor_feature_drifted", "1 when the feature drifted", ("monitor", "feature")
         )
         self.prediction_score = Gauge(
-            "fabric_monitor_prediction_drift_score", "Drift score of the prediction", ("monitor", "test")
+            "fabric_monitor_prediction_drift_score",
+            "Drift score of a version's predictions against its predictions on the reference",
+            ("monitor", "version", "test"),
         )
-        self.prediction_drifted = Gauge("fabric_monitor_prediction_drifted", "1 when the prediction drifted", m)
+        self.prediction_drifted = Gauge(
+            "fabric_monitor_prediction_drifted", "1 when the version's predictions drifted", ("monitor", "version")
+        )
         self.window_size = Gauge("fabric_monitor_window_size", "Rows in the rolling window", m)
         self.compute_seconds = Gauge("fabric_monitor_compute_seconds", "Seconds the last computation took", m)
         self.received = Counter("fabric_monitor_received_samples", "Rows received by the monitor", m)
         self.drift_events = Counter("fabric_monitor_drift_events", "Times drift started", m)
+        self.out_of_range = Counter(
+            "fabric_monitor_out_of_range_rows", "Served tensor rows with a feature outside the training range", m
+        )
 
     def publish(self, result: dict[str, Any], started: bool) -> None:
         """Set the gauges from a drift result."""
@@ -81,10 +88,10 @@ class MonitorMetrics:
             if col["score"] is not None:
                 self.feature_score.set(col["score"], {**t, "feature": feature, "test": str(col["test"])})
             self.feature_drifted.set(float(col["drifted"]), {**t, "feature": feature})
-        pred = result.get("prediction")
-        if pred and pred.get("score") is not None:
-            self.prediction_score.set(pred["score"], {**t, "test": str(pred["test"])})
-            self.prediction_drifted.set(float(pred["drifted"]), t)
+        for version, pred in ((result.get("prediction") or {}).get("versions") or {}).items():
+            if pred.get("score") is not None:
+                self.prediction_score.set(pred["score"], {**t, "version": version, "test": str(pred["test"])})
+            self.prediction_drifted.set(float(pred["drifted"]), {**t, "version": version})
         if "duration_s" in result:
             self.compute_seconds.set(result["duration_s"], t)
         if started:
@@ -117,7 +124,7 @@ class MonitorActor:
         self.restored = self.monitor is not None
         self.metrics = MonitorMetrics(cfg.actor_name)
         self._not_monitored = 0
-        self._saved_marker: tuple[int, int, int] | None = self._marker() if self.restored else None
+        self._saved_marker: tuple[int, ...] | None = self._marker() if self.restored else None
         self._saved_at = 0.0
         self.checkpoints = 0
         self._stop = threading.Event()
@@ -138,9 +145,9 @@ class MonitorActor:
 
     # ------------------------------------------------------------------ the schedule
 
-    def _marker(self) -> tuple[int, int, int] | None:
+    def _marker(self) -> tuple[int, ...] | None:
         m = self.monitor
-        return (m.received, m.computations, m.dropped) if m is not None else None
+        return (m.received, m.computations, m.dropped, m.tensor_rows) if m is not None else None
 
     def _loop(self) -> None:
         tick = min(1.0, self.cfg.interval_s / 2, self.cfg.checkpoint_interval_s / 2)
@@ -209,12 +216,18 @@ class MonitorActor:
         self._checkpoint_if_changed()
         return self.monitor.fingerprint
 
-    def add(self, rows: list[dict[str, Any]], predictions: list[Any] | None = None, dropped: int = 0) -> int:
+    def add(
+        self,
+        rows: list[dict[str, Any]],
+        predictions: list[Any] | None = None,
+        dropped: int = 0,
+        version: str | None = None,
+    ) -> int:
         """Append rows to the window (see ``DriftMonitor.add``); without a reference they are counted as dropped."""
         if self.monitor is None:
             self._not_monitored += len(rows) + int(dropped)
             return 0
-        n = self.monitor.add(rows, predictions, dropped=dropped)
+        n = self.monitor.add(rows, predictions, dropped=dropped, version=version)
         if n:
             self.metrics.received.inc(float(n), self.metrics.tags)
         return n
@@ -226,17 +239,55 @@ class MonitorActor:
         return self._published(self.monitor.compute())
 
     def drift(self, refresh: bool = False) -> dict[str, Any]:
-        """The last result; computed now when ``refresh`` or when there is none yet."""
+        """The last result with its ``age_s``; computed now when ``refresh`` or when there is none yet."""
         if self.monitor is None:
             return self._no_reference()
-        result = self.monitor.last_result
-        if refresh or result is None:
-            return self.compute()
-        return {**result, "monitor": self.monitor.counters()}
+        before = self.monitor.last_result
+        answer = self.monitor.answer(refresh)
+        if self.monitor.last_result is not before:
+            self._published(self.monitor.last_result)
+        return answer
 
-    def report_html(self, fresh: bool = False) -> str:
-        """Evidently's HTML report of the last computation's window (``fresh``: the current window)."""
-        return self._require().report_html(fresh=fresh)
+    def report_html(self, refresh: bool = False) -> str:
+        """The HTML report of the last result (``refresh``: of one computed now); see ``DriftMonitor.report_html``."""
+        mon = self._require()
+        before = mon.last_result
+        html = mon.report_html(refresh=refresh)
+        if mon.last_result is not before and mon.last_result is not None:
+            self._published(mon.last_result)
+        return html
+
+    def reset(self) -> dict[str, Any]:
+        """Empty the window and the last result, and checkpoint at once (a restart does not bring them back)."""
+        mon = self._require()
+        dropped = mon.reset()
+        self._saved_marker = None
+        self.checkpoint()
+        self.metrics.window_size.set(0, self.metrics.tags)
+        return {"reset": True, "rows_dropped": dropped, "monitor": mon.counters()}
+
+    def count_out_of_range(self, rows: int, flagged: int, features: dict[str, int]) -> None:
+        """Count served tensor rows and those outside the training range (see ``DriftMonitor.count_out_of_range``)."""
+        if self.monitor is not None:
+            self.monitor.count_out_of_range(rows, flagged, features)
+        if flagged:
+            self.metrics.out_of_range.inc(float(flagged), self.metrics.tags)
+
+    def missing_prediction_references(self, models: dict[str, str]) -> list[str]:
+        """Versions (of version -> model key) whose predictions on the reference the monitor lacks."""
+        return self.monitor.missing_prediction_references(models) if self.monitor is not None else []
+
+    def reference_inputs(self) -> tuple[str, pd.DataFrame]:
+        """The reference's fingerprint and input columns (a replica predicts on them)."""
+        return self._require().reference_inputs()
+
+    def set_prediction_reference(self, version: str, predictions: list[Any], model: str, fingerprint: str) -> bool:
+        """A version's predictions on the reference sample (see ``DriftMonitor.set_prediction_reference``)."""
+        ok = self._require().set_prediction_reference(version, predictions, model, fingerprint)
+        if ok:
+            self._saved_marker = None
+            self._checkpoint_if_changed()
+        return ok
 
     def stats(self) -> dict[str, Any]:
         """Counters, window size, whether restored from a checkpoint, checkpoints written, reference, pid."""

@@ -134,7 +134,12 @@ class MonitorClient:
         if self._metrics is not None:
             self._metrics.dropped.inc(float(n), {**self._metrics.tags, "reason": reason})
 
-    def submit(self, rows: Sequence[Mapping[str, Any]] | Any, predictions: Sequence[Any] | None = None) -> int:
+    def submit(
+        self,
+        rows: Sequence[Mapping[str, Any]] | Any,
+        predictions: Sequence[Any] | None = None,
+        version: str | None = None,
+    ) -> int:
         """Hand served rows and their predictions to the monitor without waiting for it.
 
         Args:
@@ -142,6 +147,8 @@ class MonitorClient:
                 a pandas DataFrame of them.
             predictions: one prediction per row: a class, a value, or class scores (their argmax is taken);
                 a list or a numpy array.
+            version: the model version that made the predictions (compared with its own predictions on the
+                reference sample).
 
         Returns:
             Rows sent (after sampling); 0 when dropped under back-pressure or with no monitor running.
@@ -174,7 +181,7 @@ class MonitorClient:
             self._drop(n, "backpressure")
             return 0
         try:
-            ref = handle.add.remote(rows_s, preds_s, report)
+            ref = handle.add.remote(rows_s, preds_s, report, version)
             ref.future().add_done_callback(self._done)
         except Exception:  # never let the monitor fail a request
             with self._lock:
@@ -211,8 +218,41 @@ class MonitorClient:
 
     # ------------------------------------------------------------------ reading results (HTTP handlers)
 
+    def count_out_of_range(self, rows: int, flagged: int, features: Mapping[str, int]) -> None:
+        """Tell the monitor of served tensor rows and those outside the training range (fire-and-forget)."""
+        handle = self._actor()
+        if handle is None:
+            return
+        try:
+            handle.count_out_of_range.remote(int(rows), int(flagged), dict(features))
+        except Exception:  # never let the monitor fail a request
+            return
+
+    def prediction_reference_needed(self, models: Mapping[str, str], timeout_s: float = 30.0) -> tuple[str, Any] | None:
+        """The reference's fingerprint and input frame when the monitor lacks predictions of one of ``models``
+        (version -> model key) on it; None when it has them all, or there is no monitor."""
+        import ray
+
+        handle = self._actor()
+        if handle is None or not ray.get(handle.missing_prediction_references.remote(dict(models)), timeout=timeout_s):
+            return None
+        return ray.get(handle.reference_inputs.remote(), timeout=timeout_s)
+
+    def set_prediction_reference(
+        self, version: str, predictions: Sequence[Any], model: str, fingerprint: str, timeout_s: float = 60.0
+    ) -> bool:
+        """Hand the monitor a version's predictions on its reference (see ``DriftMonitor.set_prediction_reference``)."""
+        import ray
+
+        preds = [p.tolist() if hasattr(p, "tolist") else p for p in predictions]
+        return ray.get(
+            self._require().set_prediction_reference.remote(version, preds, model, fingerprint), timeout=timeout_s
+        )
+
     def drift_json(self, refresh: bool = False, timeout_s: float = 60.0) -> dict[str, Any]:
-        """The drift result (GET /monitor/drift): the last scheduled one, or computed now when ``refresh``.
+        """The drift result (GET /monitor/drift): the last one, or computed now when ``refresh``.
+
+        It carries ``computed_at``/``computed_at_utc``, ``age_s`` and ``window_size`` (rows compared).
 
         Raises:
             MonitorUnavailableError: no monitor running.
@@ -221,19 +261,29 @@ class MonitorClient:
 
         return ray.get(self._require().drift.remote(refresh), timeout=timeout_s)
 
-    def report_html(self, fresh: bool = False, timeout_s: float = 120.0) -> str:
-        """Evidently's HTML drift report (GET /monitor/report) of the last computation's window."""
+    def report_html(self, refresh: bool = False, timeout_s: float = 120.0) -> str:
+        """The HTML drift report (GET /monitor/report) of the last result (``refresh``: of one computed now)."""
         import ray
 
-        return ray.get(self._require().report_html.remote(fresh), timeout=timeout_s)
+        return ray.get(self._require().report_html.remote(refresh), timeout=timeout_s)
+
+    def reset(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Empty the monitor's window and last result (POST /monitor/reset, `fabric monitor reset`)."""
+        import ray
+
+        return ray.get(self._require().reset.remote(), timeout=timeout_s)
 
     async def adrift_json(self, refresh: bool = False) -> dict[str, Any]:
         """``drift_json`` for async handlers (awaits the actor instead of blocking the event loop)."""
         return await self._require().drift.remote(refresh)
 
-    async def areport_html(self, fresh: bool = False) -> str:
+    async def areport_html(self, refresh: bool = False) -> str:
         """``report_html`` for async handlers."""
-        return await self._require().report_html.remote(fresh)
+        return await self._require().report_html.remote(refresh)
+
+    async def areset(self) -> dict[str, Any]:
+        """``reset`` for async handlers."""
+        return await self._require().reset.remote()
 
     def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """The actor's counters, plus this client's ``sent``/``dropped``/``in_flight`` under ``"client"``."""

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fabric.monitor")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 Task = Literal["classification", "regression"]
 Clock = Callable[[], float]
 JobClientFactory = Callable[[str | None], Any]
@@ -129,10 +129,10 @@ class DriftMonitor:
     Args:
         cfg: the monitor's settings.
         reference: the reference sample: raw feature columns, plus the target and/or prediction column.
-        target: the reference's label column (not a feature; the prediction's reference when the sample has
-            no prediction column).
+        target: the reference's label column (not a feature, and never compared with predictions: a model
+            that is not perfect would always seem to drift).
         task: ``classification`` (the prediction is categorical) or ``regression`` (numerical); None infers
-            it from the prediction's reference column.
+            it from the reference's prediction column, else from its target column.
         features: the raw feature columns (ingestion's ``input_columns``); None: every column of the
             reference but the target and the prediction.
         categorical: columns compared as categories whatever their dtype (ingestion's ``categorical``, e.g.
@@ -170,7 +170,9 @@ class DriftMonitor:
         self.job_client_factory = job_client_factory
         self.options = stats.DriftOptions.from_config(cfg)
         self._lock = threading.RLock()
-        self._window: deque[tuple[dict[str, Any], Any]] = deque(maxlen=cfg.window_size)
+        self._window: deque[tuple[dict[str, Any], Any, str | None]] = deque(maxlen=cfg.window_size)
+        # version -> (model key, the model's predictions on the reference sample), sent by serving replicas
+        self.prediction_refs: dict[str, tuple[str, list[Any]]] = {}
         self.received = 0
         self.dropped = 0
         self.computations = 0
@@ -180,8 +182,14 @@ class DriftMonitor:
         self.last_retrain_at: float | None = None
         self.last_retrain_job: str | None = None
         self.drift_active = False
+        self.last_reset_at: float | None = None
+        self.tensor_rows = 0
+        self.out_of_range_rows = 0
+        self.out_of_range_features: dict[str, int] = {}
         self._next_at = clock() + cfg.interval_s
         self._last_frame: pd.DataFrame | None = None
+        self._last_versions: list[str | None] = []
+        self._report: tuple[float, str] | None = None
         self._set_reference(reference, target, task, features, categorical, column_types)
 
     # ------------------------------------------------------------------ reference
@@ -212,9 +220,10 @@ class DriftMonitor:
                     kinds[col] = "cat"
                     skipped.pop(col, None)
         kinds = {c: kinds[c] for c in cols if c in kinds}  # reference order
-        pred_ref = pred if pred in reference.columns else target
-        if task is None and pred_ref is not None:
-            kind = stats.infer_kinds(reference, [pred_ref])[0].get(pred_ref, "cat")
+        pred_ref = pred if pred in reference.columns else None
+        typed_by = pred_ref or target
+        if task is None and typed_by is not None:
+            kind = stats.infer_kinds(reference, [typed_by])[0].get(typed_by, "cat")
             task = "classification" if kind == "cat" else "regression"
         with self._lock:
             self.reference = reference.reset_index(drop=True)
@@ -237,8 +246,8 @@ class DriftMonitor:
     ) -> None:
         """Compare with a new reference from now on (after retraining).
 
-        The window and counters are kept; the last result and the drift episode, which were against the old
-        reference, are cleared.
+        The window and counters are kept; the last result, the drift episode and the models' predictions on
+        the reference, which were of the old reference, are cleared.
         """
         old = self.fingerprint
         self._set_reference(reference, target, task, features, categorical)
@@ -247,6 +256,8 @@ class DriftMonitor:
                 self.last_result = None
                 self.drift_active = False
                 self._last_frame = None
+                self._report = None
+                self.prediction_refs = {}
 
     @property
     def features(self) -> list[str]:
@@ -256,7 +267,12 @@ class DriftMonitor:
     # ------------------------------------------------------------------ the window
 
     def add(
-        self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any] | None = None, *, dropped: int = 0
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        predictions: Sequence[Any] | None = None,
+        *,
+        dropped: int = 0,
+        version: str | None = None,
     ) -> int:
         """Append served rows (and their predictions) to the window; the oldest fall out past ``window_size``.
 
@@ -264,6 +280,8 @@ class DriftMonitor:
             rows: one mapping of raw feature values per served row.
             predictions: one prediction per row (a scalar, or class scores whose argmax is taken), or None.
             dropped: samples the sender dropped under back-pressure since its last call (counted only).
+            version: the model version that answered (its predictions are compared with that version's
+                predictions on the reference sample).
 
         Returns:
             The number of rows added.
@@ -273,7 +291,7 @@ class DriftMonitor:
         preds = [stats.prediction_value(p) for p in predictions] if predictions is not None else [None] * len(rows)
         with self._lock:
             for row, p in zip(rows, preds, strict=True):
-                self._window.append((dict(row), p))
+                self._window.append((dict(row), p, version))
             self.received += len(rows)
             self.dropped += int(dropped)
         return len(rows)
@@ -283,35 +301,110 @@ class DriftMonitor:
         with self._lock:
             self.dropped += int(n)
 
+    def count_out_of_range(self, rows: int, flagged: int, features: Mapping[str, int]) -> None:
+        """Count tensor rows served (``rows``) and those with a value outside the training range (``flagged``).
+
+        Tensor input carries encoded features only, so it is not in the window; this is what the monitor
+        learns of it. ``features``: feature name -> rows where it was out of range.
+        """
+        with self._lock:
+            self.tensor_rows += int(rows)
+            self.out_of_range_rows += int(flagged)
+            for name, n in features.items():
+                self.out_of_range_features[name] = self.out_of_range_features.get(name, 0) + int(n)
+
+    def reset(self) -> int:
+        """Empty the window and forget the last result and the drift episode; returns the rows dropped.
+
+        The reference, the models' predictions on it and the lifetime counters (received, dropped, ...)
+        are kept.
+        """
+        with self._lock:
+            n = len(self._window)
+            self._window.clear()
+            self.last_result = None
+            self._last_frame = None
+            self._last_versions = []
+            self._report = None
+            self.drift_active = False
+            self.last_reset_at = self.clock()
+            self._next_at = self.last_reset_at + self.cfg.interval_s
+        log.info("drift monitor %s: window reset (%d rows dropped)", self.name, n)
+        return n
+
     @property
     def window_size(self) -> int:
         """Rows in the window now."""
         return len(self._window)
 
-    def window_frame(self) -> pd.DataFrame:
-        """The window as a frame: every key the rows carried, plus the prediction column."""
+    def _snapshot(self) -> tuple[pd.DataFrame, list[str | None]]:
+        """The window as a frame (every key the rows carried, plus the prediction column) and each row's version."""
         import pandas as pd
 
         with self._lock:
             items = list(self._window)
-        frame = pd.DataFrame.from_records([r for r, _ in items]) if items else pd.DataFrame()
+        frame = pd.DataFrame.from_records([r for r, _, _ in items]) if items else pd.DataFrame()
         frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *self.kinds])))
-        frame[self.cfg.prediction_column] = pd.Series([p for _, p in items], dtype=object)
-        return frame
+        frame[self.cfg.prediction_column] = pd.Series([p for _, p, _ in items], dtype=object)
+        return frame, [v for _, _, v in items]
+
+    def window_frame(self) -> pd.DataFrame:
+        """The window as a frame: every key the rows carried, plus the prediction column."""
+        return self._snapshot()[0]
+
+    # ------------------------------------------------------------------ the models' predictions on the reference
+
+    def set_prediction_reference(self, version: str, predictions: Sequence[Any], model: str, fingerprint: str) -> bool:
+        """Take a model version's predictions on the reference sample (a serving replica computes them).
+
+        Served predictions of ``version`` are compared with these: what the deployed model said on
+        training-like data, not the labels (which differ from any imperfect model's predictions).
+
+        Args:
+            version: the served version.
+            predictions: one per reference row, in the reference's row order.
+            model: identifies the model behind the version (a new one replaces the old predictions).
+            fingerprint: the reference they were computed on; ignored (False) when it is not the current one.
+        """
+        with self._lock:
+            if fingerprint != self.fingerprint or len(predictions) != len(self.reference):
+                return False
+            self.prediction_refs[version] = (model, [stats.prediction_value(p) for p in predictions])
+            self._report = None
+        log.info("drift monitor %s: predictions of version %s on the reference sample received", self.name, version)
+        return True
+
+    def missing_prediction_references(self, models: Mapping[str, str]) -> list[str]:
+        """The versions of ``models`` (version -> model key) with no predictions on the current reference."""
+        with self._lock:
+            return [v for v, key in models.items() if self.prediction_refs.get(v, (None,))[0] != key]
+
+    def reference_inputs(self) -> tuple[str, pd.DataFrame]:
+        """The current reference's fingerprint and its columns other than the target and prediction."""
+        with self._lock:
+            ref, fp = self.reference, self.fingerprint
+        drop = [c for c in (self.target, self.cfg.prediction_column) if c in ref.columns]
+        return fp, ref.drop(columns=drop)
 
     # ------------------------------------------------------------------ drift
 
-    def _prediction(self) -> tuple[str, stats.ColumnKind] | None:
-        if self.prediction_reference is None:
-            return None
-        return (self.cfg.prediction_column, "cat" if self.task == "classification" else "num")
+    def _prediction_pairs(self, frame: pd.DataFrame, versions: Sequence[str | None]) -> dict[str, tuple[Any, Any]]:
+        """Per version: (the model's predictions on the reference, the window's predictions of that version).
 
-    def _reference_for_compare(self) -> pd.DataFrame:
-        ref = self.reference
-        pred = self.cfg.prediction_column
-        if self.prediction_reference is not None and self.prediction_reference != pred:
-            ref = ref.assign(**{pred: ref[self.prediction_reference]})
-        return ref
+        Without any model's predictions on the reference, a prediction column of the reference sample (one
+        the user put there) stands for every version.
+        """
+        import pandas as pd
+
+        window = frame[self.cfg.prediction_column]
+        with self._lock:
+            refs = dict(self.prediction_refs)
+        if refs:
+            mask = pd.Series(versions, index=frame.index, dtype=object)
+            return {v: (pd.Series(values, dtype=object), window[mask == v]) for v, (_, values) in refs.items()}
+        if self.prediction_reference is not None:
+            return {"*": (self.reference[self.prediction_reference], window)}
+        return {}
 
     def compute(self) -> dict[str, Any]:
         """Compare the window with the reference now; runs the drift callbacks when drift starts.
@@ -321,7 +414,7 @@ class DriftMonitor:
             ``min_samples`` rows), with the monitor's counters under ``"monitor"``.
         """
         now = self.clock()
-        frame = self.window_frame()
+        frame, versions = self._snapshot()
         with self._lock:
             self._next_at = now + self.cfg.interval_s
         if len(frame) < self.cfg.min_samples:
@@ -330,10 +423,12 @@ class DriftMonitor:
             )
         else:
             result = stats.compute_drift(
-                self._reference_for_compare(),
+                self.reference,
                 frame,
                 self.kinds,
-                prediction=self._prediction(),
+                predictions=self._prediction_pairs(frame, versions),
+                prediction_kind="cat" if self.task == "classification" else "num",
+                min_prediction_rows=self.cfg.min_samples,
                 options=self.options,
                 skipped=self.skipped,
                 now=now,
@@ -342,6 +437,8 @@ class DriftMonitor:
             self.computations += 1
             self.last_compute_at = now
             self._last_frame = frame
+            self._last_versions = versions
+            self._report = None
             started = result["drift_detected"] and not self.drift_active
             ended = self.drift_active and result["status"] == "ok" and not result["drift_detected"]
             if result["status"] == "ok":
@@ -357,6 +454,14 @@ class DriftMonitor:
             log.info("drift monitor %s: drift ended (share %.2f)", self.name, result["drift_share"])
         return result
 
+    def answer(self, refresh: bool = False) -> dict[str, Any]:
+        """What ``GET /monitor/drift`` answers: the last result (computed now when ``refresh`` or there is none),
+        with the current counters and ``age_s``, the seconds since it was computed."""
+        result = self.last_result
+        if refresh or result is None:
+            result = self.compute()
+        return {**result, "age_s": max(0.0, self.clock() - result["computed_at"]), "monitor": self.counters()}
+
     def due(self) -> bool:
         """True once ``interval_s`` has passed on the clock since the last computation (or the start)."""
         return self.clock() >= self._next_at
@@ -367,17 +472,30 @@ class DriftMonitor:
             return None
         return self.compute()
 
-    def report_html(self, fresh: bool = False) -> str:
-        """Evidently's HTML drift report of the window of the last computation (or the current window)."""
+    def report_html(self, refresh: bool = False) -> str:
+        """The HTML drift report of the last result (computed now when ``refresh`` or there is none).
+
+        It is rendered from that very result and its window: fabric's summary of the result (the numbers
+        ``GET /monitor/drift`` answers, embedded as JSON too), then Evidently's report over the same columns
+        with the same test and threshold per column.
+        """
+        result = self.last_result
+        if refresh or result is None:
+            result = self.compute()
         with self._lock:
+            if self._report is not None and self._report[0] == result["computed_at"]:
+                return self._report[1]
             frame = self._last_frame
-        if fresh or frame is None:
-            frame = self.window_frame()
-        if len(frame) == 0:
-            raise FabricError(f"drift monitor {self.name}: the window is empty, nothing to report yet")
-        return stats.report_html(
-            self._reference_for_compare(), frame, self.kinds, prediction=self._prediction(), options=self.options
-        )
+        if result["status"] != "ok" or frame is None:
+            raise FabricError(
+                f"drift monitor {self.name}: nothing to report yet ({result['status']}: "
+                f"{result['window_size']} rows in the window, {self.cfg.min_samples} needed)"
+            )
+        html = stats.report_html(self.reference, frame, result, self.kinds, name=self.name)
+        with self._lock:
+            if self.last_result is result:
+                self._report = (result["computed_at"], html)
+        return html
 
     def counters(self) -> dict[str, Any]:
         """Window size and counters, JSON-ready."""
@@ -395,7 +513,12 @@ class DriftMonitor:
                 "last_compute_at": self.last_compute_at,
                 "last_retrain_at": self.last_retrain_at,
                 "last_retrain_job": self.last_retrain_job,
+                "last_reset_at": self.last_reset_at,
                 "features": list(self.kinds),
+                "prediction_references": sorted(self.prediction_refs),
+                "tensor_rows": self.tensor_rows,
+                "out_of_range_rows": self.out_of_range_rows,
+                "out_of_range_features": dict(self.out_of_range_features),
             }
 
     # ------------------------------------------------------------------ on drift
@@ -410,7 +533,9 @@ class DriftMonitor:
             result["drift_share"],
             result["drift_share_threshold"],
             f" [{', '.join(result['drifted_columns'])}]" if result["drifted_columns"] else "",
-            f"; prediction drift ({pred.get('test')} {pred.get('score')})" if pred.get("drifted") else "",
+            f"; prediction drift (version {pred.get('version')}: {pred.get('test')} {pred.get('score')})"
+            if pred.get("drifted")
+            else "",
             result["window_size"],
         )
         if not started:
@@ -509,6 +634,7 @@ class DriftMonitor:
                 "column_types": {**self.kinds, **self.skipped},
                 "fingerprint": self.fingerprint,
                 "window": list(self._window),
+                "prediction_refs": dict(self.prediction_refs),
                 "received": self.received,
                 "dropped": self.dropped,
                 "computations": self.computations,
@@ -518,13 +644,17 @@ class DriftMonitor:
                 "last_compute_at": self.last_compute_at,
                 "last_retrain_at": self.last_retrain_at,
                 "last_retrain_job": self.last_retrain_job,
+                "last_reset_at": self.last_reset_at,
+                "tensor_rows": self.tensor_rows,
+                "out_of_range_rows": self.out_of_range_rows,
+                "out_of_range_features": dict(self.out_of_range_features),
                 "saved_at": self.clock(),
             }
 
     @classmethod
     def from_state(cls, cfg: MonitorConfig, state: Mapping[str, Any], **kwargs: Any) -> DriftMonitor:
         """Rebuild a monitor from ``state()`` (the window is cut to the config's ``window_size``)."""
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise FabricError(f"drift monitor state version {state.get('version')!r}, expected {STATE_VERSION}")
         kwargs.setdefault("name", state.get("name"))
         mon = cls(cfg, state["reference"], **state["spec"], column_types=state["column_types"], **kwargs)
@@ -537,10 +667,16 @@ class DriftMonitor:
             self._set_reference(state["reference"], **state["spec"], column_types=state["column_types"])
         with self._lock:
             self._window.clear()
-            self._window.extend(state["window"])
+            # version 1 checkpoints hold (row, prediction) pairs and no predictions on the reference
+            self._window.extend((r, p, v) for r, p, *rest in state["window"] for v in [rest[0] if rest else None])
+            if state.get("fingerprint") == self.fingerprint:
+                self.prediction_refs = dict(state.get("prediction_refs") or {})
             for key in ("received", "dropped", "computations", "drift_events", "drift_active", "last_result",
                         "last_compute_at", "last_retrain_at", "last_retrain_job"):  # fmt: skip
                 setattr(self, key, state[key])
+            for key in ("last_reset_at", "tensor_rows", "out_of_range_rows"):
+                setattr(self, key, state.get(key, getattr(self, key)))
+            self.out_of_range_features = dict(state.get("out_of_range_features") or {})
             if self.last_compute_at is not None:
                 self._next_at = self.last_compute_at + self.cfg.interval_s
 

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from fabric.errors import require
@@ -223,8 +224,12 @@ def column_drift(
 
 
 def empty_result(status: str, window_size: int, reference_size: int, **extra: Any) -> dict[str, Any]:
-    """A drift result: with no comparison (``status`` says why), or ``extra`` filling in the comparison."""
-    return {
+    """A drift result: with no comparison (``status`` says why), or ``extra`` filling in the comparison.
+
+    Every result says when it was computed (``computed_at``, epoch seconds, and ``computed_at_utc``) and over
+    how many rows (``window_size`` served rows against ``reference_size`` reference rows).
+    """
+    out = {
         "status": status,
         "drift_detected": False,
         "dataset_drift": False,
@@ -240,6 +245,58 @@ def empty_result(status: str, window_size: int, reference_size: int, **extra: An
         "computed_at": time.time(),
         **extra,
     }
+    out["computed_at_utc"] = datetime.fromtimestamp(out["computed_at"], UTC).isoformat(timespec="seconds")
+    return out
+
+
+def prediction_drift(
+    pairs: Mapping[str, tuple[pd.Series, pd.Series]],
+    kind: ColumnKind,
+    *,
+    options: DriftOptions | None = None,
+    min_rows: int = 1,
+) -> dict[str, Any] | None:
+    """Drift of the served predictions against the model's own predictions on the reference, per version.
+
+    Args:
+        pairs: version -> (that version's predictions on the reference sample, its predictions in the window).
+        kind: ``"cat"`` (classes) or ``"num"`` (regression values).
+        options: tests and thresholds, as for the features.
+        min_rows: fewest window rows of a version for it to be compared (fewer: listed under ``skipped``).
+
+    Returns:
+        None when no version has predictions on the reference; else the comparison of the version with the
+        most window rows (``score``, ``test``, ``threshold``, ``kind``, ``version``, ``window_rows``), with
+        ``drifted`` true when any version drifted, every version's comparison under ``versions`` and the
+        versions not compared under ``skipped``.
+    """
+    if not pairs:
+        return None
+    options = options or DriftOptions()
+    versions: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for version, (ref, cur) in pairs.items():
+        cur = cur.dropna()
+        if len(cur) < min_rows:
+            skipped[version] = f"{len(cur)} rows in the window, {min_rows} needed"
+            continue
+        res = column_drift(align(ref, kind), align(cur, kind), kind, method=options.method_for(kind),
+                           threshold=options.threshold)  # fmt: skip
+        if "skipped" in res:
+            skipped[version] = res.pop("skipped")
+            continue
+        versions[version] = {**res, "window_rows": len(cur), "reference_rows": len(ref)}
+    if not versions:
+        return {"drifted": False, "score": None, "test": None, "threshold": None, "kind": kind, "version": None,
+                "window_rows": 0, "versions": {}, "skipped": skipped}  # fmt: skip
+    main = max(versions, key=lambda v: versions[v]["window_rows"])
+    return {
+        **versions[main],
+        "drifted": any(r["drifted"] for r in versions.values()),
+        "version": main,
+        "versions": versions,
+        "skipped": skipped,
+    }
 
 
 def compute_drift(
@@ -247,7 +304,9 @@ def compute_drift(
     current: pd.DataFrame,
     kinds: Mapping[str, ColumnKind],
     *,
-    prediction: tuple[str, ColumnKind] | None = None,
+    predictions: Mapping[str, tuple[pd.Series, pd.Series]] | None = None,
+    prediction_kind: ColumnKind = "cat",
+    min_prediction_rows: int = 1,
     options: DriftOptions | None = None,
     skipped: Mapping[str, str] | None = None,
     now: float | None = None,
@@ -255,11 +314,13 @@ def compute_drift(
     """Data drift per feature column and prediction drift, as one JSON-ready dict.
 
     Args:
-        reference: the reference frame (feature columns and, when ``prediction`` is given, that column).
+        reference: the reference frame (feature columns).
         current: the window frame, same columns.
         kinds: feature column -> ``"num"`` / ``"cat"``.
-        prediction: ``(column, kind)`` of the prediction, compared like a feature but reported apart and
-            not counted in ``drift_share``.
+        predictions: version -> (the model's predictions on the reference, the window's predictions), see
+            ``prediction_drift``; reported apart and not counted in ``drift_share``.
+        prediction_kind: how predictions are compared (``"cat"`` for classes).
+        min_prediction_rows: fewest window rows of a version for its predictions to be compared.
         options: tests, thresholds and the dataset drift share; defaults to Evidently's.
         skipped: columns left out of the comparison, with why (reported as is).
         now: the timestamp written as ``computed_at``.
@@ -268,8 +329,8 @@ def compute_drift(
         ``{"status": "ok", "drift_detected", "dataset_drift", "drift_share", "drift_share_threshold",
         "drifted_columns", "number_of_columns", "columns": {name: {"score", "test", "threshold",
         "drifted", "kind"}}, "prediction": {...} | None, "skipped_columns", "window_size",
-        "reference_size", "computed_at", "duration_s"}``. ``dataset_drift`` is ``drift_share >=
-        drift_share_threshold``; ``drift_detected`` is dataset drift or prediction drift.
+        "reference_size", "computed_at", "computed_at_utc", "duration_s"}``. ``dataset_drift`` is
+        ``drift_share >= drift_share_threshold``; ``drift_detected`` is dataset drift or prediction drift.
     """
     import pandas as pd
 
@@ -290,17 +351,7 @@ def compute_drift(
             skipped_out[col] = res["skipped"]
         else:
             columns[col] = res
-    pred: dict[str, Any] | None = None
-    if prediction is not None:
-        name, kind = prediction
-        if name in current and name in reference:
-            pred = column_drift(
-                align(reference[name], kind),
-                align(current[name], kind),
-                kind,
-                method=options.method_for(kind),
-                threshold=options.threshold,
-            )
+    pred = prediction_drift(predictions or {}, prediction_kind, options=options, min_rows=min_prediction_rows)
     drifted = [c for c, r in columns.items() if r["drifted"]]
     share = len(drifted) / len(columns) if columns else 0.0
     dataset_drift = bool(columns) and share >= options.drift_share
@@ -322,48 +373,92 @@ def compute_drift(
     )
 
 
-def report_html(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    kinds: Mapping[str, ColumnKind],
-    *,
-    prediction: tuple[str, ColumnKind] | None = None,
-    options: DriftOptions | None = None,
-) -> str:
-    """Evidently's data-drift report (``Report([DataDriftPreset()])``) as a self-contained HTML page.
+def _summary_html(result: Mapping[str, Any], name: str) -> str:
+    """fabric's summary of a drift result: the numbers ``GET /monitor/drift`` gives, and the result as JSON."""
+    import html
+    import json
 
-    Same columns, tests and thresholds as ``compute_drift``; the prediction is one more column of the report.
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(c)}</td><td>{e(str(r['test']))}</td><td>{r['score']}</td><td>{r['threshold']}</td>"
+        f"<td>{'yes' if r['drifted'] else 'no'}</td></tr>"
+        for c, r in result["columns"].items()
+    )
+    pred = result.get("prediction")
+    if pred and pred.get("versions"):
+        pred_text = "; ".join(
+            f"version {e(v)}: {e(str(r['test']))} {r['score']} (threshold {r['threshold']}, {r['window_rows']} rows)"
+            f" {'drifted' if r['drifted'] else 'not drifted'}"
+            for v, r in pred["versions"].items()
+        )
+    else:
+        pred_text = "not compared (no model predictions on the reference sample)"
+    data = json.dumps(result, default=str).replace("</", "<\\/")
+    return (
+        f'<section id="fabric-drift-summary" style="font-family:sans-serif;margin:1em">'
+        f"<h2>Drift monitor {e(name)}</h2>"
+        f"<p>Computed at {e(result['computed_at_utc'])} over {result['window_size']} served rows against "
+        f"{result['reference_size']} reference rows.</p>"
+        f"<p><b>{len(result['drifted_columns'])} of {result['number_of_columns']} columns drifted</b> "
+        f"(share {result['drift_share']:.3f}, threshold {result['drift_share_threshold']}); dataset drift: "
+        f"{'yes' if result['dataset_drift'] else 'no'}; drift detected: {'yes' if result['drift_detected'] else 'no'}.</p>"
+        f"<p>Prediction drift (served predictions against the model's predictions on the reference): {pred_text}.</p>"
+        f"<table border=1 cellpadding=4><tr><th>column</th><th>test</th><th>score</th><th>threshold</th>"
+        f"<th>drifted</th></tr>{rows}</table>"
+        f"<p>Below: Evidently's report of the same window, columns, tests and thresholds.</p></section>"
+        f'<script type="application/json" id="fabric-drift-result">{data}</script>'
+    )
+
+
+def evidently_snapshot(
+    reference: pd.DataFrame, current: pd.DataFrame, result: Mapping[str, Any], kinds: Mapping[str, ColumnKind]
+) -> Any:
+    """Evidently's ``DataDriftPreset`` run over a drift result's window and compared columns, each with the test
+    and threshold the result used, and the result's dataset drift share: it reaches the result's verdicts.
+
+    The prediction is not among its columns (it does not count in the share). Returns the snapshot, or None
+    when the result compared no column.
     """
     ev = evidently()
     import pandas as pd
     from evidently.presets import DataDriftPreset
 
-    options = options or DriftOptions()
-    all_kinds = dict(kinds)
-    if prediction is not None and prediction[0] in current and prediction[0] in reference:
-        all_kinds[prediction[0]] = prediction[1]
-    ref = {c: align(reference[c], k) for c, k in all_kinds.items()}
-    cur = {c: align(current[c], k) for c, k in all_kinds.items() if c in current}
-    # Evidently raises on a column with no values; compute_drift lists such columns as skipped.
-    all_kinds = {c: k for c, k in all_kinds.items() if c in cur and cur[c].notna().any() and ref[c].notna().any()}
-    if not all_kinds:
-        raise ValueError("no column has values in both the reference and the window")
-    cols = list(all_kinds)
-    ref_df = pd.DataFrame({c: ref[c] for c in cols})
-    cur_df = pd.DataFrame({c: cur[c] for c in cols})
+    cols = list(result["columns"])
+    if not cols:
+        return None
+    ref_df = pd.DataFrame({c: align(reference[c], kinds[c]) for c in cols})
+    cur_df = pd.DataFrame({c: align(current[c], kinds[c]) for c in cols})
     definition = ev.DataDefinition(
-        numerical_columns=[c for c, k in all_kinds.items() if k == "num"],
-        categorical_columns=[c for c, k in all_kinds.items() if k == "cat"],
+        numerical_columns=[c for c in cols if kinds[c] == "num"],
+        categorical_columns=[c for c in cols if kinds[c] == "cat"],
     )
     preset = DataDriftPreset(
         columns=cols,
-        drift_share=options.drift_share,
-        num_method=options.method_for("num"),
-        cat_method=options.method_for("cat"),
-        threshold=options.threshold,
+        drift_share=result["drift_share_threshold"],
+        per_column_method={c: result["columns"][c]["test"] for c in cols},
+        per_column_threshold={c: result["columns"][c]["threshold"] for c in cols},
     )
-    snapshot = ev.Report([preset]).run(
+    return ev.Report([preset]).run(
         ev.Dataset.from_pandas(cur_df, data_definition=definition),
         ev.Dataset.from_pandas(ref_df, data_definition=definition),
     )
-    return snapshot.get_html_str(as_iframe=False)
+
+
+def report_html(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    result: Mapping[str, Any],
+    kinds: Mapping[str, ColumnKind],
+    *,
+    name: str = "",
+) -> str:
+    """The HTML report of a drift result: fabric's summary of it, then Evidently's report (``evidently_snapshot``)
+    of the same window, columns, tests and thresholds, so both parts tell the same numbers."""
+    summary = _summary_html(result, name)
+    snapshot = evidently_snapshot(reference, current, result, kinds)
+    if snapshot is None:
+        return f"<html><body>{summary}</body></html>"
+    page = snapshot.get_html_str(as_iframe=False)
+    at = page.lower().find("<body")
+    at = page.find(">", at) + 1 if at >= 0 else 0
+    return page[:at] + summary + page[at:]

@@ -7,17 +7,21 @@ Routes (``{name}`` is the model name, ``{version}`` pins a version and bypasses 
 * ``GET /v2/models/{name}/ready``, ``GET /v2/models/{name}/versions/{version}/ready``
 * ``GET /v2/models/{name}/stats`` (this replica's batching counters, after Triton's statistics extension)
 * ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``
-* ``GET /monitor/drift``, ``GET /monitor/report`` (the drift monitor, through the monitor hook)
+* ``GET /monitor/drift[?refresh=true]``, ``GET /monitor/report[?refresh=true]``, ``POST /monitor/reset``
+  (the drift monitor, through the monitor hook)
 * ``GET /openapi.json``, ``GET /docs``
 
 Every error is an :class:`~fabric.serve.protocol.ErrorResponse` JSON body with its status; the answering
-version is in the ``x-fabric-model-version`` header and the body's ``model_version``.
+version is in the ``x-fabric-model-version`` header and the body's ``model_version``. Every request has an id:
+the ``x-request-id`` header Serve's ingress sets (or one made here), answered in the same header; an
+unexpected failure anywhere is a 500 with that id in its body (``request_id``) and in the replica's log line.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -47,6 +51,7 @@ log = logging.getLogger("fabric.serve")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+REQUEST_ID_HEADER = "x-request-id"
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body is not JSON"},
@@ -74,6 +79,23 @@ _INFER_BODY = {
 def error_response(e: ProtocolError, headers: dict[str, str] | None = None) -> Response:
     """The JSON error body of a ProtocolError with its status."""
     return Response(e.body(), status_code=e.status, media_type=JSON, headers=headers)
+
+
+def internal_error(e: BaseException, request_id: str) -> ProtocolError:
+    """The 500 of an unexpected failure, logged with the request's id (which its body carries too)."""
+    log.error("request %s failed: %s: %s", request_id, type(e).__name__, e, exc_info=e)
+    return ProtocolError(500, f"internal error: {type(e).__name__}: {e}", "internal", request_id=request_id)
+
+
+def request_id(scope: Scope) -> str:
+    """The request's ``x-request-id`` (set by Serve's ingress), or a new one written into the scope's headers."""
+    key = REQUEST_ID_HEADER.encode()
+    for k, v in scope.get("headers", ()):
+        if k.lower() == key and v:
+            return v.decode("latin-1")
+    rid = str(uuid.uuid4())
+    scope["headers"] = [*scope.get("headers", ()), (key, rid.encode())]
+    return rid
 
 
 def check_content_length(declared: str, limit: int) -> None:
@@ -136,6 +158,13 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, exc: ProtocolError) -> Response:
         return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _last_resort(request: Request, exc: Exception) -> Response:
+        # Starlette calls this for any exception no other handler took, then re-raises it (InferFastPath
+        # sees the response was sent and lets it go).
+        rid = request.headers.get(REQUEST_ID_HEADER) or "-"
+        return error_response(internal_error(exc, rid), {REQUEST_ID_HEADER: rid})
 
     async def infer(name: str, version: str | None, request: Request) -> Response:
         try:
@@ -206,13 +235,29 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     # Drift monitor mount points: answered by the monitor hook (404 when monitoring is off).
-    @app.get("/monitor/drift", responses=_ERRORS, summary="Drift of the served inputs against the training reference")
+    @app.get(
+        "/monitor/drift",
+        responses=_ERRORS,
+        summary="Drift of the served inputs against the training reference",
+        description="The last result (scheduled every monitor.interval_s), or one computed now with "
+        "`refresh=true`; `computed_at`, `computed_at_utc` and `age_s` say when, `window_size` over how many rows.",
+    )
     async def monitor_drift(refresh: bool = False) -> dict[str, Any]:
         return await service.monitor.drift(refresh)
 
-    @app.get("/monitor/report", response_class=HTMLResponse, responses=_ERRORS, summary="The HTML drift report")
-    async def monitor_report() -> HTMLResponse:
-        return HTMLResponse(await service.monitor.report())
+    @app.get(
+        "/monitor/report",
+        response_class=HTMLResponse,
+        responses=_ERRORS,
+        summary="The HTML drift report",
+        description="The report of the same result `GET /monitor/drift` gives (`refresh=true`: computed now).",
+    )
+    async def monitor_report(refresh: bool = False) -> HTMLResponse:
+        return HTMLResponse(await service.monitor.report(refresh))
+
+    @app.post("/monitor/reset", responses=_ERRORS, summary="Empty the drift monitor's window and last result")
+    async def monitor_reset() -> dict[str, Any]:
+        return await service.monitor.reset()
 
     def openapi() -> dict[str, Any]:
         # The infer routes read the raw body (for the size limit and our own 4xx bodies), so their request
@@ -264,16 +309,51 @@ class InferFastPath:
         return getattr(self.api, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            root = scope.get("root_path") or ""
-            if root and path.startswith(root):
-                path = path[len(root) :]
-            m = _INFER_PATH.fullmatch(path)
-            if m is not None:
-                await self._infer(m["name"], m["version"], scope, receive, send)
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        rid = request_id(scope)
+        started = False
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in headers):
+                    message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), rid.encode())]}
+            await send(message)
+
+        try:
+            if scope["method"] == "POST":
+                path = scope["path"]
+                root = scope.get("root_path") or ""
+                if root and path.startswith(root):
+                    path = path[len(root) :]
+                m = _INFER_PATH.fullmatch(path)
+                if m is not None:
+                    await self._infer(m["name"], m["version"], scope, receive, send_with_id, rid)
+                    return
+            await self.api(scope, receive, send_with_id)
+        except Exception as e:  # the last resort: a JSON 500 naming the request, never Starlette's text/plain
+            if started:  # answered (and logged) by FastAPI's handler, which re-raises
                 return
-        await self.api(scope, receive, send)
+            await self._send(send_with_id, 500, internal_error(e, rid).body(), [])
+
+    @staticmethod
+    async def _send(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.max_body_bytes
@@ -296,32 +376,18 @@ class InferFastPath:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _infer(
+        self, name: str, version: str | None, scope: Scope, receive: Receive, send: Send, rid: str
+    ) -> None:
         headers = _Headers(scope["headers"])
         try:
             chosen, body = await self.service.infer(name, version, headers, lambda: self._read(scope, receive))
             status, extra = 200, [(VERSION_HEADER.encode(), chosen.encode())]
         except ProtocolError as e:
             status, body, extra = e.status, e.body(), []
-        except Exception as e:  # a bug, not bad input: answer 500 with a JSON body, keep the replica up
-            log.exception("inference failed")
-            status, body, extra = (
-                500,
-                ProtocolError(500, f"internal error: {type(e).__name__}: {e}", "internal").body(),
-                [],
-            )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *extra,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        except Exception as e:  # an engine failure or a bug, not bad input: a JSON 500; the replica stays up
+            status, body, extra = 500, internal_error(e, rid).body(), []
+        await self._send(send, status, body, extra)
 
 
 def make_asgi(service: TabularService, max_body_bytes: int = 1 << 20) -> InferFastPath:

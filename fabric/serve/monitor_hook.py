@@ -1,8 +1,8 @@
 """THE seam between serving and the drift monitor — the only place the request path touches it.
 
 Every answered request calls :meth:`MonitorHook.observe` with the raw rows it was given (named-column
-input) and the predictions; ``GET /monitor/drift`` and ``GET /monitor/report`` call :meth:`drift` and
-:meth:`report`. :func:`monitor_hook` returns a no-op hook when ``cfg.monitor.enabled`` is false or
+input) and the predictions (tensor input: :meth:`MonitorHook.observe_out_of_range`); ``GET /monitor/drift``,
+``GET /monitor/report`` and ``POST /monitor/reset`` call :meth:`drift`, :meth:`report` and :meth:`reset`. :func:`monitor_hook` returns a no-op hook when ``cfg.monitor.enabled`` is false or
 ``fabric.monitor`` is not installed, so serving never depends on the monitor being there.
 
 ``observe`` must never block or raise: it gathers rows for up to ``monitor.batch_interval_s`` (one actor
@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fabric.serve.protocol import ProtocolError
@@ -32,11 +33,17 @@ class MonitorHook(Protocol):
     def observe(self, version: str, rows: Sequence[Mapping[str, Any]] | None, predictions: Sequence[Any]) -> None:
         """Hand over served rows (raw feature values; None for tensor input) and their predictions."""
 
+    def observe_out_of_range(self, version: str, rows: int, flagged: int, features: Mapping[str, int]) -> None:
+        """Count served tensor rows, and those with a feature outside the range seen in training."""
+
     async def drift(self, refresh: bool = False) -> dict[str, Any]:
         """The drift result as JSON (raises ProtocolError 404/503 when there is none to give)."""
 
-    async def report(self) -> str:
-        """The HTML drift report."""
+    async def report(self, refresh: bool = False) -> str:
+        """The HTML drift report of the same result ``drift`` gives."""
+
+    async def reset(self) -> dict[str, Any]:
+        """Empty the monitor's window and last result."""
 
 
 class NoMonitor:
@@ -48,18 +55,28 @@ class NoMonitor:
     def observe(self, version: str, rows: Sequence[Mapping[str, Any]] | None, predictions: Sequence[Any]) -> None:
         return None
 
+    def observe_out_of_range(self, version: str, rows: int, flagged: int, features: Mapping[str, int]) -> None:
+        return None
+
     async def drift(self, refresh: bool = False) -> dict[str, Any]:
         raise ProtocolError(404, self.reason, "monitor_disabled")
 
-    async def report(self) -> str:
+    async def report(self, refresh: bool = False) -> str:
         raise ProtocolError(404, self.reason, "monitor_disabled")
+
+    async def reset(self) -> dict[str, Any]:
+        raise ProtocolError(404, self.reason, "monitor_disabled")
+
+
+# version -> model key; and reference inputs -> {version: predictions}
+ReferencePredictor = Callable[[Any, Sequence[str]], Mapping[str, Sequence[Any]]]
 
 
 class ClientMonitor:
     """The hook over :class:`fabric.monitor.MonitorClient` (the monitor actor, found by name).
 
     Args:
-        client: the monitor client (``submit(rows, predictions)``).
+        client: the monitor client (``submit(rows, predictions, version)``).
         batch_interval_s: longest a served row waits before it is sent; 0 sends every request's rows at once.
         batch_rows: rows gathered at most before they are sent.
     """
@@ -72,9 +89,12 @@ class ClientMonitor:
         self._lock = threading.Lock()
         self._rows: list[Mapping[str, Any]] = []
         self._preds: list[Any] = []
+        self._versions: list[str] = []
         self._since = 0.0
+        self._range = [0, 0, Counter()]  # tensor rows, flagged rows, feature -> rows (not sent yet)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._primer: threading.Thread | None = None
         if batch_interval_s > 0:
             # sends what a quiet spell leaves gathered
             self._thread = threading.Thread(target=self._loop, name="fabric-monitor-hook", daemon=True)
@@ -85,43 +105,102 @@ class ClientMonitor:
         if not rows:
             return
         if self.batch_interval_s <= 0:
-            self._submit(rows, predictions)
+            self._submit(rows, predictions, [version] * len(rows))
             return
         with self._lock:
             if not self._rows:
                 self._since = time.monotonic()
             self._rows.extend(rows)
             self._preds.extend(predictions)
+            self._versions.extend([version] * len(rows))
             due = len(self._rows) >= self.batch_rows or time.monotonic() - self._since >= self.batch_interval_s
         if due:
             self.flush()
 
-    def flush(self) -> None:
-        """Send the gathered rows now."""
+    def observe_out_of_range(self, version: str, rows: int, flagged: int, features: Mapping[str, int]) -> None:
         with self._lock:
-            rows, preds = self._rows, self._preds
-            self._rows, self._preds = [], []
+            self._range[0] += rows
+            self._range[1] += flagged
+            self._range[2].update(features)
+        if self.batch_interval_s <= 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the gathered rows (one submission per version) and tensor-range counts now."""
+        with self._lock:
+            rows, preds, versions = self._rows, self._preds, self._versions
+            self._rows, self._preds, self._versions = [], [], []
+            tensor_rows, flagged, features = self._range
+            self._range = [0, 0, Counter()]
         if rows:
-            self._submit(rows, preds)
+            self._submit(rows, preds, versions)
+        if tensor_rows:
+            try:
+                self.client.count_out_of_range(tensor_rows, flagged, dict(features))
+            except Exception as e:  # the monitor must never fail a request
+                self._warn(e)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.batch_interval_s):
             self.flush()
 
     def close(self) -> None:
-        """Send what is gathered and stop the background sender."""
+        """Send what is gathered and stop the background threads."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._primer):
+            if thread is not None:
+                thread.join(timeout=5)
         self.flush()
 
-    def _submit(self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any]) -> None:
-        try:
-            self.client.submit(rows, predictions)
-        except Exception as e:  # the monitor must never fail a request
-            if not self._warned:
-                log.warning("drift monitor submit failed (further failures not logged): %s", e)
-                self._warned = True
+    def _warn(self, e: Exception) -> None:
+        if not self._warned:
+            log.warning("drift monitor submit failed (further failures not logged): %s", e)
+            self._warned = True
+
+    def _submit(self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[Any], versions: Sequence[str]) -> None:
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(versions):
+            groups.setdefault(v, []).append(i)
+        for version, idx in groups.items():
+            part = (rows, predictions) if len(groups) == 1 else ([rows[i] for i in idx], [predictions[i] for i in idx])
+            try:
+                self.client.submit(part[0], part[1], version)
+            except Exception as e:  # the monitor must never fail a request
+                self._warn(e)
+
+    # ------------------------------------------------------------------ the models' predictions on the reference
+
+    def attach_models(self, models: Mapping[str, str], predict: ReferencePredictor, interval_s: float = 10.0) -> None:
+        """Keep the monitor supplied with each version's predictions on its reference sample.
+
+        A background thread asks the monitor every ``interval_s`` whether it lacks the predictions of one of
+        ``models`` (version -> a key of the model behind it) on its current reference (it has none yet, its
+        reference changed, or a version's model did); then it reads the reference's input columns, runs
+        ``predict(frame, versions)`` and sends the result. Served predictions are compared with these.
+        """
+        self._primer = threading.Thread(
+            target=self._prime_loop, args=(dict(models), predict, interval_s), name="fabric-monitor-prime", daemon=True
+        )
+        self._primer.start()
+
+    def _prime_loop(self, models: dict[str, str], predict: ReferencePredictor, interval_s: float) -> None:
+        warned = False
+        while True:
+            try:
+                needed = self.client.prediction_reference_needed(models)
+                if needed is not None:
+                    fingerprint, frame = needed
+                    for version, preds in predict(frame, list(models)).items():
+                        self.client.set_prediction_reference(version, preds, models[version], fingerprint)
+                    log.info("drift monitor: sent %s's predictions on the reference sample", ", ".join(models))
+            except Exception as e:  # retried on the next round; serving never depends on it
+                if not warned:
+                    log.warning("drift monitor: predictions on the reference sample not sent (retrying): %s", e)
+                    warned = True
+            if self._stop.wait(interval_s):
+                return
+
+    # ------------------------------------------------------------------ reading it
 
     async def drift(self, refresh: bool = False) -> dict[str, Any]:
         from fabric.monitor import MonitorUnavailableError
@@ -131,11 +210,22 @@ class ClientMonitor:
         except MonitorUnavailableError as e:
             raise ProtocolError(503, str(e), "monitor_unavailable") from None
 
-    async def report(self) -> str:
+    async def report(self, refresh: bool = False) -> str:
+        from fabric.errors import FabricError
         from fabric.monitor import MonitorUnavailableError
 
         try:
-            return await self.client.areport_html()
+            return await self.client.areport_html(refresh)
+        except MonitorUnavailableError as e:
+            raise ProtocolError(503, str(e), "monitor_unavailable") from None
+        except FabricError as e:  # raised in the actor: nothing to report yet
+            raise ProtocolError(409, str(e).strip().splitlines()[-1], "no_report") from None
+
+    async def reset(self) -> dict[str, Any]:
+        from fabric.monitor import MonitorUnavailableError
+
+        try:
+            return await self.client.areset()
         except MonitorUnavailableError as e:
             raise ProtocolError(503, str(e), "monitor_unavailable") from None
 

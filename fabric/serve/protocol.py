@@ -56,21 +56,34 @@ class ErrorResponse(BaseModel):
     ``missing_feature``, ``invalid_value``, ``body_too_large``, ``unknown_model``, ``unknown_version``..."""
     loc: str | None = None
     """Where in the request: ``inputs[0].shape``, ``instances[3].age``, a header name."""
+    request_id: str | None = None
+    """Internal errors (500): the request's id, as in the ``x-request-id`` header and the replica's log line."""
 
 
 class ProtocolError(FabricError):
     """A request the server cannot serve; carries its HTTP status and renders as :class:`ErrorResponse`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request", loc: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request",
+        loc: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
         self.status = status
         self.message = message
         self.type = type
         self.loc = loc
+        self.request_id = request_id
         super().__init__(message)
 
     def body(self) -> bytes:
         """The JSON error body."""
-        return json.dumps({"error": self.message, "type": self.type, "loc": self.loc}).encode()
+        body = {"error": self.message, "type": self.type, "loc": self.loc}
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return json.dumps(body).encode()
 
 
 def invalid(message: str, type: str = "invalid_request", loc: str | None = None) -> ProtocolError:

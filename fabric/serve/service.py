@@ -120,6 +120,54 @@ def _check_present(columns: list[str], present: Iterable[str] | Mapping[str, Any
         )
 
 
+def feature_range(schema: ModelSchema) -> tuple[np.ndarray, np.ndarray] | None:
+    """The range of each encoded feature seen in training (from the preprocessor's training statistics).
+
+    A numeric column's is its training min and max, scaled as the preprocessor scales it; a one-hot feature's
+    is [0, 1]. None when the model has no preprocessor, or it records no numeric column's min and max.
+    """
+    pre = schema.preprocessor
+    if pre is None:
+        return None
+    lo: list[float] = []
+    hi: list[float] = []
+    known = False
+    for col in pre.columns:
+        stats = getattr(col, "stats", None)
+        if stats is None:  # categorical: one-hot
+            lo.extend([0.0] * len(col.feature_names))
+            hi.extend([1.0] * len(col.feature_names))
+            continue
+        mn, mx = stats.get("min"), stats.get("max")
+        known = known or (mn is not None and mx is not None)
+        lo.append((mn - col.center) / col.scale if mn is not None else -np.inf)
+        hi.append((mx - col.center) / col.scale if mx is not None else np.inf)
+    if not known:
+        return None
+    lo_a, hi_a = np.asarray(lo), np.asarray(hi)
+    # float32 rounding of features computed from the extreme training values must not count as outside
+    tol = 1e-4 * (
+        1.0
+        + np.maximum(np.abs(np.nan_to_num(lo_a, posinf=0, neginf=0)), np.abs(np.nan_to_num(hi_a, posinf=0, neginf=0)))
+    )
+    return lo_a - tol, hi_a + tol
+
+
+@dataclass
+class Features:
+    """What a request's input comes to: the feature matrix, and what the response and the monitor learn of it."""
+
+    x: np.ndarray
+    rows: list[dict[str, Any]] | None = None
+    """The raw rows, for the monitor (named-column input only)."""
+    ignored: list[str] | None = None
+    """Columns the request sent that the model does not read (reported in the response)."""
+    out_of_range: dict[str, int] | None = None
+    """Tensor input: feature -> rows with a value outside the training range (None when not checked)."""
+    flagged_rows: int = 0
+    """Tensor input: rows with any feature outside the training range."""
+
+
 class TabularService:
     """Serves the versions of one tabular model under one OIP model name.
 
@@ -129,6 +177,8 @@ class TabularService:
         split: the traffic split over ``versions``.
         monitor: the drift-monitor hook (a no-op when monitoring is off).
         not_null: raw columns the data schema forbids nulls in (``data.expectations.not_null``).
+        impute_nulls: accept nulls in every column (``serve.impute_nulls``); otherwise a null in a column the
+            training data held no nulls in is a 422.
     """
 
     def __init__(
@@ -138,6 +188,7 @@ class TabularService:
         split: TrafficSplit,
         monitor: MonitorHook | None = None,
         not_null: Iterable[str] = (),
+        impute_nulls: bool = False,
     ) -> None:
         self.model_name = model_name
         self.versions = dict(versions)
@@ -145,6 +196,8 @@ class TabularService:
         self.monitor = monitor or NoMonitor()
         self._observe = not isinstance(self.monitor, NoMonitor)
         self.not_null = list(not_null)
+        self.impute_nulls = impute_nulls
+        self._ranges = {v: feature_range(rt.schema) for v, rt in self.versions.items()}
         self.responses: Counter[tuple[str, int]] = Counter()
         """(version, HTTP status) -> inference responses (version ``-`` when none was chosen)."""
 
@@ -214,19 +267,23 @@ class TabularService:
 
     # ------------------------------------------------------------------ inference
 
-    def features(
-        self, schema: ModelSchema, req: InferenceRequest | RecordsRequest
-    ) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
-        """The float32 feature matrix a request describes, and its raw rows when it was named-column input."""
+    def features(self, version: str, req: InferenceRequest | RecordsRequest) -> Features:
+        """The float32 feature matrix a request describes for ``version``, with what the response and the
+        monitor learn of the input (raw rows, ignored columns, values outside the training range)."""
+        schema = self.versions[version].schema
         if isinstance(req, RecordsRequest):
             import pandas as pd
 
             cols = schema.input_columns
             for i, rec in enumerate(req.instances):
                 _check_present(cols, rec, f"instances[{i}]")
-            x, _ = self._from_frame(schema, pd.DataFrame.from_records(req.instances), "instances", keep_rows=False)
+            df = pd.DataFrame.from_records(req.instances)
+            x = self._from_frame(schema, df, "instances", lambda r, c: f"instances[{r}].{c}")
+            known = set(cols)
+            ignored = [c for c in df.columns if c not in known]
             # the records are the raw rows already: cheaper than a DataFrame's to_dict
-            return x, [{c: rec[c] for c in cols} for rec in req.instances] if self._observe else None
+            rows = [{c: rec[c] for c in cols} for rec in req.instances] if self._observe else None
+            return Features(x, rows, ignored or None)
 
         inputs = req.inputs
         known = set(schema.input_columns)
@@ -234,7 +291,7 @@ class TabularService:
         if len(inputs) == 1 and (
             first.name not in known or (len(first.shape) == 2 and first.shape[1] == schema.n_features > 1)
         ):
-            return _tensor_features(schema, first, "inputs[0]"), None
+            return self._tensor(version, schema, first)
         unknown = [i.name for i in inputs if i.name not in known]
         if unknown:
             raise invalid(
@@ -246,6 +303,7 @@ class TabularService:
         import pandas as pd
 
         columns: dict[str, np.ndarray] = {}
+        index: dict[str, int] = {}
         rows: int | None = None
         for idx, inp in enumerate(inputs):
             where = f"inputs[{idx}]"
@@ -264,11 +322,68 @@ class TabularService:
                 )
             rows = len(values)
             columns[inp.name] = values
-        return self._from_frame(schema, pd.DataFrame(columns), "inputs")
+            index[inp.name] = idx
+        df = pd.DataFrame(columns)
+        x = self._from_frame(schema, df, "inputs", lambda r, c: f"inputs[{index[c]}].data[{r}]")
+        return Features(x, df[schema.input_columns].to_dict("records") if self._observe else None)
 
-    def _from_frame(
-        self, schema: ModelSchema, df: Any, root: str, keep_rows: bool = True
-    ) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
+    def _tensor(self, version: str, schema: ModelSchema, inp: RequestInput) -> Features:
+        x = _tensor_features(schema, inp, "inputs[0]")
+        bounds = self._ranges.get(version)
+        if bounds is None:
+            return Features(x)
+        outside = (x < bounds[0]) | (x > bounds[1])
+        flagged = outside.any(axis=1)
+        if not flagged.any():
+            return Features(x, out_of_range={}, flagged_rows=0)
+        counts = outside.sum(axis=0)
+        names = schema.feature_names
+        return Features(
+            x,
+            out_of_range={names[j]: int(counts[j]) for j in np.flatnonzero(counts)},
+            flagged_rows=int(flagged.sum()),
+        )
+
+    def _check_values(self, schema: ModelSchema, df: Any, loc: Callable[[int, str], str]) -> None:
+        """422 for a null in a column the training data had none in (unless ``impute_nulls``), or a string in
+        a numeric column, naming the row and the column (``loc(row, column)`` says where in the request)."""
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+        pre = schema.preprocessor
+        if pre is not None:
+            numeric = {c.name for c in pre.columns if getattr(c, "stats", None) is not None}
+            nullable = set(pre.nullable or ())
+        else:  # the columns are the encoded features: numbers, never null
+            numeric, nullable = set(schema.feature_names), set()
+        for col in schema.input_columns:
+            s = df[col]
+            if not self.impute_nulls and col not in nullable:
+                nulls = s.isna().to_numpy()
+                if nulls.any():
+                    r = int(np.flatnonzero(nulls)[0])
+                    why = (
+                        "the training data had no nulls in it"
+                        if pre is not None and pre.nullable is not None
+                        else "the model records no nulls in its training data"
+                    )
+                    raise invalid(
+                        f"{loc(r, col)}: row {r}, column {col!r} is null and {why}; send a value, or set "
+                        "serve.impute_nulls=true to fill nulls as training did",
+                        "invalid_value",
+                        loc(r, col),
+                    )
+            if col in numeric and not (is_numeric_dtype(s.dtype) or is_bool_dtype(s.dtype)):
+                strings = np.fromiter((isinstance(v, str) for v in s), dtype=bool, count=len(s))
+                if strings.any():
+                    r = int(np.flatnonzero(strings)[0])
+                    raise invalid(
+                        f"{loc(r, col)}: row {r}, column {col!r} is numeric but holds the string {s.iloc[r]!r}; "
+                        "send a JSON number",
+                        "invalid_datatype",
+                        loc(r, col),
+                    )
+
+    def _from_frame(self, schema: ModelSchema, df: Any, root: str, loc: Callable[[int, str], str]) -> np.ndarray:
         if len(df) == 0:
             raise invalid(f"{root} has no rows", "invalid_shape", root)
         _check_present(schema.input_columns, df.columns, root)
@@ -276,12 +391,14 @@ class TabularService:
             if col in df.columns and col in schema.input_columns:
                 nulls = df[col].isna().to_numpy()
                 if nulls.any():
+                    r = int(np.flatnonzero(nulls)[0])
                     raise invalid(
-                        f"feature {col!r} is null in row {int(np.flatnonzero(nulls)[0])}, which the data schema forbids "
+                        f"feature {col!r} is null in row {r}, which the data schema forbids "
                         "(data.expectations.not_null)",
                         "invalid_value",
-                        f"{root}.{col}",
+                        loc(r, col),
                     )
+        self._check_values(schema, df, loc)
         if schema.preprocessor is not None:
             try:
                 x = schema.preprocessor.transform(df)
@@ -291,8 +408,40 @@ class TabularService:
                 raise invalid(first, kind, f"{root}.{e.column}" if e.column else root) from None
         else:
             x = _encoded_from_frame(schema, df, root)
-        rows = df[schema.input_columns].to_dict("records") if self._observe and keep_rows else None
-        return np.ascontiguousarray(x, dtype=np.float32), rows
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def reference_predictions(self, frame: Any, versions: Iterable[str]) -> dict[str, list[Any]]:
+        """Each version's predictions on a frame of raw reference rows, as the monitor compares them.
+
+        The rows go through the preprocessor as in training (nulls filled), not through the strict checks of
+        requests, and the engine in chunks.
+        """
+        out: dict[str, list[Any]] = {}
+        for version in versions:
+            rt = self.versions[version]
+            schema = rt.schema
+            missing = [c for c in schema.input_columns if c not in frame.columns]
+            if missing:
+                raise DataValidationError(
+                    f"the monitor's reference lacks the model's input column {missing[0]!r}", column=missing[0]
+                )
+            if schema.preprocessor is not None:
+                x = schema.preprocessor.transform(frame)
+            else:
+                x = _encoded_from_frame(schema, frame, "reference")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            ys = [rt.loaded.engine.predict(x[i : i + 1024]) for i in range(0, len(x), 1024)]
+            out[version] = monitored_predictions(schema, np.concatenate(ys) if ys else np.zeros((0, 1)))
+        return out
+
+    def model_keys(self) -> dict[str, str]:
+        """Version -> a key of the model behind it (its folder, engine and files' modification times)."""
+        keys = {}
+        for v, rt in self.versions.items():
+            folder = rt.loaded.folder
+            stamp = max((p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()), default=0)
+            keys[v] = f"{folder}:{rt.loaded.engine.platform}:{stamp}"
+        return keys
 
     @staticmethod
     def outputs(schema: ModelSchema, y: np.ndarray) -> list[dict[str, Any]]:
@@ -335,6 +484,9 @@ class TabularService:
         except ProtocolError as e:
             self.responses[(chosen, e.status)] += 1
             raise
+        except Exception:
+            self.responses[(chosen, 500)] += 1
+            raise
         self.responses[(chosen, 200)] += 1
         return chosen, body
 
@@ -344,7 +496,8 @@ class TabularService:
         policy.arrive()  # counted from here, so a batch forming now knows this request is on its way
         try:
             req = parse_body(await read_body())
-            x, rows = self.features(rt.schema, req)
+            feats = self.features(chosen, req)
+            x = feats.x
             y = await rt.predictor(x)
             outs = self.outputs(rt.schema, y)
             if req.outputs:
@@ -358,22 +511,33 @@ class TabularService:
                         "outputs",
                     )
                 outs = [have[w] for w in wanted]
-            if self._observe and rows:
-                y2 = np.asarray(y).reshape(len(x), -1)
-                if rt.schema.task == "classification":
-                    preds: list[Any] = (
-                        y2.argmax(axis=1).tolist() if y2.shape[1] > 1 else (y2[:, 0] > 0).astype(int).tolist()
-                    )
-                else:
-                    preds = y2[:, 0].tolist() if y2.shape[1] == 1 else y2.tolist()
-                self.monitor.observe(chosen, rows, preds)
+            if self._observe:
+                if feats.rows:
+                    self.monitor.observe(chosen, feats.rows, monitored_predictions(rt.schema, y))
+                elif feats.out_of_range is not None:
+                    self.monitor.observe_out_of_range(chosen, len(x), feats.flagged_rows, feats.out_of_range)
         finally:
             policy.depart()
         body: dict[str, Any] = {"model_name": self.model_name, "model_version": chosen}
         if req.id is not None:  # OIP: the request's id, when it gave one
             body["id"] = req.id
+        params: dict[str, Any] = {}
+        if feats.ignored:
+            params["ignored_columns"] = feats.ignored
+        if feats.flagged_rows:
+            params["out_of_range"] = {"rows": feats.flagged_rows, "features": sorted(feats.out_of_range or {})}
+        if params:
+            body["parameters"] = params
         body["outputs"] = outs
         return json.dumps(body).encode()
+
+
+def monitored_predictions(schema: ModelSchema, y: np.ndarray) -> list[Any]:
+    """Model outputs as the monitor compares them: the class (classification) or the value(s)."""
+    y2 = np.asarray(y).reshape(len(y), -1)
+    if schema.task == "classification":
+        return y2.argmax(axis=1).tolist() if y2.shape[1] > 1 else (y2[:, 0] > 0).astype(int).tolist()
+    return y2[:, 0].tolist() if y2.shape[1] == 1 else y2.tolist()
 
 
 def build_service(
@@ -398,10 +562,15 @@ def build_service(
             loaded, Predictor(loaded.engine.predict, s.max_batch_size, s.batch_wait_timeout_s, batch)
         )
     split = TrafficSplit({v.name: v.weight for v in serving_versions(cfg)}, s.sticky_header)
-    return TabularService(
+    service = TabularService(
         model_name(cfg),
         versions,
         split,
         monitor if monitor is not None else monitor_hook(cfg),
         cfg.data.expectations.not_null,
+        s.impute_nulls,
     )
+    attach = getattr(service.monitor, "attach_models", None)
+    if attach is not None:  # the monitor compares served predictions with these versions' on its reference
+        attach(service.model_keys(), service.reference_predictions)
+    return service

@@ -15,17 +15,21 @@ import pytest
 from fabric.config import MonitorConfig, PipelineConfig
 from fabric.errors import DataValidationError, FabricError
 from fabric.monitor import DriftMonitor
-from tests.unit.monitor._data import WINDOW, FakeClock, make_frame, rows_and_preds
+from fabric.monitor.stats import evidently_snapshot
+from tests.unit.monitor._data import WINDOW, FakeClock, make_frame, model, rows_and_preds
 
 
 def _monitor(reference: pd.DataFrame, clock: FakeClock, **cfg: Any) -> DriftMonitor:
+    """A monitor with version v1's predictions on the reference (what a serving replica sends it)."""
     cfg.setdefault("window_size", WINDOW)
-    return DriftMonitor(MonitorConfig(**cfg), reference, target="target", task="classification", clock=clock)
+    mon = DriftMonitor(MonitorConfig(**cfg), reference, target="target", task="classification", clock=clock)
+    assert mon.set_prediction_reference("v1", model(reference), "toy", mon.fingerprint)
+    return mon
 
 
-def _feed(mon: DriftMonitor, frame: pd.DataFrame) -> None:
+def _feed(mon: DriftMonitor, frame: pd.DataFrame, version: str = "v1") -> None:
     rows, preds = rows_and_preds(frame)
-    mon.add(rows, preds)
+    mon.add(rows, preds, version=version)
 
 
 def _drifted(mon: DriftMonitor, reference: pd.DataFrame, clock: FakeClock) -> DriftMonitor:
@@ -39,7 +43,7 @@ def _drifted(mon: DriftMonitor, reference: pd.DataFrame, clock: FakeClock) -> Dr
 def test_columns_are_typed_as_evidently_infers_them(reference: pd.DataFrame, clock: FakeClock) -> None:
     mon = _monitor(reference, clock)
     assert mon.kinds == {"age": "num", "income": "num", "plan": "cat", "city": "cat"}
-    assert mon.prediction_reference == "target"  # no prediction column in the sample: the label stands in
+    assert mon.prediction_reference is None  # no prediction column in the sample, and labels never stand in
 
 
 def test_shifted_input_drifts_on_exactly_the_shifted_features(reference: pd.DataFrame, clock: FakeClock) -> None:
@@ -54,10 +58,82 @@ def test_shifted_input_drifts_on_exactly_the_shifted_features(reference: pd.Data
     assert cols["age"]["threshold"] == 0.05
     assert cols["age"]["score"] < 1e-6 and cols["income"]["score"] > 0.05
     assert not cols["income"]["drifted"] and not cols["plan"]["drifted"]
-    assert result["prediction"]["test"] == "z" and not result["prediction"]["drifted"]
+    # the toy model predicts from age: its predictions move with it
+    assert result["prediction"]["test"] == "z" and result["prediction"]["drifted"]
+    assert result["prediction"]["version"] == "v1" and result["prediction"]["window_rows"] == WINDOW
     assert result["window_size"] == WINDOW and result["reference_size"] == len(reference)
     assert result["computed_at"] == clock.t
     json.dumps(result, allow_nan=False)  # JSON-ready, no NaN
+
+
+def test_predictions_are_compared_with_the_models_own_not_with_the_labels(
+    reference: pd.DataFrame, clock: FakeClock
+) -> None:
+    # Ordinary traffic through a model that predicts the labels badly (half ones; the labels have 30%).
+    mon = DriftMonitor(MonitorConfig(window_size=WINDOW), reference, target="target", clock=clock)
+    assert mon.task == "classification"  # typed from the labels, which are not compared
+    _feed(mon, make_frame(WINDOW, seed=1))
+    before = mon.compute()
+    assert before["prediction"] is None and not before["drift_detected"]
+    assert mon.set_prediction_reference("v1", model(reference), "toy", mon.fingerprint)
+    after = mon.compute()
+    assert after["prediction"]["drifted"] is False and not after["drift_detected"]
+    # what comparing with the labels would have said: drift, on ordinary traffic
+    labels = DriftMonitor(MonitorConfig(window_size=WINDOW), reference.assign(prediction=reference["target"]),
+                          target="target", clock=clock)  # fmt: skip
+    _feed(labels, make_frame(WINDOW, seed=1))
+    assert labels.compute()["prediction"]["drifted"] is True
+
+
+def test_each_version_is_compared_with_its_own_predictions(reference: pd.DataFrame, clock: FakeClock) -> None:
+    mon = _monitor(reference, clock)
+    assert mon.missing_prediction_references({"v1": "toy", "v2": "other"}) == ["v2"]
+    assert mon.missing_prediction_references({"v1": "retrained"}) == ["v1"]  # another model behind v1
+    assert not mon.set_prediction_reference("v2", [0] * len(reference), "other", "not-this-reference")
+    assert mon.set_prediction_reference("v2", [0] * len(reference), "other", mon.fingerprint)
+    _feed(mon, make_frame(WINDOW // 2, seed=1), "v1")
+    rows, preds = rows_and_preds(make_frame(WINDOW // 2, seed=2))
+    mon.add(rows, preds, version="v2")  # v2 said 0 on the whole reference; now it says 1 half the time
+    pred = mon.compute()["prediction"]
+    assert pred["drifted"] and pred["versions"]["v2"]["drifted"] and not pred["versions"]["v1"]["drifted"]
+    assert pred["versions"]["v1"]["window_rows"] == WINDOW // 2
+    # a new reference: the predictions on the old one are dropped
+    mon.set_reference(make_frame(500, seed=9), target="target", task="classification")
+    assert mon.prediction_refs == {} and mon.missing_prediction_references({"v1": "toy"}) == ["v1"]
+
+
+def test_a_drift_answer_says_when_and_over_how_many_rows(reference: pd.DataFrame, clock: FakeClock) -> None:
+    mon = _monitor(reference, clock)
+    _feed(mon, make_frame(WINDOW, seed=1))
+    first = mon.answer()
+    assert first["computed_at"] == clock.t and first["age_s"] == 0.0 and first["window_size"] == WINDOW
+    assert first["computed_at_utc"].endswith("+00:00")
+    clock.advance(42)
+    again = mon.answer()
+    assert again["computed_at"] == first["computed_at"] and again["age_s"] == 42.0
+    assert mon.answer(refresh=True)["age_s"] == 0.0
+
+
+def test_reset_empties_the_window_and_the_last_result(
+    reference: pd.DataFrame, clock: FakeClock, tmp_path: Path
+) -> None:
+    mon = _drifted(_monitor(reference, clock), reference, clock)
+    assert mon.compute()["drift_detected"] and mon.drift_active
+    assert mon.reset() == WINDOW
+    assert mon.window_size == 0 and mon.last_result is None and not mon.drift_active
+    assert mon.received == WINDOW and mon.counters()["last_reset_at"] == clock.t  # lifetime counters stay
+    assert mon.answer()["status"] == "insufficient_data"
+    mon.save(tmp_path / "state.pkl")
+    back = DriftMonitor.load(MonitorConfig(window_size=WINDOW), tmp_path / "state.pkl", clock=clock)
+    assert back is not None and back.window_size == 0 and back.prediction_refs == mon.prediction_refs
+
+
+def test_tensor_rows_outside_the_training_range_are_counted(reference: pd.DataFrame, clock: FakeClock) -> None:
+    mon = _monitor(reference, clock)
+    mon.count_out_of_range(10, 2, {"age": 2, "income": 1})
+    mon.count_out_of_range(5, 1, {"age": 1})
+    c = mon.counters()
+    assert (c["tensor_rows"], c["out_of_range_rows"], c["out_of_range_features"]) == (15, 3, {"age": 3, "income": 1})
 
 
 def test_same_distribution_does_not_drift(reference: pd.DataFrame, clock: FakeClock) -> None:
@@ -72,7 +148,7 @@ def test_same_distribution_does_not_drift(reference: pd.DataFrame, clock: FakeCl
 def test_prediction_drift_alone_is_drift(reference: pd.DataFrame, clock: FakeClock) -> None:
     mon = _monitor(reference, clock)
     rows, _ = rows_and_preds(make_frame(WINDOW, seed=1))
-    mon.add(rows, [1] * WINDOW)  # the model now predicts one class only
+    mon.add(rows, [1] * WINDOW, version="v1")  # the model now predicts one class only
     result = mon.compute()
     assert result["drifted_columns"] == [] and not result["dataset_drift"]
     assert result["prediction"]["drifted"] and result["drift_detected"]
@@ -86,7 +162,7 @@ def test_json_shaped_values_match_the_reference_types(reference: pd.DataFrame, c
         row["plan"] = float(row["plan"]) if i % 2 else str(row["plan"])
         row["age"] = str(row["age"])
     mon = _monitor(reference, clock)
-    mon.add(rows, [[1 - p, p] for p in preds])  # class probabilities: the argmax is the prediction
+    mon.add(rows, [[1 - p, p] for p in preds], version="v1")  # class probabilities: the argmax is the prediction
     result = mon.compute()
     assert result["drifted_columns"] == [] and not result["prediction"]["drifted"]
 
@@ -103,8 +179,9 @@ def test_regression_prediction_is_numerical(clock: FakeClock) -> None:
     ref = make_frame(500, seed=0).assign(target=lambda d: d["age"] * 2.5)
     mon = DriftMonitor(MonitorConfig(window_size=WINDOW), ref, target="target", clock=clock)
     assert mon.task == "regression"
+    assert mon.set_prediction_reference("v1", list(ref["age"] * 2.5), "reg", mon.fingerprint)
     frame = make_frame(WINDOW, seed=1)
-    mon.add(frame.drop(columns="target").to_dict("records"), list(frame["age"] * 2.5 + 40))
+    mon.add(frame.drop(columns="target").to_dict("records"), list(frame["age"] * 2.5 + 40), version="v1")
     pred = mon.compute()["prediction"]
     assert pred["kind"] == "num" and pred["test"] == "ks" and pred["drifted"]
 
@@ -112,12 +189,13 @@ def test_regression_prediction_is_numerical(clock: FakeClock) -> None:
 def test_a_column_missing_from_the_window_is_skipped(reference: pd.DataFrame, clock: FakeClock) -> None:
     mon = _monitor(reference, clock)
     rows, preds = rows_and_preds(make_frame(WINDOW, seed=1))
-    mon.add([{k: v for k, v in r.items() if k != "income"} for r in rows], preds)
+    mon.add([{k: v for k, v in r.items() if k != "income"} for r in rows], preds, version="v1")
     result = mon.compute()
     assert "income" not in result["columns"] and "income" in result["skipped_columns"]
     assert result["number_of_columns"] == 3
     html = mon.report_html()  # Evidently would raise on the empty column: it is left out
-    assert "city" in html and "income" not in html
+    evidently_part = html[html.index("</script>", html.index('id="fabric-drift-result"')) :]
+    assert "city" in evidently_part and "income" not in evidently_part
 
 
 def test_too_few_rows_is_not_an_error(reference: pd.DataFrame, clock: FakeClock) -> None:
@@ -185,8 +263,10 @@ def test_schedule_waits_for_min_samples(reference: pd.DataFrame, clock: FakeCloc
 
 def test_state_round_trip_through_a_file(reference: pd.DataFrame, clock: FakeClock, tmp_path: Path) -> None:
     cfg = MonitorConfig(window_size=WINDOW, interval_s=30)
-    mon = _drifted(DriftMonitor(cfg, reference, target="target", clock=clock), reference, clock)
-    mon.add([{"age": 1.0}], [0], dropped=5)
+    mon = DriftMonitor(cfg, reference, target="target", clock=clock)
+    mon.set_prediction_reference("v1", model(reference), "toy", mon.fingerprint)
+    _drifted(mon, reference, clock)
+    mon.add([{"age": 1.0}], [0], dropped=5, version="v1")
     first = mon.compute()
     path = tmp_path / "ckpt" / "state.pkl"
     mon.save(path)
@@ -198,7 +278,7 @@ def test_state_round_trip_through_a_file(reference: pd.DataFrame, clock: FakeClo
     pd.testing.assert_frame_equal(back.reference, mon.reference)
     pd.testing.assert_frame_equal(back.window_frame(), mon.window_frame())
     assert (back.target, back.task, back.kinds) == (mon.target, mon.task, mon.kinds)
-    assert back.counters() == mon.counters()
+    assert back.counters() == mon.counters() and back.prediction_refs == mon.prediction_refs
     assert back.last_result == first and back.drift_active
     assert not back.due()  # the schedule continues from the last computation
     clock.advance(20)
@@ -244,8 +324,25 @@ def test_html_report_renders_with_the_column_names(reference: pd.DataFrame, cloc
         assert col in html
 
 
+def test_the_html_report_and_the_json_are_one_computation(reference: pd.DataFrame, clock: FakeClock) -> None:
+    mon = _drifted(_monitor(reference, clock), reference, clock)
+    result = mon.compute()
+    html = mon.report_html()
+    assert mon.computations == 1  # the report is of the last result, not of a computation of its own
+    start = html.index(">", html.index('id="fabric-drift-result"')) + 1
+    embedded = json.loads(html[start : html.index("</script>", start)].replace("<\\/", "</"))
+    for key in ("computed_at", "window_size", "number_of_columns", "drifted_columns", "drift_share"):
+        assert embedded[key] == result[key]
+    assert "2 of 4 columns drifted" in html and "share 0.500" in html
+    # Evidently's part reaches the same verdicts with the same tests and thresholds (the prediction apart)
+    counted = evidently_snapshot(mon.reference, mon.window_frame(), result, mon.kinds).dict()["metrics"][0]
+    assert counted["value"] == {"count": 2.0, "share": 0.5}
+    assert mon.report_html() is html  # rendered once per result
+    assert mon.report_html(refresh=True) is not html and mon.computations == 2
+
+
 def test_html_report_of_an_empty_window_says_so(reference: pd.DataFrame, clock: FakeClock) -> None:
-    with pytest.raises(FabricError, match="window is empty"):
+    with pytest.raises(FabricError, match="nothing to report yet"):
         _monitor(reference, clock).report_html()
 
 
@@ -352,7 +449,7 @@ def test_window_with_json_mixed_types_writes_as_parquet(
 ) -> None:
     mon = _monitor(reference, clock)
     mon.add([{"age": "41.5", "plan": 1, "city": "rome", "note": 3}, {"age": 39, "plan": "2", "city": 7, "note": "x"}],
-            [1, [0.9, 0.1]])  # fmt: skip
+            [1, [0.9, 0.1]], version="v1")  # fmt: skip
     written = pd.read_parquet(mon.write_window(tmp_path / "w.parquet"))
     assert written["age"].tolist() == [41.5, 39.0] and written["plan"].tolist() == [1, 2]
     assert written["city"].tolist() == ["rome", "7"] and written["note"].tolist() == ["3", "x"]

@@ -67,7 +67,7 @@ class _FakeActor:
         outer = self
 
         class _Method:
-            def remote(self, rows: list, preds: list | None, dropped: int) -> _Ref:
+            def remote(self, rows: list, preds: list | None, dropped: int, version: str | None = None) -> _Ref:
                 outer.calls.append((rows, preds, dropped))
                 fut: Future[int] = Future()
                 outer.futures.append(fut)

@@ -15,11 +15,12 @@ PREPROCESSOR = {
     "format_version": 1,
     "scaling": "standard",
     "columns": [
-        {"name": "age", "kind": "numeric", "center": 40.0, "scale": 10.0, "fill": 40.0},
-        {"name": "income", "kind": "numeric", "center": 50.0, "scale": 20.0, "fill": 50.0},
+        {"name": "age", "kind": "numeric", "center": 40.0, "scale": 10.0, "fill": 40.0, "min": 0.0, "max": 95.0},
+        {"name": "income", "kind": "numeric", "center": 50.0, "scale": 20.0, "fill": 50.0, "min": -40.0, "max": 140.0},
         {"name": "city", "kind": "categorical", "categories": ["oslo", "paris"]},
     ],
     "feature_names": FEATURES,
+    "nullable": ["income", "city"],  # the training data held nulls in these, none in age
 }
 
 

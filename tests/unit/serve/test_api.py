@@ -37,11 +37,17 @@ class Recorder:
     def observe(self, version: str, rows: Any, predictions: Any) -> None:
         self.seen.append((version, rows, predictions))
 
+    def observe_out_of_range(self, version: str, rows: int, flagged: int, features: Any) -> None:
+        self.seen.append((version, "out_of_range", (rows, flagged, dict(features))))
+
     async def drift(self, refresh: bool = False) -> dict[str, Any]:
         return {"drift": False, "refresh": refresh}
 
-    async def report(self) -> str:
-        return "<html>report</html>"
+    async def report(self, refresh: bool = False) -> str:
+        return f"<html>report refresh={refresh}</html>"
+
+    async def reset(self) -> dict[str, Any]:
+        return {"reset": True}
 
 
 def _client(tmp_path: Path, overrides: list[str], monitor: Any = None, fast: bool = True) -> TestClient:
@@ -106,10 +112,84 @@ def test_named_columns_go_through_the_preprocessor(client: TestClient, folders: 
 
 
 def test_records_input(client: TestClient, folders: dict[str, Path]) -> None:
-    rows = [*ROWS, {"age": None, "income": 70, "city": None, "extra": "ignored"}]
+    # income and city held nulls in training: filled as training did; the extra column is reported
+    rows = [*ROWS, {"age": 50, "income": None, "city": None, "extra": "ignored"}]
     r = client.post(URL, json={"instances": rows})
     assert r.status_code == 200, r.text
     _check_classification(r.json(), reference(folders["clf"], encode(rows)))
+    assert r.json()["parameters"] == {"ignored_columns": ["extra"]}
+    assert "parameters" not in client.post(URL, json={"instances": ROWS}).json()
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "loc", "names"),
+    [
+        # a null where training had none: refused, not imputed
+        (
+            {"instances": [*ROWS, {"age": None, "income": 1, "city": "oslo"}]},
+            "invalid_value",
+            "instances[3].age",
+            "row 3",
+        ),
+        # a number sent as a string: refused, not parsed
+        ({"instances": [ROWS[0], {**ROWS[1], "income": "14.2"}]}, "invalid_datatype", "instances[1].income", "'14.2'"),
+        (
+            {
+                "inputs": [
+                    {"name": "age", "shape": [2], "datatype": "FP32", "data": [30, None]},
+                    {"name": "income", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                    {"name": "city", "shape": [2], "datatype": "BYTES", "data": ["oslo", "paris"]},
+                ]
+            },
+            "invalid_value",
+            "inputs[0].data[1]",
+            "row 1",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "age", "shape": [1], "datatype": "FP32", "data": [30]},
+                    {"name": "income", "shape": [1], "datatype": "BYTES", "data": ["14.2"]},
+                    {"name": "city", "shape": [1], "datatype": "BYTES", "data": ["oslo"]},
+                ]
+            },
+            "invalid_datatype",
+            "inputs[1].data[0]",
+            "'income'",
+        ),
+    ],
+)
+def test_named_input_is_strict(client: TestClient, body: dict[str, Any], kind: str, loc: str, names: str) -> None:
+    r = client.post(URL, json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert (err["type"], err["loc"]) == (kind, loc)
+    assert names in err["error"]
+
+
+def test_impute_nulls_fills_nulls_as_training_did(folders: dict[str, Path], tmp_path: Path) -> None:
+    rows = [{"age": None, "income": 70, "city": "oslo"}]
+    with _client(tmp_path, [f"serve.model_uri={folders['clf']}", "serve.impute_nulls=true"]) as c:
+        r = c.post(URL, json={"instances": rows})
+        assert r.status_code == 200, r.text
+        _check_classification(r.json(), reference(folders["clf"], encode(rows)))
+        # a string in a numeric column stays refused: there is nothing to impute
+        assert c.post(URL, json={"instances": [{**rows[0], "age": "30"}]}).status_code == 422
+
+
+def test_tensor_values_outside_the_training_range_are_flagged(folders: dict[str, Path], tmp_path: Path) -> None:
+    hook = Recorder()
+    raw = np.array([[35.0, 60.0, 1.0, 0.0], [0.1, -0.5, 0.0, 1.0]], np.float32)  # row 0: unscaled age, income
+    with _client(tmp_path, [f"serve.model_uri={folders['clf']}"], monitor=hook) as c:
+        r = c.post(URL, json=tensor_request(raw))
+        assert r.status_code == 200, r.text
+        assert r.json()["parameters"] == {"out_of_range": {"rows": 1, "features": ["age", "income"]}}
+        ok = c.post(URL, json=tensor_request(raw[1:]))
+        assert "parameters" not in ok.json()
+    assert hook.seen == [
+        ("v1", "out_of_range", (2, 1, {"age": 1, "income": 1})),
+        ("v1", "out_of_range", (1, 0, {})),
+    ]
 
 
 def test_requested_outputs_only(client: TestClient) -> None:
@@ -203,7 +283,7 @@ def _big(n: int) -> bytes:
             "invalid_shape",
             "rows",
         ),
-        ({"json": {"instances": [{"age": "old", "income": 1, "city": "oslo"}]}}, 422, "invalid_value", "'age'"),
+        ({"json": {"instances": [{"age": "old", "income": 1, "city": "oslo"}]}}, 422, "invalid_datatype", "'age'"),
         (
             {"json": tensor_request(np.zeros((1, 4), np.float32), outputs=[{"name": "logits"}])},
             422,
@@ -271,16 +351,18 @@ def test_the_monitor_hook_sees_raw_rows_and_predictions(folders: dict[str, Path]
         assert c.post(URL, json={"instances": ROWS}).status_code == 200
         assert c.post(URL, json=tensor_request(np.zeros((1, 4), np.float32))).status_code == 200
         assert c.get("/monitor/drift?refresh=true").json() == {"drift": False, "refresh": True}
-        assert "report" in c.get("/monitor/report").text
+        assert "refresh=True" in c.get("/monitor/report?refresh=true").text
+        assert c.post("/monitor/reset").json() == {"reset": True}
     version, rows, preds = hook.seen[0]
     assert version == "v1" and rows == ROWS and len(preds) == 3 and all(isinstance(p, int) for p in preds)
-    assert len(hook.seen) == 1  # tensor input carries no raw rows: not handed to the monitor
+    # tensor input carries no raw rows: only its range check reaches the monitor
+    assert hook.seen[1] == ("v1", "out_of_range", (1, 0, {})) and len(hook.seen) == 2
 
 
 def test_not_null_expectations_reject_nulls_in_named_input(folders: dict[str, Path], tmp_path: Path) -> None:
     with _client(tmp_path, [f"serve.model_uri={folders['clf']}", "data.expectations.not_null=[age]"]) as c:
         r = c.post(URL, json={"instances": [{"age": None, "income": 1, "city": "oslo"}]})
-        assert r.status_code == 422 and "'age'" in r.json()["error"] and r.json()["loc"] == "instances.age"
+        assert r.status_code == 422 and "'age'" in r.json()["error"] and r.json()["loc"] == "instances[0].age"
         assert c.post(URL, json={"instances": [{"age": 30, "income": None, "city": "oslo"}]}).status_code == 200
 
 
@@ -366,3 +448,34 @@ def test_responses_are_counted_by_version_and_status(folders: dict[str, Path], t
         assert c.post("/v2/models/m/versions/b/infer", json={"instances": [{"age": 1}]}).status_code == 422
         assert c.post("/v2/models/nope/infer", json={}).status_code == 404
     assert service.responses == {("a", 200): 3, ("b", 422): 1, ("-", 404): 1}
+
+
+def test_an_unexpected_failure_is_a_json_500_naming_the_request(
+    folders: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last-resort handler: the engine fails (inference fast path), a route fails (FastAPI)."""
+    cfg = load_config(None, ["serve.model_name=m", "monitor.enabled=false", f"run_dir={tmp_path}",
+                             f"serve.model_uri={folders['clf']}"])  # fmt: skip
+    service = build_service(cfg)
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("engine on fire")
+
+    service.versions["v1"].loaded.engine.shutdown()  # the engine is gone: its next predict fails
+    service.statistics = broken  # type: ignore[method-assign]
+    with TestClient(make_asgi(service)) as c, caplog.at_level("ERROR", logger="fabric.serve"):
+        for method, path, kwargs in (
+            ("POST", URL, {"json": tensor_request(np.zeros((1, 4), np.float32))}),
+            ("GET", "/v2/models/m/stats", {}),
+        ):
+            r = c.request(method, path, headers={"x-request-id": f"req-{method}"}, **kwargs)
+            assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+            body = r.json()
+            assert body["type"] == "internal" and body["request_id"] == f"req-{method}" and "Error:" in body["error"]
+            assert r.headers["x-request-id"] == f"req-{method}"
+            assert any(f"req-{method}" in rec.getMessage() for rec in caplog.records)
+        # without the header (no Serve ingress in front): an id is made, answered and logged all the same
+        r = c.get("/v2/models/m/stats")
+        rid = r.json()["request_id"]
+        assert rid and r.headers["x-request-id"] == rid and any(rid in rec.getMessage() for rec in caplog.records)
+        assert c.get("/v2/health/live").status_code == 200  # the app keeps serving
