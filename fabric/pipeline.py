@@ -1,7 +1,8 @@
 """The whole lifecycle from one PipelineConfig: each stage's public `run(cfg)`, in order.
 
 ingest → tune → train → register → export (→ monitor → serve, when ``serve.enabled``). The search's best
-hyperparameters replace the train section's before training.
+hyperparameters replace the train section's before training. Export and serving need a champion: when the
+model registry has none (the first model did not beat the trivial baseline), the pipeline stops there.
 """
 
 from __future__ import annotations
@@ -53,11 +54,23 @@ def run(cfg: PipelineConfig) -> PipelineResult:
         cfg = cfg.model_copy(update={"train": tuned})
     trained = _stage(result, "train", lambda: train.run(cfg))
     registered = _stage(result, "register", lambda: tracking.run(cfg, trained))
+    if registered is not None and not registered.champion_version:
+        print(
+            f"\n{registered.model_name} has no {tracking.CHAMPION} to export or serve: v{registered.version} "
+            "does not beat the trivial baseline (see the registry line above)",
+            flush=True,
+        )
+        return _done(cfg, result)
     if cfg.export.enabled:
         model = registered.model_uri if registered is not None else trained.model_path
         _stage(result, "export", lambda: export.run(cfg, model))
     if cfg.serve.enabled:
         serve_stages(cfg, result)
+    return _done(cfg, result)
+
+
+def _done(cfg: PipelineConfig, result: PipelineResult) -> PipelineResult:
+    """Say how long each stage took, and return the result."""
     summary = ", ".join(f"{n} {s:.0f}s" for n, s in result.seconds.items())
     print(f"\n== pipeline {cfg.name} done ({summary}); outputs under {cfg.run_dir}/", flush=True)
     return result

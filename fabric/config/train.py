@@ -40,6 +40,11 @@ class WorkerGroupConfig(Section):
     """Worker-group restarts allowed; each resumes from the last checkpoint."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers' bundles: PACK fills a node first; SPREAD puts them on different nodes."""
+    checkpoint_every: int = Field(default=1, ge=1)
+    """Checkpoint every this many epochs (and after the last): a restart or a rerun resumes from the last one.
+    Each checkpoint costs Ray Train a folder and a report; raise it for long runs of quick epochs."""
+    keep_checkpoints: int | None = Field(default=2, ge=1)
+    """How many of the latest checkpoints to keep (Ray Train's ``CheckpointConfig.num_to_keep``); None: all."""
 
 
 class TrainConfig(WorkerGroupConfig):

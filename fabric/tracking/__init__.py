@@ -1,10 +1,13 @@
-"""Tracking and the model registry: the MetricLogger seam (MLflow, W&B), rank-0 guards, promotion.
+"""Tracking and the model registry: the MetricLogger seam (MLflow, W&B), rank-0 guards, promotion, the trivial
+baseline, and run keys (digests of settings and inputs).
 
 Importing this package loads neither mlflow nor wandb nor torch; each adapter imports its library when
 it is created and names the extra that installs it when missing.
 """
 
-from fabric.tracking._lm import AdapterRegistration, log_finetune
+from fabric.tracking._baseline import Baseline, beats, fit_baseline
+from fabric.tracking._lineage import digest_json, digest_source, digest_splits, run_key
+from fabric.tracking._lm import AdapterRegistration, log_finetune, registered_adapter
 from fabric.tracking._loggers import (
     MetricLogger,
     MLflowLogger,
@@ -24,6 +27,7 @@ from fabric.tracking._registry import (
     Promotion,
     RegistryResult,
     alias_version,
+    version_of_run,
     load_registered,
     promote,
     resolve_model,
@@ -32,6 +36,7 @@ from fabric.tracking._registry import (
 
 __all__ = [
     "AdapterRegistration",
+    "Baseline",
     "CANDIDATE",
     "CHAMPION",
     "Comparison",
@@ -45,9 +50,14 @@ __all__ = [
     "WandbLogger",
     "alias_version",
     "artifact_location",
+    "beats",
     "compare",
     "data_dir",
     "decide",
+    "digest_json",
+    "digest_source",
+    "digest_splits",
+    "fit_baseline",
     "headline",
     "is_rank_zero",
     "log_finetune",
@@ -57,10 +67,13 @@ __all__ = [
     "per_row_loss",
     "predictions_frame",
     "promote",
+    "registered_adapter",
     "read_split",
     "resolve_model",
     "run",
+    "run_key",
     "score",
     "tracking_uri",
+    "version_of_run",
     "world_rank",
 ]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, tracking_uri
 from fabric.tracking._rank import on_rank_zero
-from fabric.tracking._registry import CANDIDATE, _client
+from fabric.tracking._registry import CANDIDATE, RUN_KEY_TAG, _client, version_of_run
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
@@ -37,9 +37,11 @@ def log_finetune(
     summary: dict[str, Any],
     adapter_dir: Path,
     files: list[Path] | None = None,
+    run_key: str = "",
 ) -> AdapterRegistration:
     """Log a fine-tuning run (the ``llm`` settings, every epoch's metrics, the summary) and register the
-    adapter folder as a new version of ``cfg.llm.finetune.model_name`` with alias ``candidate``.
+    adapter folder as a new version of ``cfg.llm.finetune.model_name`` with alias ``candidate``; nothing
+    when a version of the same ``run_key`` is registered already (a rerun of the same fine-tuning).
 
     Args:
         cfg: where to record (``track``) and what (the ``llm`` section).
@@ -48,15 +50,19 @@ def log_finetune(
             and tagged on the model version.
         adapter_dir: the peft adapter folder (with its tokenizer).
         files: more files to attach to the run (metrics.json, the drift reference).
+        run_key: the digest of the fine-tuning's settings and inputs, tagged on the run and the version.
 
     Returns:
-        The run and the version; None off rank 0.
+        The run and the version (the existing one when nothing new was registered); None off rank 0.
     """
     from fabric.config import dump_config
 
     uri = tracking_uri(cfg)
     name = cfg.llm.finetune.model_name
-    mlf = MLflowLogger.from_config(cfg, run_name=f"{cfg.name}-finetune", tags={"fabric.stage": "finetune"})
+    if (existing := registered_adapter(cfg, run_key)) is not None:
+        return existing
+    tags = {"fabric.stage": "finetune", **({RUN_KEY_TAG: run_key} if run_key else {})}
+    mlf = MLflowLogger.from_config(cfg, run_name=f"{cfg.name}-finetune", tags=tags)
     loggers: list[Any] = [mlf]
     if cfg.track.wandb.enabled and cfg.track.wandb.mode != "disabled":
         loggers.append(WandbLogger.from_config(cfg, run_name=f"{cfg.name}-finetune"))
@@ -79,7 +85,7 @@ def log_finetune(
         for f in files or []:
             mlf.log_artifact(f)
         mlf.log_artifact(adapter_dir, ADAPTER_ARTIFACT)
-        version = _register(mlf, name, summary)
+        version = _register(mlf, name, summary, run_key)
         status = "success"
     finally:
         for lg in loggers:
@@ -88,7 +94,19 @@ def log_finetune(
     return AdapterRegistration(name, version, str(mlf.run_id), uri, f"models:/{name}/{version}")
 
 
-def _register(mlf: MLflowLogger, name: str, summary: dict[str, Any]) -> str:
+@on_rank_zero
+def registered_adapter(cfg: PipelineConfig, run_key: str) -> AdapterRegistration | None:
+    """The adapter version registered from the fine-tuning of ``run_key`` (saying so), or None."""
+    uri = tracking_uri(cfg)
+    name = cfg.llm.finetune.model_name
+    mv = version_of_run(_client(uri), name, run_key)
+    if mv is None:
+        return None
+    print(f"registry: {name}: nothing new to register: v{mv.version} holds this fine-tuning (run key {run_key})", flush=True)
+    return AdapterRegistration(name, str(mv.version), str(mv.run_id), uri, f"models:/{name}/{mv.version}")
+
+
+def _register(mlf: MLflowLogger, name: str, summary: dict[str, Any], run_key: str) -> str:
     """A new version of ``name`` pointing at the run's adapter folder, aliased ``candidate``."""
     from mlflow.exceptions import MlflowException
 
@@ -99,7 +117,7 @@ def _register(mlf: MLflowLogger, name: str, summary: dict[str, Any]) -> str:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{client.get_run(mlf.run_id).info.artifact_uri}/{ADAPTER_ARTIFACT}"
-    tags = {f"fabric.{k}": str(v) for k, v in numeric(summary).items()}
+    tags = {f"fabric.{k}": str(v) for k, v in numeric(summary).items()} | ({RUN_KEY_TAG: run_key} if run_key else {})
     mv = client.create_model_version(name, source=source, run_id=mlf.run_id, tags={"fabric.kind": "lora", **tags})
     client.set_registered_model_alias(name, CANDIDATE, mv.version)
     return str(mv.version)

@@ -1,13 +1,19 @@
 """Record a training run in MLflow, register its model as the ``candidate``, promote it to ``champion``.
 
-Promotion pairs candidate and champion on the test split: the same rows through both models, a one-sided
-paired t-test on per-row losses and a bootstrap CI of the mean difference. The candidate is promoted
-unless it is significantly worse; the decision and its numbers go to the run (metrics, tags), to the
-model version (tags) and to stdout.
+Promotion first scores the candidate against the trivial baseline (the training split's majority class or
+mean) on the test split: a model that does not beat it stays a candidate and is never made champion. Then
+it pairs candidate and champion on the test split: the same rows through both models, a one-sided paired
+t-test on per-row losses and a bootstrap CI of the mean difference. The candidate is promoted unless it is
+significantly worse; the decision and its numbers go to the run (metrics, tags), to the model version
+(tags) and to stdout.
+
+Each version is tagged with the run key of the training it came from (``fabric.run_key``): a rerun of the
+same config on the same data registers nothing new.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fabric.errors import FabricError, UsageError, require
+from fabric.tracking._baseline import beats, fit_baseline
 from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, quiet_mlflow, tracking_uri
 from fabric.tracking._predict import data_dir, per_row_loss, read_split, score
 from fabric.tracking._promotion import Decision, compare, decide
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+RUN_KEY_TAG = "fabric.run_key"
+"""Model version and run tag: the run key of the training a version came from."""
 MODEL_ARTIFACT = "model_dir"
 """Name of the model folder among the pyfunc model's artifacts."""
 
@@ -43,6 +52,8 @@ class TrainOutput(Protocol):
     model_path: Path
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
+    run_key: str
+    """Digest of the train settings and data (``""``: not keyed, always registered)."""
 
 
 @dataclass
@@ -54,18 +65,21 @@ class RegistryResult:
     aliases: list[str]
     """This version's aliases after promotion (``candidate``, plus ``champion`` when promoted)."""
     promoted: bool
+    """This version is champion (promoted now, or earlier when nothing new was registered)."""
     decision: str
     """One line: the verdict and the numbers behind it."""
     numbers: dict[str, float]
     """Test-split scores of the candidate (``test.*``) and the comparison (``promotion.*``)."""
     champion_version: str
-    """The champion after this stage (this version when promoted)."""
+    """The champion after this stage (this version when promoted; ``""`` when there is none)."""
     run_id: str
     tracking_uri: str
     candidate_uri: str
     """``models:/<name>/<version>``: this version."""
     model_uri: str
     """``models:/<name>@champion``: what serving and export load."""
+    registered: bool = True
+    """False when a version of the same run key was there already: nothing new was logged or registered."""
 
 
 @contextmanager
@@ -83,6 +97,14 @@ def using_tracking_uri(uri: str) -> Iterator[Any]:
 
 def _client(uri: str) -> Any:
     return require("mlflow", "track").MlflowClient(uri)
+
+
+def version_of_run(client: Any, name: str, key: str) -> Any | None:
+    """The latest version of ``name`` registered from the training of run key ``key``, or None."""
+    if not key:
+        return None
+    found = client.search_model_versions(f"name='{name}' and tags.`{RUN_KEY_TAG}` = '{key}'")
+    return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def alias_version(client: Any, name: str, alias: str) -> str | None:
@@ -206,13 +228,14 @@ class Promotion:
     numbers: dict[str, float]
     """``test.*`` (the candidate's scores), ``test.champion_*`` and ``promotion.*`` (the comparison)."""
     champion_version: str
-    """Where ``champion`` points afterwards."""
+    """Where ``champion`` points afterwards (``""``: nowhere yet)."""
 
 
 def promote(cfg: PipelineConfig, version: str) -> Promotion:
-    """Compare ``version`` with the champion on the test split; move ``champion`` to it unless it is worse.
+    """Compare ``version`` with the trivial baseline and the champion on the test split; move ``champion``
+    to it unless it does not beat the baseline or is significantly worse than the champion.
 
-    Both models score the same test rows (the data folder's encoded features); the decision is recorded
+    The models score the same test rows (the data folder's encoded features); the decision is recorded
     as tags on the model version.
     """
     name = cfg.track.model_name
@@ -230,9 +253,12 @@ def promote(cfg: PipelineConfig, version: str) -> Promotion:
             raise
         x = y = None  # first model and no data folder: nothing to score, nothing to compare
     cand_out = None
+    below_baseline = None
     if x is not None:
         cand_out = candidate.outputs(x)
-        numbers.update({f"test.{k}": v for k, v in score(cand_out, y, task).items()})  # type: ignore[arg-type]
+        scores = score(cand_out, y, task)  # type: ignore[arg-type]
+        numbers.update({f"test.{k}": v for k, v in scores.items()})
+        below_baseline = _versus_baseline(data, task, scores, y, numbers)  # type: ignore[arg-type]
 
     if champion is None:
         decision = decide(None)
@@ -252,6 +278,9 @@ def promote(cfg: PipelineConfig, version: str) -> Promotion:
                 seed=cfg.seed,
             )
             decision = decide(comparison)
+    if below_baseline is not None:  # whatever the champion comparison says (its numbers are still recorded)
+        versus = f"; versus champion v{champion}: {decision.reason}" if decision.comparison is not None else ""
+        decision = Decision(False, below_baseline + versus, decision.comparison)
     numbers.update({f"promotion.{k}": v for k, v in decision.numbers().items()})
     numbers["promotion.promoted"] = float(decision.promote)
     if decision.promote:
@@ -259,7 +288,30 @@ def promote(cfg: PipelineConfig, version: str) -> Promotion:
         champion = version
     for key, value in {"promotion.decision": decision.label, "promotion.reason": decision.reason[:5000]}.items():
         client.set_model_version_tag(name, version, key, value)
-    return Promotion(decision, numbers, str(champion))
+    return Promotion(decision, numbers, str(champion or ""))
+
+
+def _versus_baseline(data: Path, task: Any, scores: dict[str, float], y: Any, numbers: dict[str, float]) -> str | None:
+    """Score the trivial baseline on the test labels into ``numbers`` (``test.baseline_*``, ``baseline.beaten``);
+    the reason the candidate can never be champion when it does not beat it, else None."""
+    if not len(y):
+        return None
+    meta_file = data / "meta.json"
+    num_classes = json.loads(meta_file.read_text()).get("num_classes") if meta_file.is_file() else None
+    if task == "classification":
+        num_classes = max(int(num_classes or 0), int(y.max()) + 1)
+    baseline = fit_baseline(data, task, num_classes)
+    base = baseline.scores(y)
+    numbers.update({f"test.baseline_{k}": v for k, v in base.items()})
+    beaten = beats(scores, base, task)
+    numbers["baseline.beaten"] = float(beaten)
+    if beaten:
+        return None
+    metric = "accuracy" if task == "classification" else "rmse"
+    return (
+        f"does not beat the trivial baseline of predicting {baseline.name}: test {metric} {scores[metric]:.4g} vs "
+        f"{base[metric]:.4g} over {len(y)} rows; it stays a candidate and is never made champion"
+    )
 
 
 def _params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -303,7 +355,12 @@ def run(
     require("scipy", "track")
     uri = tracking_uri(cfg)
     name = cfg.track.model_name
-    mlf = MLflowLogger.from_config(cfg, tags={"fabric.stage": "train"})
+    key = getattr(train_result, "run_key", "")
+    existing = version_of_run(_client(uri), name, key)
+    if existing is not None:
+        return _already_registered(uri, name, key, existing)
+    tags = {"fabric.stage": "train", **({RUN_KEY_TAG: key} if key else {})}
+    mlf = MLflowLogger.from_config(cfg, tags=tags)
     loggers: list[Any] = [mlf]
     if cfg.track.wandb.enabled and cfg.track.wandb.mode != "disabled":
         loggers.append(WandbLogger.from_config(cfg))
@@ -330,6 +387,8 @@ def run(
             model_loader=model_loader or DEFAULT_MODEL_LOADER,
             preprocessor_loader=preprocessor_loader or DEFAULT_PREPROCESSOR_LOADER,
         )
+        if key:
+            _client(uri).set_model_version_tag(name, version, RUN_KEY_TAG, key)
         outcome = promote(cfg, version)
         decision, numbers, champion = outcome.decision, outcome.numbers, outcome.champion_version
         summary = {**{f"final.{k}": v for k, v in final.items()}, **numbers}
@@ -347,7 +406,8 @@ def run(
     finally:
         for lg in loggers:
             lg.finish(status)  # type: ignore[arg-type]
-    verdict = f"-> {CHAMPION}" if decision.promote else f"stays {CANDIDATE}; {CHAMPION} remains v{champion}"
+    remains = f"{CHAMPION} remains v{champion}" if champion else f"no {CHAMPION} yet"
+    verdict = f"-> {CHAMPION}" if decision.promote else f"stays {CANDIDATE}; {remains}"
     print(f"registry: {name} v{version} {decision.label} ({verdict}): {decision.reason}", flush=True)
     return RegistryResult(
         model_name=name,
@@ -361,6 +421,32 @@ def run(
         tracking_uri=uri,
         candidate_uri=f"models:/{name}/{version}",
         model_uri=f"models:/{name}@{CHAMPION}",
+    )
+
+
+def _already_registered(uri: str, name: str, key: str, mv: Any) -> RegistryResult:
+    """The result of a rerun whose training is registered already: nothing logged, nothing registered."""
+    champion = alias_version(_client(uri), name, CHAMPION)
+    aliases = sorted(mv.aliases)
+    reason = (
+        f"nothing new to register: v{mv.version} holds the model of this training (run key {key}), "
+        f"registered by run {mv.run_id}"
+    )
+    state = f"{CHAMPION} is v{champion}" if champion else f"no {CHAMPION} yet"
+    print(f"registry: {name}: {reason}; {state}", flush=True)
+    return RegistryResult(
+        model_name=name,
+        version=str(mv.version),
+        aliases=aliases,
+        promoted=CHAMPION in aliases,
+        decision=reason,
+        numbers={},
+        champion_version=str(champion or ""),
+        run_id=str(mv.run_id),
+        tracking_uri=uri,
+        candidate_uri=f"models:/{name}/{mv.version}",
+        model_uri=f"models:/{name}@{CHAMPION}",
+        registered=False,
     )
 
 

@@ -5,13 +5,16 @@ A DDP checkpoint folder::
     model.pt         state_dict of the unwrapped model
     model.json       how to rebuild it (fabric.models spec: builder, kwargs, task, feature_names...)
     train_state.pt   {"optimizer": state_dict, "epoch": int}
+    history.json     every epoch's metrics up to this checkpoint (the run's history, whatever was kept)
 
 A DeepSpeed checkpoint folder is what ``engine.save_checkpoint(folder, tag="deepspeed")`` writes (every
-rank its own ZeRO partition, merged into one folder by Ray Train) plus the same ``model.json``.
+rank its own ZeRO partition, merged into one folder by Ray Train) plus the same ``model.json`` and
+``history.json``. Adapter checkpoints of fine-tuning carry ``history.json`` too.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,18 @@ WEIGHTS = "model.pt"
 TRAIN_STATE = "train_state.pt"
 DS_TAG = "deepspeed"
 """The tag (sub-folder) under which DeepSpeed engines save and load."""
+HISTORY = "history.json"
+
+
+def write_history(folder: Path, history: list[dict[str, Any]]) -> None:
+    """Keep every epoch's metrics so far in a checkpoint: checkpoints are sparse and pruned, the history is not."""
+    (folder / HISTORY).write_text(json.dumps(history))
+
+
+def read_history(folder: Path) -> list[dict[str, Any]]:
+    """The metrics of every epoch up to the checkpoint ``folder``; [] for a checkpoint without them."""
+    path = folder / HISTORY
+    return list(json.loads(path.read_text())) if path.is_file() else []
 
 
 def save_ddp(

@@ -5,9 +5,13 @@ Everything lands under ``<run_dir>/llm/`` (the contract the serving side reads):
     base/              HF folder of the base model + tokenizer (also when built from a config)
     adapter/           peft adapter folder + tokenizer
     merged/            the base with the adapter merged in + tokenizer (``llm.finetune.merge``)
-    metrics.json       {"perplexity_before", "perplexity_after", ...}
+    metrics.json       {"perplexity_before", "perplexity_after", ..., "run_key"}
     reference.parquet  one row per held-out record: prompt_tokens, completion_tokens (drift reference)
-    train/<name>/      Ray Train's run: a checkpoint (the adapter, not the base) per epoch
+    train/<name>-<run key>/  Ray Train's run: checkpoints of the adapter (not the base), with the history
+
+The run key digests the settings that shape the adapter and the contents of the data (and of the model and
+tokenizer folders when given): a rerun of the same config on the same data has nothing to do and
+registers nothing, an interrupted one resumes, and changed settings or data fine-tune a new run.
 """
 
 from __future__ import annotations
@@ -33,17 +37,15 @@ from fabric.models.causal_lm import (
     train_tokenizer,
 )
 from fabric.runtime import connect
-from fabric.tracking import AdapterRegistration, log_finetune
+from fabric.tracking import AdapterRegistration, digest_source, log_finetune, registered_adapter, run_key
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
-from fabric.train._trainer import _warn_if_short, fit, resolve_use_gpu, worker_group_trainer
+from fabric.train._trainer import OPERATIONAL, _warn_if_short, fit, last_checkpoint, resolve_use_gpu, worker_group_trainer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from fabric.data import TextSplits
 
-RUN_SPEC = "fabric_lm.json"
-"""Kept next to Ray Train's run: what a rerun must match to continue from its checkpoints."""
 
 
 @dataclass
@@ -132,37 +134,47 @@ def _loop_config(cfg: PipelineConfig, base_dir: Path) -> dict[str, Any]:
         "strategy": f.strategy,
         "zero_stage": f.deepspeed.zero_stage,
         "offload_optimizer": f.deepspeed.offload_optimizer,
+        "checkpoint_every": f.checkpoint_every,
     }
 
 
-def _run_spec(cfg: PipelineConfig) -> dict[str, Any]:
-    """What a checkpoint of this run depends on: the base, the tokenizer's source, the data, LoRA, strategy."""
+def finetune_key(cfg: PipelineConfig) -> str:
+    """The run key of ``cfg``'s fine-tuning: the ``llm`` settings that shape the adapter (not serving, merging,
+    the registered name or :data:`OPERATIONAL` fields), the seed, and the content digests of the records and
+    of the base model and tokenizer folders when given."""
     llm = cfg.llm
-    return {
-        "model": llm.model.model_dump(mode="json"),
-        "data": llm.data.model_dump(mode="json"),
-        "lora": llm.lora.model_dump(mode="json"),
-        "strategy": llm.finetune.strategy,
-        "zero_stage": llm.finetune.deepspeed.zero_stage if llm.finetune.strategy == "deepspeed" else None,
+    settings = {
+        "llm": llm.model_dump(mode="json", exclude={"serve": True, "finetune": {*OPERATIONAL, "merge", "model_name"}}),
         "seed": cfg.seed,
     }
+    inputs = {"data": digest_source(llm.data.path)}
+    for what, path in (("model", llm.model.path), ("tokenizer", llm.model.tokenizer_path)):
+        if path:
+            inputs[what] = digest_source(path)
+    return run_key(settings, inputs)
 
 
-def _check_previous_run(run_path: Path, spec: dict[str, Any]) -> None:
-    """A rerun of the same name continues from its checkpoints (Ray Train restores them): refuse when the
-    base, data, LoRA or strategy changed, since those checkpoints would not fit."""
-    spec_file = run_path / RUN_SPEC
-    if spec_file.is_file():
-        old = json.loads(spec_file.read_text())
-        changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-        if changed:
-            raise FabricError(
-                f"{run_path} holds a fine-tuning with other {', '.join(changed)} settings; choose another `name` "
-                "or `run_dir`, or delete that folder to start over"
-            )
-        print(f"continuing the fine-tuning at {run_path}", flush=True)
-    run_path.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec, indent=2))
+def _unchanged(cfg: PipelineConfig, out: Path, key: str) -> FinetuneResult | None:
+    """The outputs of a finished run of this key when they are all in place (nothing to do), else None."""
+    f = cfg.llm.finetune
+    run_path = out / "train" / f"{cfg.name}-{key}"
+    previous = last_checkpoint(run_path)
+    metrics_file = out / "metrics.json"
+    if previous is None or not previous[1] or int(previous[1][-1]["epoch"]) < f.epochs or not metrics_file.is_file():
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    merged = out / "merged" if f.merge else None
+    folders = [out / "base", out / "adapter", *([merged] if merged else [])]
+    if metrics.get("run_key") != key or not all(d.is_dir() for d in folders):
+        return None
+    print(
+        f"fine-tuning: nothing to do: run {run_path} trained all {f.epochs} epoch(s) of this config on this data "
+        f"(run key {key}) and its outputs are under {out}",
+        flush=True,
+    )
+    checkpoint_dir, history = previous
+    registration = registered_adapter(cfg, key)
+    return FinetuneResult(out, out / "base", out / "adapter", merged, metrics, history, checkpoint_dir, registration)
 
 
 def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> FinetuneResult:
@@ -171,10 +183,11 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     Reads and checks the JSON-lines records (Ray Data), holds out ``llm.data.heldout_fraction`` of them,
     loads the base (or builds it from ``llm.model``) and its tokenizer (or trains one on the data), packs
     the tokens into ``llm.data.seq_len`` blocks, and trains the adapter on ``llm.finetune.num_workers``
-    workers with DDP or DeepSpeed ZeRO, checkpointing the adapter every epoch (a failed worker group
-    restarts up to ``max_failures`` times from the last one). Held-out perplexity is measured before and
-    after; the run goes to MLflow with the adapter registered as ``llm.finetune.model_name``. Outputs
-    land under ``<run_dir>/llm/`` (see this module's docstring).
+    workers with DDP or DeepSpeed ZeRO, checkpointing the adapter every ``checkpoint_every`` epochs (a failed
+    worker group restarts up to ``max_failures`` times from the last one). Held-out perplexity is measured
+    before and after; the run goes to MLflow with the adapter registered as ``llm.finetune.model_name``.
+    Outputs land under ``<run_dir>/llm/`` (see this module's docstring). A rerun with the same run key
+    trains and registers nothing; a finished run whose outputs were replaced writes them again.
 
     Args:
         cfg: the pipeline config (``llm`` section, ``track``, ``cluster``, ``run_dir``, ``seed``).
@@ -192,7 +205,10 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     connect(cfg.cluster)
     out = llm_dir(cfg)
     storage = out / "train"
-    _check_previous_run(storage / cfg.name, _run_spec(cfg))
+    key = finetune_key(cfg)
+    name = f"{cfg.name}-{key}"
+    if (unchanged := _unchanged(cfg, out, key)) is not None:
+        return unchanged
 
     splits = read_text_records(cfg.llm.data, cfg.seed)
     print(
@@ -203,18 +219,26 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     base_dir = _base(cfg, tokenizer, out / "base")
     datasets = _packed(cfg, splits, tokenizer)
 
-    use_gpu = resolve_use_gpu(f.use_gpu)
-    _warn_if_short(f.num_workers, use_gpu)
-    loop_config = {**_loop_config(cfg, base_dir), **(loop_overrides or {})}
-    trainer = worker_group_trainer(lm_loop_per_worker, loop_config, f, datasets, name=cfg.name, storage=storage)
     how = f"DeepSpeed ZeRO-{f.deepspeed.zero_stage}" if f.strategy == "deepspeed" else "DDP"
-    print(
-        f"fine-tuning a LoRA adapter (r={cfg.llm.lora.r}) with {how} on {f.num_workers} "
-        f"{'GPU' if use_gpu else 'CPU'} worker(s) for {f.epochs} epoch(s); checkpoints under {storage / cfg.name}",
-        flush=True,
-    )
-    result, checkpoint_dir, history = fit(trainer, "fine-tuning", f.max_failures, storage / cfg.name)
-    last = dict(result.metrics or {})
+    previous = last_checkpoint(storage / name)
+    before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
+    if previous is not None and before >= f.epochs:
+        checkpoint_dir, history = previous
+        print(f"fine-tuning: run {storage / name} trained all {f.epochs} epoch(s) already; writing its outputs", flush=True)
+    else:
+        use_gpu = resolve_use_gpu(f.use_gpu)
+        _warn_if_short(f.num_workers, use_gpu)
+        loop_config = {**_loop_config(cfg, base_dir), **(loop_overrides or {})}
+        trainer = worker_group_trainer(lm_loop_per_worker, loop_config, f, datasets, name=name, storage=storage)
+        resume = f"; resuming the interrupted run from its checkpoint of epoch {before}" if before else ""
+        print(
+            f"fine-tuning a LoRA adapter (r={cfg.llm.lora.r}) with {how} on {f.num_workers} "
+            f"{'GPU' if use_gpu else 'CPU'} worker(s) for {f.epochs} epoch(s); run key {key}, checkpoints every "
+            f"{f.checkpoint_every} epoch(s) under {storage / name}{resume}",
+            flush=True,
+        )
+        _, checkpoint_dir, history = fit(trainer, "fine-tuning", f.max_failures, storage / name)
+    last = history[-1]
 
     adapter_dir = out / "adapter"
     if adapter_dir.exists():
@@ -237,6 +261,7 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         "vocab_size": len(tokenizer),
         "strategy": how,
         "num_workers": f.num_workers,
+        "run_key": key,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     token_counts(splits.heldout, tokenizer).to_pandas().to_parquet(out / "reference.parquet", index=False)
@@ -246,7 +271,7 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
             f"fine-tuning diverged (held-out perplexity {metrics['perplexity_after']}); lower llm.finetune.lr"
         )
     summary = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / "metrics.json"])
+    registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / "metrics.json"], run_key=key)
     print(
         f"fine-tuned: held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}; "
         f"adapter: {adapter_dir}" + (f"; merged: {merged_dir}" if merged_dir else ""),

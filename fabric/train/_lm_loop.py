@@ -23,7 +23,7 @@ import torch
 from fabric.config import LoRAConfig
 from fabric.errors import require
 from fabric.models.causal_lm import load_causal_lm, lora_wrap
-from fabric.train._checkpoint import DS_TAG
+from fabric.train._checkpoint import DS_TAG, read_history, write_history
 from fabric.train._loop import _maybe_crash, _say, deepspeed_config
 
 ADAPTER = "adapter"
@@ -197,14 +197,15 @@ def lm_loop_per_worker(config: dict[str, Any]) -> None:
     """Fine-tune a LoRA adapter on this worker's shard of the packed ``train`` dataset.
 
     Measures held-out perplexity (the ``val`` dataset) before the first epoch and after every epoch,
-    reports metrics and an adapter checkpoint every epoch, and resumes from ``ray.train.get_checkpoint()``
+    reports metrics every epoch and an adapter checkpoint (with the history so far) every ``checkpoint_every``
+    epochs and after the last, and resumes from ``ray.train.get_checkpoint()``
     after a worker failure (the epoch counter and the first perplexity carry over). Rank 0 prints one
     line per epoch.
 
     Args:
         config: keys base_dir (HF folder of the base model), lora (LoRAConfig fields), epochs,
             batch_size, lr, weight_decay, seed, strategy (ddp|deepspeed), zero_stage, offload_optimizer,
-            fault_injection (tests only).
+            checkpoint_every, fault_injection (tests only).
     """
     import ray.train
 
@@ -216,14 +217,16 @@ def lm_loop_per_worker(config: dict[str, Any]) -> None:
     strategy: _DDP | _DeepSpeed = (_DeepSpeed if config["strategy"] == "deepspeed" else _DDP)(model, config, rank)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
-    start, before = 1, math.nan
+    start, before, history = 1, math.nan, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = strategy.load(Path(folder))
+            history = read_history(Path(folder))
         start, before = int(state["epoch"]) + 1, float(state["perplexity_before"])
         if rank == 0:
-            _say(f"resumed from the adapter checkpoint of epoch {start - 1} of {epochs}")
+            rest = f"; training epochs {start} to {epochs}" if start <= epochs else "; every epoch is done"
+            _say(f"resumed from the adapter checkpoint of epoch {start - 1} of {epochs}{rest}")
     else:
         before = math.exp(_evaluate(strategy, val_shard, config))
         if rank == 0:
@@ -247,9 +250,15 @@ def lm_loop_per_worker(config: dict[str, Any]) -> None:
             "world_size": world_size,
             "resumed_from_epoch": start - 1,
         }
-        with tempfile.TemporaryDirectory(prefix="fabric-lm-ckpt-") as tmp:
-            wrote = strategy.save(Path(tmp), {"epoch": epoch, "perplexity_before": before})
-            checkpoint_out = ray.train.Checkpoint.from_directory(tmp) if wrote else None
-            ray.train.report(metrics, checkpoint=checkpoint_out, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        history.append(metrics)
+        if epoch % int(config.get("checkpoint_every", 1)) and epoch != epochs:  # metrics only this epoch
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory(prefix="fabric-lm-ckpt-") as tmp:
+                wrote = strategy.save(Path(tmp), {"epoch": epoch, "perplexity_before": before})
+                if wrote and rank == 0:
+                    write_history(Path(tmp), history)
+                checkpoint_out = ray.train.Checkpoint.from_directory(tmp) if wrote else None
+                ray.train.report(metrics, checkpoint=checkpoint_out, checkpoint_dir_name=f"epoch_{epoch:04d}")
         if rank == 0:
             _say(lm_epoch_line(metrics, epochs))

@@ -15,7 +15,7 @@ from torch import nn
 
 from fabric.errors import require
 from fabric.models import build_from_spec, model_spec, write_spec
-from fabric.train._checkpoint import DS_TAG, load_ddp, save_ddp
+from fabric.train._checkpoint import DS_TAG, load_ddp, read_history, save_ddp, write_history
 from fabric.train._data import collate, iter_local, local_shard
 from fabric.train._metrics import EpochSums, compute_loss, epoch_line
 
@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "strategy": "ddp",
     "zero_stage": 2,
     "offload_optimizer": False,
+    "checkpoint_every": 1,
 }
 
 
@@ -243,7 +244,7 @@ class _Session:
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder) if folder else None)
         else:
             checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if folder else None)
 
 
 def _say(line: str) -> None:
@@ -275,7 +276,8 @@ def _maybe_crash(config: dict[str, Any], epoch: int, rank: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train the model on this worker's shard, reporting metrics and a checkpoint every epoch.
+    """Train the model on this worker's shard, reporting metrics every epoch and a checkpoint every
+    ``checkpoint_every`` epochs and after the last (with the history of every epoch so far).
 
     Used by the training stage's TorchTrainer and by every Ray Tune trial. Resumes from
     ``ray.train.get_checkpoint()`` (after a worker failure, or a rerun of the same run), continuing the
@@ -285,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config: ``fabric.train.loop_config(cfg)`` plus any overrides (Tune's hyperparameters: lr,
             hidden_size, num_layers, dropout, batch_size, weight_decay). Keys: data_dir, task,
             feature_names, num_classes, target, epochs, seed, strategy (ddp|deepspeed), zero_stage,
-            offload_optimizer, ray_data_shards (True when the trainer was given ``train``/``val`` datasets),
+            offload_optimizer, checkpoint_every, ray_data_shards (True when the trainer was given ``train``/``val`` datasets),
             fault_injection (tests only).
     """
     config = {**DEFAULTS, **config}
@@ -297,14 +299,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_from_spec(spec)
     strategy: _DDP | _DeepSpeed = (_DeepSpeed if config["strategy"] == "deepspeed" else _DDP)(model, config, rank)
 
-    start = 1
+    start, history = 1, []
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start = strategy.load(Path(folder)) + 1
+            history = read_history(Path(folder))
         if rank == 0:
-            done = "; every epoch is done" if start > epochs else ""
-            _say(f"resumed from the checkpoint of epoch {start - 1} of {epochs}{done}")
+            rest = f"; training epochs {start} to {epochs}" if start <= epochs else "; every epoch is done"
+            _say(f"resumed from the checkpoint of epoch {start - 1} of {epochs}{rest}")
+    every = int(config["checkpoint_every"])
 
     batches = _Batches(config, rank, world_size, strategy.device)
     for epoch in range(start, epochs + 1):
@@ -329,8 +333,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # The epoch this attempt started from (0: from scratch); it changes when a restart resumes.
             "resumed_from_epoch": start - 1,
         }
-        with tempfile.TemporaryDirectory(prefix="fabric-ckpt-") as tmp:
-            wrote = strategy.save(Path(tmp), epoch, spec)
-            session.report(metrics, tmp if wrote else None, f"epoch_{epoch:04d}")
+        history.append(metrics)
+        if epoch % every and epoch != epochs:  # no checkpoint this epoch: metrics only
+            session.report(metrics, None, "")
+        else:
+            with tempfile.TemporaryDirectory(prefix="fabric-ckpt-") as tmp:
+                wrote = strategy.save(Path(tmp), epoch, spec)
+                if wrote and rank == 0:
+                    write_history(Path(tmp), history)
+                session.report(metrics, tmp if wrote else None, f"epoch_{epoch:04d}")
         if rank == 0:
             _say(epoch_line(metrics, epochs))

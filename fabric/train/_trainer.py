@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from fabric.config import PipelineConfig, WorkerGroupConfig
 from fabric.errors import FabricError, require
-from fabric.models import read_spec
 from fabric.runtime import connect
-from fabric.train._checkpoint import kind, to_artifact
-from fabric.train._data import data_dir, read_meta, read_split
-from fabric.train._loop import DEFAULTS, spec_from_config, train_loop_per_worker
+from fabric.tracking import beats, digest_splits, fit_baseline, run_key
+from fabric.train._checkpoint import read_history, to_artifact
+from fabric.train._data import SPLITS, data_dir, read_meta, read_split
+from fabric.train._loop import train_loop_per_worker
+
+OPERATIONAL = {"max_failures", "placement_strategy", "checkpoint_every", "keep_checkpoints"}
+"""Worker-group settings that say how a run is carried out, not what it computes: left out of its key."""
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -25,21 +28,40 @@ class TrainResult:
 
     Attributes:
         checkpoint_dir: the run's last checkpoint (Ray Train's folder: DDP or DeepSpeed format).
-        metrics: the last epoch's metrics.
+        metrics: the last epoch's metrics, with the trivial baseline's on the same split
+            (``baseline_val_accuracy`` or ``baseline_val_rmse``).
         history: every epoch's metrics, in order (resumed runs included: epochs keep counting).
         model_path: the self-contained artifact folder (``model.pt`` + ``model.json``) that
             ``fabric.models.load_model`` reads without Ray.
+        run_key: the digest of the train settings and the data splits the run is kept (and registered) by.
+        trained_epochs: epochs this call trained; 0 when the run had finished before (nothing to do).
     """
 
     checkpoint_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     model_path: Path
+    run_key: str = ""
+    trained_epochs: int = 0
 
 
 def train_dir(cfg: PipelineConfig) -> Path:
     """Where the stage keeps Ray Train's runs (RunConfig storage_path) and the artifact."""
     return (Path(cfg.run_dir) / "train").resolve()
+
+
+def train_key(cfg: PipelineConfig) -> str:
+    """The run key of ``cfg``'s training: its train settings (less :data:`OPERATIONAL`) and the content
+    digest of the ingested splits. Reads ``<run_dir>/data``; FabricError when ingestion has not run."""
+    folder = data_dir(cfg.run_dir)
+    read_meta(folder)
+    settings = cfg.train.model_dump(mode="json", exclude=OPERATIONAL)
+    return run_key({"train": settings}, {"data": digest_splits(folder, SPLITS)})
+
+
+def run_name(cfg: PipelineConfig, key: str) -> str:
+    """The Ray Train run (folder under :func:`train_dir`) of a config: its name and run key."""
+    return f"{cfg.name}-{key}"
 
 
 def resolve_use_gpu(setting: bool | str) -> bool:
@@ -74,23 +96,28 @@ def loop_config(cfg: PipelineConfig) -> dict[str, Any]:
         "strategy": t.strategy,
         "zero_stage": t.deepspeed.zero_stage,
         "offload_optimizer": t.deepspeed.offload_optimizer,
+        "checkpoint_every": t.checkpoint_every,
     }
 
 
-def build_trainer(cfg: PipelineConfig, loop_overrides: dict[str, Any] | None = None) -> TorchTrainer:
+def build_trainer(
+    cfg: PipelineConfig, loop_overrides: dict[str, Any] | None = None, name: str | None = None
+) -> TorchTrainer:
     """A TorchTrainer over ``train_loop_per_worker`` with the train/val splits streamed as Ray Data shards.
 
     Args:
         cfg: the pipeline config (``cfg.train`` shapes the run); Ray must be connected.
         loop_overrides: keys merged into the loop config last (the benchmark and tests use this).
+        name: the Ray Train run's name (default: :func:`run_name` of the config's run key).
     """
     t = cfg.train
     config = {**loop_config(cfg), **(loop_overrides or {}), "ray_data_shards": True}
     folder = Path(config["data_dir"])
     storage = train_dir(cfg)
     storage.mkdir(parents=True, exist_ok=True)
+    name = name or run_name(cfg, train_key(cfg))
     return worker_group_trainer(
-        train_loop_per_worker, config, t, _datasets(folder, t.num_workers), name=cfg.name, storage=storage
+        train_loop_per_worker, config, t, _datasets(folder, t.num_workers), name=name, storage=storage
     )
 
 
@@ -102,9 +129,8 @@ def worker_group_trainer(
     name: str,
     storage: Path,
 ) -> TorchTrainer:
-    """A TorchTrainer running ``loop`` as ``group`` says: workers, GPUs (NCCL) or CPUs (gloo), placement, restarts.
-
-    Every epoch's checkpoint is kept (tabular models and adapters are small; their metrics are the history).
+    """A TorchTrainer running ``loop`` as ``group`` says: workers, GPUs (NCCL) or CPUs (gloo), placement, restarts,
+    and the latest ``keep_checkpoints`` checkpoints kept (each carries the run's history so far).
 
     Raises:
         FabricError: DeepSpeed is asked for and not installed (here, not in every worker).
@@ -127,7 +153,7 @@ def worker_group_trainer(
             name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=group.max_failures),
-            checkpoint_config=CheckpointConfig(),
+            checkpoint_config=CheckpointConfig(num_to_keep=group.keep_checkpoints),
         ),
     )
 
@@ -154,30 +180,22 @@ def _datasets(folder: Path, num_workers: int) -> dict[str, Any]:
     return out
 
 
-def _check_previous_run(run_path: Path, config: dict[str, Any]) -> None:
-    """A rerun of the same run continues it (Ray Train restores its checkpoints); refuse when the
-    model or strategy changed, since its checkpoint cannot load into the new one."""
+def last_checkpoint(run_path: Path) -> tuple[Path, list[dict[str, Any]]] | None:
+    """The latest checkpoint of the Ray Train run at ``run_path`` and the history it carries; None when
+    there is no such run or it has no checkpoint yet."""
     if not (run_path / "checkpoint_manager_snapshot.json").is_file():
-        return
+        return None
     from ray.train import Result
 
     latest = Result.from_path(str(run_path)).checkpoint
     if latest is None:
-        return
-    folder = Path(latest.path)
-    old = read_spec(folder)
-    new = spec_from_config({**DEFAULTS, **config})
-    old_strategy = kind(folder)
-    if old.get("kwargs") != new["kwargs"] or old_strategy != config["strategy"]:
-        raise FabricError(
-            f"{run_path} holds a run of another model or strategy ({old_strategy}, {old.get('kwargs')}); "
-            "choose another `name` or `run_dir`, or delete that folder to start over"
-        )
-    print(f"continuing the run at {run_path} from {folder.name}", flush=True)
+        return None
+    return Path(latest.path), read_history(Path(latest.path))
 
 
 def fit(trainer: TorchTrainer, what: str, max_failures: int, where: Path) -> tuple[Any, Path, list[dict[str, Any]]]:
-    """Run ``trainer`` and return its Result, last checkpoint folder and per-checkpoint metrics.
+    """Run ``trainer`` and return its Result, last checkpoint folder and every epoch's metrics (the history
+    the last checkpoint carries).
 
     Raises:
         FabricError: the run failed after its restarts, or reported no checkpoint.
@@ -190,16 +208,19 @@ def fit(trainer: TorchTrainer, what: str, max_failures: int, where: Path) -> tup
         raise FabricError(f"{what} failed (after up to {max_failures} restart(s)): {e}") from e
     if result.checkpoint is None:
         raise FabricError(f"{what} at {where} reported no checkpoint")
-    return result, Path(result.checkpoint.path), [dict(m) for _, m in (result.best_checkpoints or [])]
+    return result, Path(result.checkpoint.path), read_history(Path(result.checkpoint.path))
 
 
 def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg.train``'s model with Ray Train on the ingested data and write the model artifact.
 
     Runs DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO on ``cfg.train.num_workers`` workers,
-    checkpointing every epoch under ``<run_dir>/train/<name>/``; a failed worker group restarts up to
-    ``max_failures`` times from the last checkpoint. Rerunning the same ``name`` and ``run_dir``
-    continues that run. The artifact goes to ``<run_dir>/train/model/``.
+    checkpointing every ``checkpoint_every`` epochs under ``<run_dir>/train/<name>-<run key>/``; a failed
+    worker group restarts up to ``max_failures`` times from the last checkpoint. The run key digests the
+    train settings and the data splits, so a rerun of the same config on the same data has nothing to do
+    (it says so and trains nothing), a rerun of an interrupted one resumes it, and changed hyperparameters
+    or data start a new run beside the old ones. The artifact goes to ``<run_dir>/train/model/``; the
+    summary compares the model with the trivial baseline (majority class or training mean) on ``val``.
 
     Args:
         cfg: the pipeline config; the ingestion stage must have written ``<run_dir>/data``.
@@ -207,22 +228,49 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     """
     connect(cfg.cluster)
     storage = train_dir(cfg)
-    _check_previous_run(storage / cfg.name, {**loop_config(cfg), **(loop_overrides or {})})
+    key = train_key(cfg)
+    name = run_name(cfg, key)
     t = cfg.train
-    use_gpu = resolve_use_gpu(t.use_gpu)
-    _warn_if_short(t.num_workers, use_gpu)
-    trainer = build_trainer(cfg, loop_overrides)
-    how = f"DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "DDP"
-    print(
-        f"training {how} on {t.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) for {t.epochs} epoch(s); "
-        f"checkpoints under {storage / cfg.name}",
-        flush=True,
-    )
-    result, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / cfg.name)
+    previous = last_checkpoint(storage / name)
+    before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
+    if previous is not None and before >= t.epochs:
+        checkpoint_dir, history = previous
+        print(
+            f"training: nothing to do: run {storage / name} trained all {t.epochs} epoch(s) of this config "
+            f"on this data (run key {key}); using its model",
+            flush=True,
+        )
+        trained = 0
+    else:
+        use_gpu = resolve_use_gpu(t.use_gpu)
+        _warn_if_short(t.num_workers, use_gpu)
+        trainer = build_trainer(cfg, loop_overrides, name)
+        how = f"DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "DDP"
+        resume = f"; resuming the interrupted run from its checkpoint of epoch {before}" if before else ""
+        print(
+            f"training {how} on {t.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) for {t.epochs} epoch(s); "
+            f"run key {key}, checkpoints every {t.checkpoint_every} epoch(s) under {storage / name}{resume}",
+            flush=True,
+        )
+        _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / name)
+        trained = int(history[-1]["epoch"]) - before
     model_path = to_artifact(checkpoint_dir, storage / "model")
-    metrics = dict(result.metrics or {})
+    metrics = {**history[-1], **_baseline(cfg)} if history else {}
     print(f"trained: {_summary(metrics)}; model: {model_path}", flush=True)
-    return TrainResult(checkpoint_dir=checkpoint_dir, metrics=metrics, history=history, model_path=model_path)
+    return TrainResult(checkpoint_dir, metrics, history, model_path, run_key=key, trained_epochs=trained)
+
+
+def _baseline(cfg: PipelineConfig) -> dict[str, float]:
+    """The trivial baseline's scores on the validation split, as ``baseline_val_<metric>``."""
+    import pyarrow.parquet as pq
+
+    folder = data_dir(cfg.run_dir)
+    meta = read_meta(folder)
+    labels = pq.read_table(folder / "val", columns=["label"]).column("label").to_numpy()
+    if not len(labels):
+        return {}
+    baseline = fit_baseline(folder, meta["task"], meta.get("num_classes"))
+    return {f"baseline_val_{k}": v for k, v in baseline.scores(labels).items()}
 
 
 def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
@@ -241,6 +289,18 @@ def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
 
 def _summary(metrics: dict[str, Any]) -> str:
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
-    return ", ".join(
+    line = ", ".join(
         f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics
     )
+    task = "classification" if "baseline_val_accuracy" in metrics else "regression"
+    metric = "accuracy" if task == "classification" else "rmse"
+    base = metrics.get(f"baseline_val_{metric}")
+    if base is None or f"val_{metric}" not in metrics:
+        return line
+    model = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
+    baseline = {k.removeprefix("baseline_val_"): v for k, v in metrics.items() if k.startswith("baseline_val_")}
+    if task == "classification":
+        model["log_loss"] = metrics["val_loss"]  # the loop's cross-entropy is the log loss
+    verdict = "beats" if beats(model, baseline, task) else "does NOT beat"
+    what = "majority class" if task == "classification" else "training mean"
+    return f"{line}; {verdict} the trivial baseline ({what}: val_{metric} {base:.4g})"

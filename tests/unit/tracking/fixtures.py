@@ -149,6 +149,7 @@ class FakeTrainResult:
     model_path: Path
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
+    run_key: str = ""
 
 
 def train_result(model_dir: Path, epochs: int = 3) -> FakeTrainResult:

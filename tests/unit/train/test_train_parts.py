@@ -142,6 +142,7 @@ def test_training_and_finetuning_share_the_worker_group_settings(tmp_path: Path)
             "llm.finetune.use_gpu=false",
             "llm.finetune.placement_strategy=SPREAD",
             "llm.finetune.max_failures=4",
+            "llm.finetune.keep_checkpoints=1",
         ],
     )
     assert cfg.llm.finetune.epochs == 2 and cfg.train.epochs == 5  # each keeps its own defaults
@@ -149,5 +150,6 @@ def test_training_and_finetuning_share_the_worker_group_settings(tmp_path: Path)
     scaling, run = trainer.scaling_config, trainer.run_config
     assert (scaling.num_workers, scaling.use_gpu, scaling.placement_strategy) == (3, False, "SPREAD")
     assert run.failure_config.max_failures == 4 and run.storage_path == str(tmp_path)
+    assert run.checkpoint_config.num_to_keep == 1
     with pytest.raises(ConfigError, match="placement_strategy"):
         load_config(None, ["llm.finetune.placement_strategy=ANYWHERE"])

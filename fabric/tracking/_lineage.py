@@ -1,0 +1,90 @@
+"""Run keys: what a stage's output depends on, as one short digest.
+
+A run key hashes a config section (the settings that shape the output) together with the content digests
+of the stage's inputs. Equal keys mean the same work: the training stages keep one Ray Train run per key
+(``<name>-<key>``), say "nothing to do" when that run finished, and the registry tags each version with the
+key it came from so a rerun registers nothing new. Step caching builds on the same digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+KEY_LENGTH = 12
+_DIGEST_CACHE = ".digest.json"
+"""Kept in a data folder: its digest, valid while ``meta.json`` (written last by ingestion) is unchanged."""
+
+
+def digest_json(value: Any) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys): equal settings give equal digests."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_key(settings: dict[str, Any], inputs: dict[str, str]) -> str:
+    """The key of a run: a short digest of its ``settings`` and its inputs' content digests."""
+    return digest_json({"settings": settings, "inputs": inputs})[:KEY_LENGTH]
+
+
+def digest_splits(folder: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
+    """Content digest of an ingestion output's parquet splits: the rows, not the files.
+
+    Ray Data names its files afresh and may order rows differently on every write, so each split's rows
+    are hashed one by one and the sorted row hashes are digested, with the column names and types. The
+    result is cached in the folder next to ``meta.json`` (ingestion rewrites the folder as a whole).
+    """
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    meta = folder / "meta.json"
+    stamp = f"{meta.stat().st_mtime_ns}:{meta.stat().st_size}" if meta.is_file() else None
+    cache = folder / _DIGEST_CACHE
+    if stamp and cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("meta") == stamp and cached.get("splits") == list(splits):
+            return str(cached["digest"])
+    h = hashlib.sha256()
+    for split in splits:
+        path = folder / split
+        if not path.exists():
+            h.update(f"{split}:absent;".encode())
+            continue
+        table = pq.read_table(path)
+        frame = table.to_pandas()[sorted(table.column_names)]
+        h.update(f"{split}:{[(c, str(t)) for c, t in zip(frame.columns, frame.dtypes)]};".encode())
+        rows = np.sort(pd.util.hash_pandas_object(frame, index=False).to_numpy())
+        h.update(rows.tobytes())
+    digest = h.hexdigest()
+    if stamp:
+        cache.write_text(json.dumps({"meta": stamp, "splits": list(splits), "digest": digest}))
+    return digest
+
+
+def digest_source(path: str | None) -> str:
+    """Content digest of a data source: a local file, or a folder's files (names and bytes).
+
+    A URI is digested by its files' names, sizes and modification times (reading remote bytes to hash them
+    would cost a full download); None (an embedded demo set) digests as such.
+    """
+    if path is None:
+        return digest_json("embedded")
+    if "://" in path:
+        from pyarrow import fs
+
+        filesystem, root = fs.FileSystem.from_uri(path)
+        info = filesystem.get_file_info(root)
+        infos = [info] if info.type == fs.FileType.File else filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+        return digest_json(sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == fs.FileType.File))
+    local = Path(path).expanduser().resolve()
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(local) if f != local else f.name}\0".encode())
+        with f.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
