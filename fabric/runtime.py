@@ -7,6 +7,7 @@ here sends it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import ipaddress
 import json
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_GCS_PORT = 6379
+# Ray turns a node address of 127.0.0.1 into the machine's network address (services.resolve_ip_for_localhost)
+# and then binds its GCS, raylet, agents and client server on that address or on every interface, unless
+# multi-node clusters are off: a Ray whose processes start with this variable binds all of them to 127.0.0.1.
+# For Rays that stay on this machine: fabric's own local Ray, and `fabric up` without --node-ip.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK_IPS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 # Ray's upload limit for a working_dir package (GCS_STORAGE_MAX_SIZE, the max gRPC message size).
 UPLOAD_LIMIT_BYTES = int(os.environ.get("RAY_max_grpc_message_size", 512 * 1024 * 1024))
 # Never uploaded with a job: environments, VCS data, caches and run outputs.
@@ -139,14 +146,54 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
         # An existing cluster: send the token. (A new local Ray turns token auth on by itself.)
         use_token_auth()
         kwargs.pop("include_dashboard", None)
-        ray.init(address=address, **kwargs)
+        with init_context(address):
+            ray.init(address=address, **kwargs)
         return
     if cluster is not None:
         for key in ("num_cpus", "num_gpus", "object_store_memory"):
             value = getattr(cluster, key)
             if value is not None:
                 kwargs.setdefault(key, value)
-    ray.init(**kwargs)
+    with loopback_ray():
+        ray.init(**kwargs)
+
+
+def init_context(address: str | None) -> contextlib.AbstractContextManager[None]:
+    """What ``ray.init(address)`` runs in: :func:`loopback_ray` for a new local Ray (None) and for a GCS address
+    on loopback (which Ray would otherwise turn into the machine's network address, where a loopback Ray does
+    not listen); nothing for any other address."""
+    host = address.rpartition(":")[0].strip("[]") if address and "://" not in address else ""
+    try:
+        loopback = address is None or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "auto", a host name
+        loopback = host == "localhost"
+    return loopback_ray() if loopback else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def loopback_ray() -> Iterator[None]:
+    """Within it, a Ray started by this process listens on 127.0.0.1 only (see LOOPBACK_ENV).
+
+    The variable is in the environment the new Ray's processes inherit, and in the constant this process's Ray
+    read at import (it picks the node address); both are restored after, so a later connection elsewhere
+    is unaffected.
+    """
+    saved = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    cached = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = cached  # type: ignore[attr-defined]
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------- the local head
@@ -193,14 +240,35 @@ def read_head() -> LocalHead | None:
         return None
 
 
-def head_processes(temp_dir: str) -> list[psutil.Process]:
-    """Every live process of the head whose Ray temp dir is ``temp_dir``, with their workers."""
+def _client_server_of(cmd: list[str], gcs_port: int) -> bool:
+    """True for the command line of a Ray client server attached to the GCS on ``gcs_port`` of this machine.
+
+    `ray start --head` starts it detached and without the temp dir on its command line; its ``--address`` is the
+    head's GCS, a port only one process on the machine can hold.
+    """
+    if "ray.util.client.server" not in cmd:
+        return False
+    for part in cmd:
+        if part.startswith("--address="):
+            host, _, port = part.removeprefix("--address=").rpartition(":")
+            if port != str(gcs_port):
+                return False
+            try:
+                return host in local_addresses() or ipaddress.ip_address(host).is_loopback
+            except ValueError:  # a host name
+                return False
+    return False
+
+
+def head_processes(temp_dir: str, gcs_port: int | None = None) -> list[psutil.Process]:
+    """Every live process of the head whose Ray temp dir is ``temp_dir``, with their workers and children
+    (HAProxy included), and with ``gcs_port`` its Ray client server."""
     import psutil
 
     roots: list[psutil.Process] = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if any(temp_dir in part for part in cmd):
+        if any(temp_dir in part for part in cmd) or (gcs_port is not None and _client_server_of(cmd, gcs_port)):
             roots.append(proc)
     seen: dict[int, psutil.Process] = {}
     for proc in roots:
@@ -259,6 +327,51 @@ def running_head() -> LocalHead | None:
     if not head_processes(head.temp_dir):
         return None
     return head
+
+
+def gcs_port(head: LocalHead) -> int:
+    """The head's GCS port."""
+    return int(head.gcs_address.rpartition(":")[2])
+
+
+def process_label(proc: psutil.Process) -> str:
+    """A short name for a Ray process: ``gcs_server``, ``raylet``, ``dashboard``, ``ray-client-server``,
+    ``DashboardAgent`` (from ``ray::DashboardAgent``), ``haproxy``..."""
+    import psutil
+
+    try:
+        name = proc.name()
+        cmd = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "?"
+    if name.startswith("ray::"):
+        return name[5:]
+    if "ray.util.client.server" in cmd:
+        return "ray-client-server"
+    scripts = [Path(part).stem for part in cmd[1:] if part.endswith(".py")]
+    return scripts[0] if name.startswith("python") and scripts else name
+
+
+def listeners(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
+    """The TCP sockets ``procs`` listen on: (address, port, process label), sorted; IPv4-mapped addresses
+    read as IPv4 (``::ffff:127.0.0.1`` -> ``127.0.0.1``)."""
+    import psutil
+
+    out: set[tuple[str, int, str]] = set()
+    for proc in procs:
+        try:
+            conns = proc.net_connections("tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                out.add((c.laddr.ip.removeprefix("::ffff:"), c.laddr.port, process_label(proc)))
+    return sorted(out)
+
+
+def head_listeners(head: LocalHead) -> list[tuple[str, int, str]]:
+    """What the processes of ``head`` listen on now."""
+    return listeners(head_processes(head.temp_dir, gcs_port(head)))
 
 
 def local_addresses() -> set[str]:
@@ -376,6 +489,8 @@ def start_head(
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     extra = dict(env or {})
     proc_env = {**os.environ, **extra, "RAY_AUTH_MODE": "token", "PATH": path}
+    if ipaddress.ip_address(node_ip).is_loopback:
+        proc_env.update(LOOPBACK_ENV)  # a development head: every port on 127.0.0.1, as its address says
     proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -394,7 +509,7 @@ def start_head(
     # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard.
     while not job_api_ready(head.dashboard_url):
         if time.monotonic() > deadline:
-            stop_processes(head_processes(temp_dir))
+            stop_processes(head_processes(temp_dir, port))
             raise ClusterError(f"the job API on {head.dashboard_url} was not ready within {timeout_s:.0f}s")
         time.sleep(0.5)
     _state_file().write_text(json.dumps(asdict(head), indent=2))
@@ -428,7 +543,7 @@ def stop_head() -> int:
     count = 0
     # Workers can be forked while we stop the parents: sweep until nothing of ours is left.
     for _ in range(5):
-        procs = head_processes(head.temp_dir)
+        procs = head_processes(head.temp_dir, gcs_port(head))
         if not procs:
             break
         count += stop_processes(procs)

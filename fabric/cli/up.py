@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 
 from fabric import runtime
@@ -58,6 +59,24 @@ def _serve_env(disabled: bool) -> dict[str, str]:
     return {**{k: v for k, v in FAST_PATH_ENV.items() if k in env}, **haproxy_ports_env()}
 
 
+def listening_lines(listening: list[tuple[str, int, str]]) -> str:
+    """One line per address: the ports on it and which process holds each; a closing line says whether any
+    port is reachable from beyond this machine."""
+    by_address: dict[str, list[str]] = {}
+    for address, port, label in listening:
+        by_address.setdefault(address, []).append(f"{port} {label}")
+    names = {"0.0.0.0": "0.0.0.0 (every IPv4 interface)", "::": ":: (every interface)"}
+    lines = [f"  {names.get(a, a):<16} " + ", ".join(ports) for a, ports in sorted(by_address.items())]
+    if not lines:
+        return "  (no listening socket found)"
+    beyond = sorted({a for a in by_address if a not in runtime.LOOPBACK_IPS})
+    if beyond:
+        lines.append(f"  reachable from other machines on: {', '.join(beyond)}")
+    else:
+        lines.append("  every port is on loopback: reachable from this machine only")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the head, or say that it is already up; print addresses, how workers join, and next steps."""
     for name in ("port", "dashboard_port"):
@@ -90,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     port = url.rsplit(":", 1)[1]
     fast = " ".join(f"{k}={v}" for k, v in sorted(head.env.items())) or "off"
     declared = json.dumps(head.resources) if head.resources else "none"
-    if head.node_ip == "127.0.0.1":
-        join = "  (this head listens on 127.0.0.1 only: start it with --node-ip <this host's address> to add nodes)"
+    listening = runtime.head_listeners(head)
+    if ipaddress.ip_address(head.node_ip).is_loopback:
+        join = "  (to add nodes, start the head with --node-ip <this host's address>)"
     else:
         join = (
             f"  copy {head.token_location} to the worker's ~/.ray/auth_token (or set RAY_AUTH_TOKEN there;\n"
@@ -105,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
   auth token       {head.token_location}
   resources        {declared}
   serve fast path  {fast}
+
+Listening now (the head's processes, read from the system):
+{listening_lines(listening)}
 
 Join a worker node:
 {join}

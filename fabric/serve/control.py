@@ -95,7 +95,8 @@ def connect(cfg: PipelineConfig) -> bool:
     head = None if address else runtime.running_head()
     if head is not None:
         # `fabric up`'s head: the Serve controller gets the variables through controller_options.
-        ray.init(address=head.gcs_address)
+        with runtime.init_context(head.gcs_address):
+            ray.init(address=head.gcs_address)
         return False
     if not address:
         # A Ray started here inherits this process's environment, controller and proxies included.
@@ -278,7 +279,8 @@ def attach(address: str | None = None) -> None:
         # ray.init retries an absent GCS for minutes; say so at once instead.
         raise ClusterError(f"no Ray cluster answers at {target} (is `fabric serve` still running?)")
     try:
-        ray.init(address=address, namespace="serve", log_to_driver=False)
+        with runtime.init_context(target):
+            ray.init(address=address, namespace="serve", log_to_driver=False)
     except Exception as e:  # ConnectionError and friends, with Ray's long messages
         raise ClusterError(
             f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(e).splitlines()[0]}"

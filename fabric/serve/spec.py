@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.serve import ModelVersion
+from fabric.serve.haproxy_guard import HOOK, HOOK_VAR
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
@@ -21,14 +22,16 @@ CHAMPION_ALIAS = "champion"
 # The fast path: HAProxy ingress + direct gRPC data plane, read by Serve's controller, proxies and replicas
 # when their processes start (ray/serve/_private/constants.py). HAProxy's own per-request metrics are
 # off: they are parsed from a log datagram per request by a Python actor (about 8% of a core at 1,000
-# req/s here); with them off each replica records the same ingress metrics in-process instead.
+# req/s here); with them off each replica records the same ingress metrics in-process instead. The worker
+# setup hook keeps HAProxy's side listeners on Serve's host and HAProxy tied to its manager (haproxy_guard).
 FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    HOOK_VAR: HOOK,
 }
-# Ports HAProxy binds on every address besides Serve's own (Ray's defaults 9101 and 8404): a second Serve on
-# the same machine (another user's, a test's) would make HAProxy fail to start.
+# Ports of HAProxy's side listeners (Ray's defaults 9101 and 8404), on Serve's host: a second Serve on the
+# same machine (another user's, a test's) would make HAProxy fail to start.
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)")
 
