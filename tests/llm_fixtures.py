@@ -107,3 +107,43 @@ def tiny_llm(root: Path, seed: int = 0) -> Path:
         }
     ).to_parquet(llm / "reference.parquet")
     return root
+
+
+def tiny_llama(root: Path, seed: int = 0) -> Path:
+    """Like :func:`tiny_llm`, for vLLM (which has no LoRA for GPT-2): a 2-layer Llama in ``llm/base/`` and a peft
+    LoRA adapter on its attention projections in ``llm/adapter/``; returns ``root`` (the run_dir).
+
+    The sizes suit vLLM's CPU attention (head size 64). Reuses what an earlier call wrote there.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = root / "llm"
+    base = llm / "base"
+    if (llm / "adapter" / "adapter_config.json").is_file():
+        return root
+    tok = build_tokenizer(base)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),  # type: ignore[arg-type]
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * CONTEXT,
+        bos_token_id=tok.eos_token_id,  # type: ignore[attr-defined]
+        eos_token_id=tok.eos_token_id,  # type: ignore[attr-defined]
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 0.0  # type: ignore[attr-defined]  # full-length outputs
+    model.save_pretrained(base)
+    torch.manual_seed(seed + 1)
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = get_peft_model(LlamaForCausalLM.from_pretrained(base), lora)
+    wrapped.save_pretrained(llm / "adapter")
+    tok.save_pretrained(llm / "adapter")  # type: ignore[attr-defined]
+    return root

@@ -25,13 +25,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("fabric.cli.run", "run the whole pipeline from a config on the current Ray"),
     "tune": ("fabric.cli.tune", "run the hyperparameter search alone (--resume continues an interrupted one)"),
     "serve": ("fabric.cli.serve", "serve a model over HTTP (Open Inference Protocol v2); set-traffic, status"),
+    "monitor": ("fabric.cli.monitor", "show the drift monitor's last result, or reset its window"),
     "finetune": (
         "fabric.cli.finetune",
         "fine-tune a causal LM with LoRA on Ray Train (DDP or DeepSpeed); outputs under <run_dir>/llm",
     ),
     "serve-llm": (
         "fabric.cli.serve_llm",
-        "serve a language model over the OpenAI API (vLLM on GPUs, a batching CPU engine otherwise)",
+        "serve a language model over the OpenAI API (vLLM where installed, a batching CPU engine otherwise)",
+    ),
+    "generate": (
+        "fabric.cli.generate",
+        "batch generation: a prompts file through vLLM engines on Ray Data, to parquet, JSON lines or CSV",
+    ),
+    "eval-llm": (
+        "fabric.cli.eval_llm",
+        "lm-evaluation-harness against the served language model (base and adapters); scores to MLflow",
     ),
 }
 

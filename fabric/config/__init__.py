@@ -5,6 +5,7 @@ from fabric.config.cluster import ClusterConfig
 from fabric.config.data import DataConfig, Expectations, Range, Split
 from fabric.config.export import ExportConfig
 from fabric.config.llm import FinetuneConfig, LLMConfig, LMDataConfig, LMModelConfig, LoRAConfig
+from fabric.config.llm_eval import LLMEvalConfig, LLMGenerateConfig
 from fabric.config.llm_serve import LLMServeConfig
 from fabric.config.monitor import MonitorConfig
 from fabric.config.pipeline import PipelineConfig
@@ -21,6 +22,8 @@ __all__ = [
     "ExportConfig",
     "FinetuneConfig",
     "LLMConfig",
+    "LLMEvalConfig",
+    "LLMGenerateConfig",
     "LLMServeConfig",
     "LMDataConfig",
     "LMModelConfig",

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fabric.config._base import Section, is_uri
+from fabric.config.llm_eval import LLMEvalConfig, LLMGenerateConfig
 from fabric.config.llm_serve import LLMServeConfig
 from fabric.config.train import WorkerGroupConfig
 
@@ -99,13 +100,16 @@ class FinetuneConfig(WorkerGroupConfig):
 
 
 class LLMConfig(Section):
-    """Language models: base model, text data, LoRA fine-tuning, OpenAI-compatible serving."""
+    """Language models: base model, text data, LoRA fine-tuning, OpenAI-compatible serving, evaluation, batch
+    generation."""
 
     model: LMModelConfig = Field(default_factory=LMModelConfig)
     data: LMDataConfig = Field(default_factory=LMDataConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     serve: LLMServeConfig = Field(default_factory=LLMServeConfig)
+    eval: LLMEvalConfig = Field(default_factory=LLMEvalConfig)
+    generate: LLMGenerateConfig = Field(default_factory=LLMGenerateConfig)
 
     @model_validator(mode="after")
     def _fits_context(self) -> LLMConfig:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,7 +20,8 @@ class LLMServeConfig(Section):
     adapters: dict[str, str] = Field(default_factory=dict)
     """LoRA adapters by name (a peft folder each), picked per request with ``model="<base>:<name>"``."""
     engine: Literal["auto", "vllm", "transformers"] = "auto"
-    """``auto``: vLLM when it is installed and a GPU is present, else the batching transformers CPU engine."""
+    """``auto``: vLLM wherever it is installed (its CPU build comes with ``make install``; ``fabric[gpu]`` has the
+    CUDA build), else the batching transformers CPU engine."""
     host: str = "127.0.0.1"
     """Bind address of Serve's HTTP proxy (shared with other Serve apps of the cluster: the first one started
     sets it)."""
@@ -54,15 +55,22 @@ class LLMServeConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights' dtype: ``auto`` is float32 on CPU, and the checkpoint's dtype on vLLM."""
 
-    # --- the vLLM GPU engine
+    # --- the vLLM engine (GPU or CPU)
     tensor_parallel_size: int = Field(default=1, ge=1)
     """GPUs one replica shards the model over (vLLM tensor parallelism); the replica reserves that many."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     """Share of each GPU's memory vLLM may take (weights plus KV cache)."""
     max_model_len: int | None = Field(default=None, ge=16)
     """Context length vLLM plans its KV cache for; None: the model's own."""
+    kv_cache_gb: float | None = Field(default=None, gt=0)
+    """vLLM's KV cache size in GiB; None: vLLM's own sizing on GPUs (``gpu_memory_utilization``) and 2 GiB on a
+    CPU (vLLM's CPU build would otherwise want 90% of the machine's memory free)."""
     max_lora_rank: int = Field(default=16, ge=1)
     """Largest LoRA rank vLLM reserves room for (adapters of a higher rank fail to load)."""
+    vllm: dict[str, Any] = Field(default_factory=dict)
+    """Any other vLLM server argument by name, passed to vLLM as ``vllm serve --<name> <value>`` would be, e.g.
+    ``{enable_auto_tool_choice: true, tool_call_parser: hermes}`` (auto tool parsing) or
+    ``{structured_outputs_config: {backend: xgrammar}}``; checked by vLLM's own parser when a replica starts."""
 
     # --- Serve deployment
     num_replicas: int = Field(default=1, ge=1)

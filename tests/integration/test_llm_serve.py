@@ -45,6 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 f"llm.serve.adapters={{a: {run_dir / 'llm' / 'adapter'}, b: {run_dir / 'llm' / 'adapter2'}}}",
                 "llm.serve.max_loaded_adapters=1",
                 f"llm.serve.api_key_env={KEY_ENV}",
+                "llm.serve.engine=transformers",  # fabric's own OpenAI layer; vLLM: test_llm_vllm.py
                 "llm.serve.replica_cpus=0",
                 "llm.serve.fast_path=false",
                 "llm.serve.batch_wait_s=0.05",

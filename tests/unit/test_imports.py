@@ -24,6 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "export": BASE | {"runtime", "tracking", "models"},
     "monitor": BASE | {"runtime", "data"},
     "serve": BASE | {"runtime", "tracking", "data", "models", "export", "monitor"},
+    "evaluate": BASE | {"runtime", "tracking"},
+    "predict": BASE | {"runtime", "tracking", "export", "data"},
 }
 LEAVES = ("jobs", "notebooks", "benchmarks")
 HEAVY = ("torch", "vllm", "deepspeed", "mlflow", "wandb", "transformers", "evidently", "ray", "optuna", "onnxruntime")

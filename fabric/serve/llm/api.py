@@ -1,19 +1,26 @@
-"""The thin HTTP layer: OpenAI routes over :class:`~fabric.serve.llm.serving.OpenAIServing`.
+"""The thin HTTP layer: fabric's additions around an OpenAI app, and the transformers engine's own routes.
 
-Routes:
+On vLLM the OpenAI app is vLLM's own (:mod:`fabric.serve.llm.vllm_engine`); on the transformers engine it is
+:func:`make_api` over :class:`~fabric.serve.llm.serving.OpenAIServing`. Either way :func:`wrap` adds:
 
-* ``GET /v1/models``, ``GET /v1/models/{model}``
-* ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: ``text/event-stream``)
-* ``GET /health`` (no key needed: for probes), ``GET /stats`` (request and engine batching counters)
-* ``GET /monitor/drift``, ``GET /monitor/report`` (the drift monitor, through the monitor hook)
+* ``GET /stats`` (request counters of the answering replica), ``GET /monitor/drift``, ``GET /monitor/report``,
+  ``POST /monitor/reset`` (the drift monitor, through the monitor hook);
+* the API key: every route but probes, docs and the monitor's read routes needs ``Authorization: Bearer <key>``
+  (401 otherwise, checked before the body is read);
+* a last-resort handler (:func:`last_resort`): an unexpected failure is a 500 in OpenAI's error shape carrying the request id, which
+  the replica's log line carries too (never a text/plain traceback).
 
-Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with its status: 400 for a bad
-body (naming the field), 401 for a missing or wrong API key, 404 for an unknown model or route.
+The transformers engine's routes: ``GET /v1/models[/{model}]``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true``: ``text/event-stream``), ``GET /health``. Every error is OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` with its status: 400 for a bad body (naming the field), 401
+for a missing or wrong API key, 404 for an unknown model or route.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -45,6 +52,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
 }
+log = logging.getLogger("fabric.serve.llm")
 _KIND = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 503: "server_error"}
 
 
@@ -55,12 +63,13 @@ def error_response(e: OpenAIError) -> JSONResponse:
 
 
 class RequireKey:
-    """ASGI middleware: ``/v1/...`` and ``/stats`` need ``Authorization: Bearer <key>`` (401 otherwise).
+    """ASGI middleware: every route but :attr:`OPEN` needs ``Authorization: Bearer <key>`` (401 otherwise).
 
     Checked before the body is read, so an unauthenticated client learns nothing about its request.
     """
 
-    PROTECTED = ("/v1/", "/stats")
+    OPEN = frozenset({"/health", "/ping", "/version", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+    OPEN_PREFIXES = ("/monitor/drift", "/monitor/report")
 
     def __init__(self, app: Any, key: str) -> None:
         self.app = app
@@ -75,7 +84,7 @@ class RequireKey:
             root = scope.get("root_path") or ""
             if root and path.startswith(root):
                 path = path[len(root) :]
-            if path.startswith(self.PROTECTED):
+            if path not in self.OPEN and not path.startswith(self.OPEN_PREFIXES):
                 problem = self._problem(dict(scope["headers"]).get(b"authorization"))
                 if problem is not None:
                     await error_response(problem)(scope, receive, send)
@@ -122,12 +131,6 @@ def make_api(serving: OpenAIServing) -> FastAPI:
     async def _openai_error(request: Request, exc: OpenAIError) -> Response:
         return error_response(exc)
 
-    @app.exception_handler(ProtocolError)
-    async def _protocol_error(request: Request, exc: ProtocolError) -> Response:  # from the monitor hook
-        return error_response(
-            OpenAIError(exc.status, exc.message, _KIND.get(exc.status, "invalid_request_error"), None, exc.type)
-        )
-
     def answer(result: Any) -> Response:
         if hasattr(result, "__aiter__"):
             return StreamingResponse(result, media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -162,28 +165,82 @@ def make_api(serving: OpenAIServing) -> FastAPI:
             return error_response(OpenAIError(503, f"engine unhealthy: {e}", "server_error"))
         return JSONResponse({"status": "ok", "model": serving.name, "engine": serving.engine.kind})
 
-    @app.get("/stats", summary="Request counters and the engine's batching counters of the answering replica")
-    async def stats() -> dict[str, Any]:
-        return serving.stats()
-
-    @app.get("/monitor/drift", responses=_ERRORS, summary="Drift of the served stream against fine-tuning's reference")
-    async def monitor_drift(refresh: bool = False) -> dict[str, Any]:
-        return await _hook(serving).drift(refresh)
-
-    @app.get("/monitor/report", response_class=HTMLResponse, responses=_ERRORS, summary="The HTML drift report")
-    async def monitor_report() -> HTMLResponse:
-        return HTMLResponse(await _hook(serving).report())
-
     return app
 
 
-def _hook(serving: OpenAIServing) -> Any:
+async def last_resort(request: Request, exc: Exception) -> JSONResponse:
+    """An exception nothing else answered: OpenAI's 500 JSON with a request id, logged with the same id.
+
+    The id is Serve's request id (Serve returns it as ``x-request-id``) or the request's own ``x-request-id``,
+    so a client's error leads to the replica's log line. Never a text/plain traceback.
+    """
+    request_id = _request_id(request)
+    log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=exc)
+    err = OpenAIError(500, f"internal error (request id {request_id}): {type(exc).__name__}", "server_error")
+    return JSONResponse(err.payload(), status_code=500, headers={"x-request-id": request_id})
+
+
+def _request_id(request: Request) -> str:
+    if request.headers.get("x-request-id"):
+        return request.headers["x-request-id"]
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+        if rid:
+            return str(rid)
+    except Exception:  # outside a Serve replica (unit tests)
+        pass
+    return uuid.uuid4().hex
+
+
+def add_routes(app: FastAPI, stats: Callable[[], dict[str, Any]], monitor: Any) -> None:
+    """fabric's routes on an OpenAI app (either engine's): ``/stats`` and the drift monitor's."""
     from fabric.serve.monitor_hook import NoMonitor
 
-    return serving.monitor or NoMonitor()
+    hook = monitor or NoMonitor()
+    app.add_exception_handler(Exception, last_resort)
+    app.middleware_stack = None  # vLLM's build_app built its stack already: rebuilt with the handler on first call
+
+    @app.get("/stats", summary="Request counters of the answering replica (and the CPU engine's batching counters)")
+    async def stats_route() -> dict[str, Any]:
+        return stats()
+
+    @app.get("/monitor/drift", responses=_ERRORS, summary="Drift of the served stream against fine-tuning's reference")
+    async def monitor_drift(refresh: bool = False) -> Response:
+        try:
+            return JSONResponse(await hook.drift(refresh))
+        except ProtocolError as e:
+            return _protocol_error(e)
+
+    @app.get("/monitor/report", response_class=HTMLResponse, responses=_ERRORS, summary="The HTML drift report")
+    async def monitor_report(refresh: bool = False) -> Response:
+        try:
+            return HTMLResponse(await hook.report(refresh))
+        except ProtocolError as e:
+            return _protocol_error(e)
+
+    @app.post("/monitor/reset", responses=_ERRORS, summary="Empty the drift monitor's window (needs the API key)")
+    async def monitor_reset() -> Response:
+        try:
+            return JSONResponse(await hook.reset())
+        except ProtocolError as e:
+            return _protocol_error(e)
+
+
+def _protocol_error(exc: ProtocolError) -> JSONResponse:
+    return error_response(
+        OpenAIError(exc.status, exc.message, _KIND.get(exc.status, "invalid_request_error"), None, exc.type)
+    )
+
+
+def wrap(app: Any, api_key: str | None = None) -> Any:
+    """What a replica serves: ``app``, behind :class:`RequireKey` when there is a key."""
+    return RequireKey(app, api_key) if api_key else app
 
 
 def make_asgi(serving: OpenAIServing, api_key: str | None = None) -> Any:
-    """What a replica serves: :func:`make_api`, behind :class:`RequireKey` when there is a key."""
+    """The transformers engine's app as a replica serves it: :func:`make_api`, fabric's routes, :func:`wrap`."""
     api = make_api(serving)
-    return RequireKey(api, api_key) if api_key else api
+    add_routes(api, serving.stats, serving.monitor)
+    return wrap(api, api_key)

@@ -1,13 +1,14 @@
 """The Ray Serve shell of the language-model endpoint, and its app builder.
 
 ``build_openai_app(args) -> Application`` is what ``fabric serve-llm``, :func:`fabric.serve.llm.deploy` and
-``serve run`` YAMLs (``import_path: fabric.serve.llm.app:build_openai_app``) deploy. A replica holds one
-engine (vLLM on a GPU, the batching transformers engine on CPU), the OpenAI serving logic and its FastAPI app.
+``serve run`` YAMLs (``import_path: fabric.serve.llm.app:build_openai_app``) deploy. A replica serves either
+vLLM's own OpenAI app over vLLM's engine (CPU or GPU: wherever vLLM is installed), or, where vLLM is absent,
+fabric's OpenAI layer over the batching transformers engine; fabric's additions wrap both
+(:mod:`fabric.serve.llm.api`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -60,17 +61,17 @@ def resolved(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def replica_gpus(cfg: PipelineConfig) -> float:
-    """GPUs a replica reserves: ``replica_gpus``, else ``tensor_parallel_size`` when vLLM will run."""
+    """GPUs a replica reserves: ``replica_gpus``, else ``tensor_parallel_size`` when vLLM will run and the cluster
+    has that many GPUs (vLLM's CPU build on a CPU-only cluster reserves none)."""
     s = cfg.llm.serve
     if s.replica_gpus is not None:
         return s.replica_gpus
-    if s.engine == "vllm":
-        return float(s.tensor_parallel_size)
-    if s.engine == "auto" and importlib.util.find_spec("vllm") is not None:
-        import ray
+    if s.engine == "transformers":
+        return 0.0
+    import ray
 
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= s.tensor_parallel_size:
-            return float(s.tensor_parallel_size)
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= s.tensor_parallel_size:
+        return float(s.tensor_parallel_size)
     return 0.0
 
 
@@ -111,38 +112,57 @@ def deployment_options(cfg: PipelineConfig) -> dict[str, Any]:
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress()
 class LLMServer:
-    """A replica: an engine, the OpenAI serving logic over it, and its FastAPI app.
+    """A replica: vLLM's OpenAI app over its engine, or fabric's over the transformers engine, with fabric's
+    additions (API key, ``/stats``, ``/monitor``, last-resort errors).
 
     Args:
         config: :func:`replica_config` of the pipeline config.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:
         from fabric.config import PipelineConfig, validate
         from fabric.config.llm_serve import LLMServeConfig
-        from fabric.serve.llm.engine import choose_engine
-        from fabric.serve.llm.serving import OpenAIServing
+        from fabric.serve.llm.engine import engine_kind
 
         cfg = validate(config, PipelineConfig, "<replica config>")
         s: LLMServeConfig = cfg.llm.serve
-        self.engine = choose_engine(s)
-        self.engine.start()
-        self.serving = OpenAIServing(self.engine, s, _monitor(cfg))
+        name = s.served_name or Path(str(s.model_path)).name
+        monitor = _monitor(cfg)
         self.api_key = os.environ.get(s.api_key_env) if s.api_key_env else None
-        log.info("serving %s on the %s engine", self.serving.name, self.engine.kind)
+        self.server: Any
+        if engine_kind(s) == "vllm":
+            from fabric.serve.llm.vllm_engine import VLLMServer
+
+            self.server = VLLMServer(s, name, monitor)
+            self.api = await self.server.start()
+            stats = self.server.stats
+        else:
+            from fabric.serve.llm.api import make_api
+            from fabric.serve.llm.serving import OpenAIServing
+            from fabric.serve.llm.transformers_engine import TransformersEngine
+
+            self.server = TransformersEngine(s, name)
+            self.server.start()
+            serving = OpenAIServing(self.server, s, monitor)
+            self.api = make_api(serving)
+            stats = serving.stats
+        from fabric.serve.llm.api import add_routes
+
+        add_routes(self.api, stats, monitor)
+        log.info("serving %s on the %s engine", name, self.server.kind)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from fabric.serve.llm.api import make_asgi
+        from fabric.serve.llm.api import wrap
 
-        return make_asgi(self.serving, self.api_key)
+        return wrap(self.api, self.api_key)
 
     async def check_health(self) -> None:
-        await self.engine.check_health()
+        await self.server.check_health()
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.shutdown()
 
 
 def _monitor(cfg: PipelineConfig) -> Any:

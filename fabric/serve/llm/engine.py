@@ -1,9 +1,11 @@
-"""The seam between the OpenAI layer and whatever generates tokens.
+"""The seam between fabric's OpenAI layer and the transformers engine, and the choice of engine.
 
-:class:`LLMEngine` is what the serving logic talks to (after Ray Serve LLM's ``LLMEngine``): ``start``,
-``generate`` (an async iterator of incremental outputs), ``check_health``, ``shutdown``. Two engines sit
-behind it: :class:`~fabric.serve.llm.transformers_engine.TransformersEngine` (CPU, batching, multi-LoRA)
-and :class:`~fabric.serve.llm.vllm_engine.VLLMEngine` (GPU). :func:`choose_engine` picks one.
+:func:`engine_kind` picks vLLM wherever it is installed (its CPU build or its CUDA build), and the transformers
+engine elsewhere. On vLLM, vLLM's own OpenAI server answers (:mod:`fabric.serve.llm.vllm_engine`); fabric's
+OpenAI layer (:mod:`fabric.serve.llm.serving`) talks to an :class:`LLMEngine` (after Ray Serve LLM's
+``LLMEngine``): ``start``, ``generate`` (an async iterator of incremental outputs), ``check_health``,
+``shutdown``, implemented by :class:`~fabric.serve.llm.transformers_engine.TransformersEngine` (CPU, batching,
+multi-LoRA).
 
 Engines apply stop sequences, ``max_tokens`` and the end-of-sequence token themselves, so every output's
 ``text`` is already final: the serving layer only assembles and counts.
@@ -15,7 +17,6 @@ import abc
 import importlib.util
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fabric.errors import UsageError
@@ -126,36 +127,20 @@ class LLMEngine(abc.ABC):
 
 
 def vllm_usable() -> bool:
-    """True when vLLM is installed and a CUDA GPU is present."""
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+    """True when vLLM is installed (the CPU build of ``make install`` or the CUDA build of ``fabric[gpu]``)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 def engine_kind(cfg: LLMServeConfig) -> Literal["vllm", "transformers"]:
-    """The engine ``cfg`` asks for: ``cfg.engine``, or for ``auto`` vLLM where usable, else transformers."""
+    """The engine ``cfg`` asks for: ``cfg.engine``, or for ``auto`` vLLM where installed, else transformers.
+
+    Raises:
+        MissingExtraError: ``engine: vllm`` where vLLM is not installed.
+    """
+    if cfg.engine == "vllm" and not vllm_usable():
+        from fabric.errors import MissingExtraError
+
+        raise MissingExtraError("vllm", "gpu")
     if cfg.engine != "auto":
         return cfg.engine
     return "vllm" if vllm_usable() else "transformers"
-
-
-def choose_engine(cfg: LLMServeConfig, name: str | None = None) -> LLMEngine:
-    """The engine for ``cfg`` (not started).
-
-    Args:
-        cfg: the serving config with ``model_path`` resolved.
-        name: the served model id; None: ``cfg.served_name`` or the folder's name.
-
-    Raises:
-        MissingExtraError: vLLM was asked for and is not installed (``pip install 'fabric[gpu]'``).
-    """
-    name = name or cfg.served_name or Path(str(cfg.model_path)).name
-    if engine_kind(cfg) == "vllm":
-        from fabric.serve.llm.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg, name)
-    from fabric.serve.llm.transformers_engine import TransformersEngine
-
-    return TransformersEngine(cfg, name)

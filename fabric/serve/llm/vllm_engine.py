@@ -1,132 +1,260 @@
-"""The GPU engine: vLLM's asynchronous engine (``AsyncLLM``, V1) behind the :class:`LLMEngine` seam.
+"""vLLM behind fabric's language-model app: vLLM's own OpenAI server inside a Ray Serve replica.
 
-vLLM does the batching (continuous batching over a paged KV cache), sampling, stop sequences and multi-LoRA
-itself; this class maps fabric's requests onto ``SamplingParams`` (delta outputs) and ``LoRARequest`` and
-vLLM's outputs back. vLLM is imported only in :meth:`VLLMEngine.start` (``pip install 'fabric[gpu]'``), so
-this module imports on machines without it.
+The replica starts vLLM's asynchronous engine (``AsyncLLM``: continuous batching over a paged KV cache, on CPU
+or GPUs) and builds vLLM's own FastAPI app over it (``build_app`` + ``init_app_state``, what ``vllm serve`` and
+Ray Serve LLM's direct streaming run), so the whole OpenAI surface vLLM has is served as vLLM serves it:
+completions with ``echo``/``logprobs``/token-id prompts, chat with ``logprobs``, ``response_format``, ``tools``,
+``/v1/embeddings`` for embedding models, ``/tokenize``, ``/detokenize``, OpenAI error JSON. fabric adds, around
+it (:mod:`fabric.serve.llm.app`): the API key, its adapters as ``<model>:<adapter>`` LoRA modules, the drift
+monitor tap (:class:`EngineTap`), Prometheus metrics through Ray, ``/stats`` and the ``/monitor`` routes.
+
+Every ``llm.serve`` field that vLLM has maps onto vLLM's command line (:func:`vllm_argv`), and ``llm.serve.vllm``
+passes any other vLLM server argument through, so ``vllm serve <argv>`` runs the same server outside Serve.
+vLLM is imported only when the engine starts (``make install`` installs its CPU build; ``fabric[gpu]`` the CUDA one).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fabric.errors import UsageError, require
-from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, LLMEngine, ModelInfo
+from fabric.errors import ConfigError, ConfigProblem, UsageError, require
+
+if TYPE_CHECKING:
+    from fabric.config.llm_serve import LLMServeConfig
+    from fabric.serve.monitor_hook import MonitorHook
 
 log = logging.getLogger("fabric.serve.llm")
 
+_DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The chat template of tokenizers that have none (as the transformers engine's ``DEFAULT_CHAT_TEMPLATE``)."""
 
-class VLLMEngine(LLMEngine):
-    """vLLM on the replica's GPUs, with ``tensor_parallel_size``, memory share, context and LoRA from config."""
+
+CPU_KV_CACHE_GB = 2.0
+"""KV cache of vLLM's CPU build when ``llm.serve.kv_cache_gb`` is not set."""
+
+
+def _on_cpu() -> bool:
+    """True when vLLM runs on the CPU here (its CPU build, or no GPU)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    """One vLLM command-line argument from a ``key: value`` of config (``None`` leaves vLLM's default)."""
+    name = "--" + key.replace("_", "-")
+    if value is None:
+        return []
+    if value is True:
+        return [name]
+    if value is False:
+        return [f"--no-{key.replace('_', '-')}"]
+    if isinstance(value, (dict, list)):
+        return [name, json.dumps(value)]
+    return [name, str(value)]
+
+
+def vllm_argv(cfg: LLMServeConfig, name: str) -> list[str]:
+    """vLLM's server command line for ``cfg`` (``vllm serve``'s arguments, the model folder first).
+
+    fabric's fields map onto vLLM's (context, dtype, parallelism, memory, LoRA); ``cfg.vllm`` adds any other
+    vLLM argument by its name (``enable_auto_tool_choice: true``, ``structured_outputs_config: {...}``).
+    """
+    folder = Path(str(cfg.model_path))
+    argv = [str(folder), "--served-model-name", name, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+    argv += ["--max-num-seqs", str(max(cfg.max_batch_size, cfg.max_ongoing_requests))]
+    argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    argv += ["--dtype", cfg.dtype]
+    # /tokenizer_info (behind the API key): lm-evaluation-harness' remote tokenizer reads it (fabric eval-llm)
+    argv += ["--enable-tokenizer-info-endpoint"]
+    argv += _flag("max_model_len", cfg.max_model_len)
+    kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (CPU_KV_CACHE_GB if _on_cpu() else None)
+    argv += _flag("kv_cache_memory_bytes", None if kv_gb is None else int(kv_gb * (1 << 30)))
+    if not _has_chat_template(folder):  # vLLM refuses chat without one; fabric's default, as on the CPU engine
+        argv += ["--chat-template", _DEFAULT_CHAT_TEMPLATE]
+    if cfg.adapters:
+        argv += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank)]
+        argv += ["--max-loras", str(min(cfg.max_loaded_adapters, len(cfg.adapters)))]
+        argv += ["--max-cpu-loras", str(max(cfg.max_loaded_adapters, len(cfg.adapters)))]
+        # fabric's id of an adapter, `<model>:<adapter>`, is vLLM's LoRA module name
+        argv += ["--lora-modules", *(f"{name}:{a}={p}" for a, p in sorted(cfg.adapters.items()))]
+    for key, value in cfg.vllm.items():
+        argv += _flag(key, value)
+    return argv
+
+
+def parse_args(argv: list[str]) -> Any:
+    """vLLM's own server-argument parser over ``argv`` (its defaults for everything not given).
+
+    Raises:
+        ConfigError: an unknown vLLM argument or a bad value (naming ``llm.serve.vllm``).
+    """
+    require("vllm", "llm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class _Parser(FlexibleArgumentParser):
+        def error(self, message: str) -> Any:  # argparse would exit the replica
+            raise ConfigError([ConfigProblem("llm.serve.vllm", f"vLLM's arguments: {message}")])
+
+    args = make_arg_parser(_Parser(prog="vllm serve")).parse_args(argv)
+    args.model = args.model_tag
+    try:
+        validate_parsed_serve_args(args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError([ConfigProblem("llm.serve.vllm", str(e))]) from e
+    return args
+
+
+class EngineTap:
+    """Wraps the engine's ``generate`` to see every sequence vLLM's serving runs, whatever the route.
+
+    Per finished request it counts prompt and completion tokens and hands the drift monitor one row per choice
+    (``prompt_tokens``, ``completion_tokens``, ``latency_ms``). Observing never blocks or fails a request.
+    """
+
+    def __init__(self, engine: Any, name: str, monitor: MonitorHook | None, clock: Callable[[], float]) -> None:
+        self.name = name
+        self.monitor = monitor
+        self.clock = clock
+        self.counters = {"requests": 0, "aborted": 0, "choices": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._warned = False
+        self._generate = engine.generate
+        engine.generate = self.generate  # vLLM's serving objects call engine.generate: they now call this
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        started = self.clock()
+        params = args[1] if len(args) > 1 else kwargs.get("sampling_params")
+        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        tokens: dict[int, int] = {}
+        prompt = 0
+        finished = False
+        self.counters["requests"] += 1
+        try:
+            async for out in self._generate(*args, **kwargs):
+                prompt = len(out.prompt_token_ids or ())
+                for o in getattr(out, "outputs", ()):
+                    n = len(o.token_ids)
+                    tokens[o.index] = tokens.get(o.index, 0) + n if delta else n
+                finished = bool(out.finished)
+                yield out
+        finally:
+            if finished:
+                self._observe(prompt, list(tokens.values()), (self.clock() - started) * 1000.0)
+            else:
+                self.counters["aborted"] += 1
+
+    def _observe(self, prompt: int, completions: list[int], latency_ms: float) -> None:
+        c = self.counters
+        c["choices"] += len(completions)
+        c["prompt_tokens"] += prompt
+        c["completion_tokens"] += sum(completions)
+        if self.monitor is None or not completions:
+            return
+        rows = [{"prompt_tokens": prompt, "completion_tokens": n, "latency_ms": latency_ms} for n in completions]
+        try:
+            self.monitor.observe(self.name, rows, completions)
+        except Exception as e:  # the monitor must never fail a request
+            if not self._warned:
+                log.warning("drift monitor observe failed (further failures not logged): %s", e)
+                self._warned = True
+
+
+class VLLMServer:
+    """vLLM's engine and its OpenAI app for one replica.
+
+    Args:
+        cfg: the serving config, with ``model_path`` resolved.
+        name: the served model id.
+        monitor: the drift monitor hook (None: not observed).
+    """
 
     kind = "vllm"
 
-    def __init__(self, cfg: Any, name: str) -> None:
-        super().__init__(cfg, name)
+    def __init__(
+        self,
+        cfg: LLMServeConfig,
+        name: str,
+        monitor: MonitorHook | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not (Path(str(cfg.model_path)) / "config.json").is_file():
+            raise UsageError(f"{cfg.model_path} is not a Hugging Face model folder (no config.json)")
+        self.cfg = cfg
+        self.name = name
+        self.monitor = monitor
+        self.clock = clock
+        self.args = parse_args(vllm_argv(cfg, name))
         self.engine: Any = None
-        self.max_model_len = 0
-        self._lora_ids = {adapter: i + 1 for i, adapter in enumerate(sorted(cfg.adapters))}  # vLLM ids start at 1
-        self.counters = {"requests": 0, "generated_tokens": 0, "aborted": 0}
+        self.tap: EngineTap | None = None
+        self.app: Any = None
 
-    def engine_args(self) -> Any:
-        """vLLM's ``AsyncEngineArgs`` from the config."""
-        vllm = require("vllm", "gpu")
-        s = self.cfg
-        kwargs: dict[str, Any] = {
-            "model": str(s.model_path),
-            "served_model_name": self.name,
-            "tensor_parallel_size": s.tensor_parallel_size,
-            "gpu_memory_utilization": s.gpu_memory_utilization,
-            "dtype": s.dtype,
-            "max_num_seqs": max(s.max_batch_size, s.max_ongoing_requests),
-        }
-        if s.max_model_len is not None:
-            kwargs["max_model_len"] = s.max_model_len
-        if s.adapters:
-            kwargs.update(
-                enable_lora=True,
-                max_lora_rank=s.max_lora_rank,
-                max_loras=min(s.max_loaded_adapters, len(s.adapters)),
-                max_cpu_loras=max(s.max_loaded_adapters, len(s.adapters)),
-            )
-        return vllm.AsyncEngineArgs(**kwargs)
-
-    def start(self) -> None:
-        """Start vLLM's engine (it loads the model onto the GPUs and profiles memory: tens of seconds)."""
-        require("vllm", "gpu")
-        from transformers import AutoTokenizer
+    async def start(self) -> Any:
+        """Start the engine (loads the model, profiles memory: tens of seconds) and return vLLM's FastAPI app."""
+        import ray
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        path = Path(str(self.cfg.model_path))
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{path} is not a Hugging Face model folder (no config.json)")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.engine = AsyncLLM.from_engine_args(self.engine_args())
-        self.max_model_len = int(self.engine.model_config.max_model_len)
-        log.info("vLLM engine up: %s, context %d, tp %d", path, self.max_model_len, self.cfg.tensor_parallel_size)
+        engine_args = AsyncEngineArgs.from_cli_args(self.args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        loggers = None
+        if ray.is_initialized():  # vLLM's metrics through Ray's Prometheus export (ray_vllm_* series)
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-    def info(self) -> ModelInfo:
-        return ModelInfo(self.name, str(self.cfg.model_path), self.max_model_len, dict(self.cfg.adapters))
-
-    def _lora(self, adapter: str | None) -> Any:
-        if adapter is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        if adapter not in self._lora_ids:
-            raise UsageError(f"unknown adapter {adapter!r}")
-        # vLLM loads an adapter on its first request and evicts the least recently used beyond max_loras.
-        return LoRARequest(adapter, self._lora_ids[adapter], self.cfg.adapters[adapter])
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        p = request.params
-        params = SamplingParams(
-            n=1,
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            seed=p.seed,
-            stop=list(p.stop) or None,
-            output_kind=RequestOutputKind.DELTA,
+            loggers = [RayPrometheusStatLogger]
+        self.engine = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=loggers,
+            disable_log_stats=False,
         )
-        self.counters["requests"] += 1
-        completion = 0
-        finished = False
-        try:
-            async for out in self.engine.generate(
-                TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
-                params,
-                request.request_id,
-                lora_request=self._lora(request.adapter),
-            ):
-                choice = out.outputs[0]
-                completion += len(choice.token_ids)
-                self.counters["generated_tokens"] += len(choice.token_ids)
-                finished = out.finished
-                # vLLM says "stop" for the end-of-sequence token and stop strings alike, "length" at max_tokens
-                finish = None if not finished else ("length" if choice.finish_reason == "length" else "stop")
-                yield GenerationOutput(choice.text, list(choice.token_ids), completion, finish)
-        finally:
-            if not finished:  # the client left: free the sequence's KV blocks now
-                self.counters["aborted"] += 1
-                await self.engine.abort(request.request_id)
+        self.tap = EngineTap(self.engine, self.name, self.monitor, self.clock)
+        tasks = await self.engine.get_supported_tasks()
+        self.app = build_app(self.args, tasks, self.engine.model_config)
+        await init_app_state(self.engine, self.app.state, self.args, tasks)
+        log.info(
+            "vLLM engine up: %s as %s, context %d, device %s",
+            self.cfg.model_path,
+            self.name,
+            self.engine.model_config.max_model_len,
+            vllm_config.device_config.device_type,
+        )
+        return self.app
 
     async def check_health(self) -> None:
+        """Raise if the engine can no longer generate."""
         if self.engine is None:
             raise UsageError("the vLLM engine is not started")
         await self.engine.check_health()
 
     def shutdown(self) -> None:
+        """Stop the engine core process."""
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
 
     def stats(self) -> dict[str, Any]:
-        return {"engine": self.kind, **self.counters, "tensor_parallel_size": self.cfg.tensor_parallel_size}
+        """Request and token counters of this replica."""
+        return {"engine": self.kind, **(self.tap.counters if self.tap else {})}
