@@ -128,9 +128,74 @@ def start(cfg: PipelineConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"http_options": {"host": cfg.serve.host, "port": cfg.serve.port}}
     if env:
         options["controller_options"] = {"runtime_env": {"env_vars": env}}
+    if not _serve_running() and _ray_on_this_machine():
+        check_ports_free(cfg.serve.host, _serve_ports(cfg.serve.port))
     serve.start(**options)
     http = _client().http_config
     return {"host": http.host, "port": http.port}
+
+
+def _serve_running() -> bool:
+    from ray.serve.context import _get_global_client
+
+    try:
+        _get_global_client()
+        return True
+    except Exception:  # RayServeException: no controller yet
+        return False
+
+
+def _ray_on_this_machine() -> bool:
+    import ray
+
+    from fabric import runtime
+
+    host = ray.get_runtime_context().gcs_address.rpartition(":")[0]
+    return host in runtime.local_addresses() or host.startswith("127.")
+
+
+def _serve_ports(port: int) -> dict[int, str]:
+    """Port -> what Serve would bind there: its HTTP port, and HAProxy's side ports where set for this Ray."""
+    from fabric import runtime
+    from fabric.serve.spec import HAPROXY_PORT_VARS
+
+    head = runtime.running_head()
+    values = {**os.environ, **(head.env if head else {})}
+    ports = {port: "serve.port"}
+    for var in HAPROXY_PORT_VARS:
+        if values.get(var, "").isdigit():
+            ports[int(values[var])] = var
+    return ports
+
+
+def check_ports_free(host: str, ports: dict[int, str]) -> None:
+    """UsageError naming the process that holds one of ``ports`` (port -> its setting) where Serve binds on
+    ``host``, instead of HAProxy's "cannot bind socket" alert from inside the proxy actor."""
+    import psutil
+
+    for conn in psutil.net_connections("inet"):
+        port = conn.laddr.port if conn.laddr else None
+        if conn.status != psutil.CONN_LISTEN or port not in ports:
+            continue
+        bound = conn.laddr.ip.removeprefix("::ffff:")
+        if host not in ("0.0.0.0", "::") and bound not in ("0.0.0.0", "::", host):
+            continue  # another address: no clash
+        raise UsageError(f"{ports[port]}: port {port} on {host} is held by {_describe(conn.pid)}")
+
+
+def _describe(pid: int | None) -> str:
+    import psutil
+
+    if pid is None:
+        return "a process this user cannot see (another user's)"
+    try:
+        proc = psutil.Process(pid)
+        cmd = " ".join(proc.cmdline())[:200] or proc.name()
+        orphan = proc.ppid() == 1 and proc.name().startswith("haproxy")
+    except psutil.Error:
+        return f"process {pid}"
+    hint = f"; it is an HAProxy left by a Serve whose Ray is gone: `kill {pid}`" if orphan else ""
+    return f"process {pid} ({cmd}){hint}"
 
 
 def _wait_running(app: str, timeout_s: float) -> None:
