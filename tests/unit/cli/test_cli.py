@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fabric.cli import main
-from fabric.cli.submit import build_entrypoint
+from fabric.cli.submit import STAGED, build_entrypoint, staged_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -46,13 +46,33 @@ def test_unknown_arguments_and_commands_exit_2(capsys: pytest.CaptureFixture[str
     assert "invalid choice: 'frobnicate'" in err
 
 
-def test_submit_refuses_missing_script_and_outside_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    outside = tmp_path / "c.yaml"
-    outside.write_text("train: {epochs: 1}\n")
+def test_submit_refuses_a_missing_script_or_one_outside_the_working_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["submit", "jobs/nope.py", f"--working-dir={ROOT}"]) == 2
     assert "script: file not found" in capsys.readouterr().err
-    assert main(["submit", str(ROOT / "jobs/pipeline.py"), "--config", str(outside), f"--working-dir={ROOT}"]) == 2
-    assert "outside the working dir" in capsys.readouterr().err
+    (tmp_path / "job.py").write_text("")
+    assert main(["submit", str(tmp_path / "job.py"), f"--working-dir={ROOT}"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the working dir" in err and "pass --working-dir" in err
+
+
+def test_a_config_from_elsewhere_is_staged_in_the_working_dir_for_the_upload_only(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    config = elsewhere / "my.yaml"
+    config.write_text("train: {epochs: 1}\n")
+    with staged_config(config, root) as staged:
+        assert staged is not None and staged.startswith(f"{STAGED}/my-") and staged.endswith(".yaml")
+        assert (root / staged).read_text() == config.read_text()  # what the upload carries
+    assert not (root / STAGED).exists()  # gone once submitted
+    inside = root / "jobs.yaml"
+    inside.write_text("{}\n")
+    with staged_config(inside, root) as staged:
+        assert staged == "jobs.yaml" and sorted(p.name for p in root.iterdir()) == ["jobs.yaml"]
+    with staged_config(None, root) as staged:
+        assert staged is None
 
 
 def test_entrypoint_is_what_ray_job_submit_would_run() -> None:
