@@ -87,15 +87,16 @@ def internal_error(e: BaseException, request_id: str) -> ProtocolError:
     return ProtocolError(500, f"internal error: {type(e).__name__}: {e}", "internal", request_id=request_id)
 
 
-def request_id(scope: Scope) -> str:
-    """The request's ``x-request-id`` (set by Serve's ingress), or a new one written into the scope's headers."""
+def request_id(scope: Scope) -> tuple[str, bool]:
+    """The request's ``x-request-id`` (set by Serve's ingress, which also answers it in the response header),
+    or a new one written into the scope's headers; and whether it is new."""
     key = REQUEST_ID_HEADER.encode()
     for k, v in scope.get("headers", ()):
         if k.lower() == key and v:
-            return v.decode("latin-1")
+            return v.decode("latin-1"), False
     rid = str(uuid.uuid4())
     scope["headers"] = [*scope.get("headers", ()), (key, rid.encode())]
-    return rid
+    return rid, True
 
 
 def check_content_length(declared: str, limit: int) -> None:
@@ -163,8 +164,7 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def _last_resort(request: Request, exc: Exception) -> Response:
         # Starlette calls this for any exception no other handler took, then re-raises it (InferFastPath
         # sees the response was sent and lets it go).
-        rid = request.headers.get(REQUEST_ID_HEADER) or "-"
-        return error_response(internal_error(exc, rid), {REQUEST_ID_HEADER: rid})
+        return error_response(internal_error(exc, request.headers.get(REQUEST_ID_HEADER) or "-"))
 
     async def infer(name: str, version: str | None, request: Request) -> Response:
         try:
@@ -312,16 +312,16 @@ class InferFastPath:
         if scope["type"] != "http":
             await self.api(scope, receive, send)
             return
-        rid = request_id(scope)
+        rid, made_here = request_id(scope)
         started = False
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                headers = list(message.get("headers", ()))
-                if not any(k.lower() == REQUEST_ID_HEADER.encode() for k, _ in headers):
-                    message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), rid.encode())]}
+                if made_here:  # Serve answers the id it gave in the header itself
+                    headers = [*message.get("headers", ()), (REQUEST_ID_HEADER.encode(), rid.encode())]
+                    message = {**message, "headers": headers}
             await send(message)
 
         try:

@@ -22,6 +22,16 @@ from fabric.serve.spec import DEPLOYMENT, config_from_args, deployment_options, 
 log = logging.getLogger("fabric.serve")
 
 
+def _log_through_serve() -> None:
+    """Send fabric.serve's log lines to the replica's own log (Serve's handlers on ``ray.serve``), where they
+    carry the request id Serve tags its lines with; a 500's request id is then found next to the error."""
+    for handler in logging.getLogger("ray.serve").handlers:
+        if handler not in log.handlers:
+            log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress()
 class TabularModel:
@@ -36,6 +46,7 @@ class TabularModel:
         from fabric.serve.metrics import start_metrics
         from fabric.serve.service import build_service
 
+        _log_through_serve()
         self.cfg = validate(config, PipelineConfig, "<replica config>")
         self.service = build_service(self.cfg, batch=serve.batch)
         self.metrics = start_metrics(self.service)

@@ -184,19 +184,30 @@ class ClientMonitor:
         self._primer.start()
 
     def _prime_loop(self, models: dict[str, str], predict: ReferencePredictor, interval_s: float) -> None:
-        warned = False
+        warned: set[str] = set()
         while True:
             try:
                 needed = self.client.prediction_reference_needed(models)
-                if needed is not None:
-                    fingerprint, frame = needed
-                    for version, preds in predict(frame, list(models)).items():
-                        self.client.set_prediction_reference(version, preds, models[version], fingerprint)
-                    log.info("drift monitor: sent %s's predictions on the reference sample", ", ".join(models))
             except Exception as e:  # retried on the next round; serving never depends on it
-                if not warned:
-                    log.warning("drift monitor: predictions on the reference sample not sent (retrying): %s", e)
-                    warned = True
+                needed = None
+                if "" not in warned:
+                    log.warning("drift monitor: cannot ask for predictions on the reference (retrying): %s", e)
+                    warned.add("")
+            if needed is not None:
+                fingerprint, frame = needed
+                for version, key in models.items():  # one version failing does not keep the others back
+                    try:
+                        for v, preds in predict(frame, [version]).items():
+                            self.client.set_prediction_reference(v, preds, key, fingerprint)
+                        log.info("drift monitor: sent version %s's predictions on the reference sample", version)
+                    except Exception as e:
+                        if version not in warned:
+                            log.warning(
+                                "drift monitor: version %s's predictions on the reference not sent (retrying): %s",
+                                version,
+                                e,
+                            )
+                            warned.add(version)
             if self._stop.wait(interval_s):
                 return
 

@@ -2,7 +2,9 @@
 
 One deployment for the module (Ray and Serve start in seconds, not milliseconds): predictions through
 every endpoint against the model run directly, batching under concurrent load, the traffic split's
-weights and a run-time weight change under load, bad input's 4xx, the CLI's status and set-traffic.
+weights and a run-time weight change under load, bad input's 4xx (strict named input), an engine failure's
+JSON 500 with its request id, the CLI's status and set-traffic. A third version, ``broken`` (weight 0, only
+reached when pinned), runs an ONNX graph that fails at run time for some inputs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,38 @@ import pytest
 from fabric.config import load_config
 from fabric.runtime import free_port
 from tests.unit.serve.models import FEATURES, encode, make_model, reference, softmax, tensor_request
-from tests.unit.serve.serving import fast_path_ray
+from tests.unit.serve.serving import fast_path_ray, wait_for
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny"
+
+
+def _failing_onnx(path: Path) -> Path:
+    """An ONNX model of the tiny model's shape whose engine call fails when input[:, 0] is not 0, 1 or 2: it
+    gathers rows of a 3x3 table at those indices (ONNX Runtime raises on an index out of bounds)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [3, 3], np.eye(3, dtype=np.float32).ravel().tolist())
+    nodes = [
+        helper.make_node("Constant", [], ["starts"], value=helper.make_tensor("s", TensorProto.INT64, [1], [0])),
+        helper.make_node("Constant", [], ["ends"], value=helper.make_tensor("e", TensorProto.INT64, [1], [1])),
+        helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])),
+        helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["first"]),  # [N, 1]
+        helper.make_node("Squeeze", ["first", "axes"], ["col"]),  # [N]
+        helper.make_node("Cast", ["col"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "idx"], ["output"], axis=0),  # [N, 3]
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "failing",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+        initializer=[table],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +66,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
     root = tmp_path_factory.mktemp("serve")
     folders = {"a": make_model(root / "a", seed=0), "b": make_model(root / "b", seed=1)}
+    failing = _failing_onnx(root / "failing.onnx")
     versions = (
-        f"[{{name: a, model_uri: {folders['a']}, weight: 80}}, {{name: b, model_uri: {folders['b']}, weight: 20}}]"
+        f"[{{name: a, model_uri: {folders['a']}, weight: 80}}, {{name: b, model_uri: {folders['b']}, weight: 20}}, "
+        f"{{name: broken, model_uri: {folders['a']}, onnx_path: {failing}, weight: 0}}]"
     )
     with fast_path_ray(root / "home"):
         cfg = load_config(
@@ -107,7 +138,7 @@ def test_predictions_through_every_endpoint_match_the_model(served: dict[str, An
     assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
     assert httpx.get(f"{url}/v2/models/{MODEL}/ready").json()["ready"] is True
     meta = httpx.get(f"{url}/v2/models/{MODEL}").json()
-    assert meta["versions"] == ["a", "b"] and meta["inputs"][0]["shape"] == [-1, 4]
+    assert meta["versions"] == ["a", "b", "broken"] and meta["inputs"][0]["shape"] == [-1, 4]
     assert httpx.get(f"{url}/v2").json()["name"] == "fabric"
     assert "/v2/models/{name}/infer" in httpx.get(f"{url}/openapi.json").json()["paths"]
 
@@ -178,7 +209,7 @@ def test_a_weight_change_is_seen_without_failing_requests(served: dict[str, Any]
         t.start()
     try:
         time.sleep(0.5)
-        assert set_traffic({"b": 100}) == {"a": 0.0, "b": 100.0}
+        assert set_traffic({"b": 100}) == {"a": 0.0, "b": 100.0, "broken": 0.0}
         after = _shares(url, 60)
         assert after == Counter({"b": 60})
     finally:
@@ -187,7 +218,7 @@ def test_a_weight_change_is_seen_without_failing_requests(served: dict[str, Any]
             t.join(timeout=30)
     assert len(codes) > 20 and set(codes) == {200}
     # back to a split: both versions answer again
-    assert set_traffic({"a": 50, "b": 50}) == {"a": 50.0, "b": 50.0}
+    assert set_traffic({"a": 50, "b": 50}) == {"a": 50.0, "b": 50.0, "broken": 0.0}
     assert set(_shares(url, 60)) == {"a", "b"}
 
 
@@ -220,6 +251,19 @@ def test_bad_input_gets_its_4xx_and_the_replica_stays(served: dict[str, Any]) ->
     for resp, code, kind in cases:
         assert resp.status_code == code, resp.text
         assert resp.json()["type"] == kind
+    # named input is strict: a null where training had none, a number sent as a string: 422 naming row and field
+    row = {"age": 30, "income": 70.0, "city": "oslo"}
+    for bad, kind, loc in (
+        ({**row, "age": None}, "invalid_value", "instances[1].age"),
+        ({**row, "income": "14.2"}, "invalid_datatype", "instances[1].income"),
+    ):
+        r = _post(url, {"instances": [row, bad]})
+        assert r.status_code == 422, r.text
+        err = r.json()
+        assert (err["type"], err["loc"]) == (kind, loc) and "row 1" in err["error"]
+    # income held nulls in training: filled as training did; a column the model does not read is reported
+    r = _post(url, {"instances": [{**row, "income": None, "note": "x"}]})
+    assert r.status_code == 200 and r.json()["parameters"] == {"ignored_columns": ["note"]}
     assert _post(url, tensor_request(np.zeros((1, 4), np.float32))).status_code == 200
     [app] = status("fabric")
     assert app["status"] == "RUNNING" and app["deployments"]["TabularModel"]["replicas"] == {"RUNNING": 1}
@@ -232,7 +276,28 @@ def test_cli_status_and_set_traffic(served: dict[str, Any], capsys: pytest.Captu
     assert "a=70%" in capsys.readouterr().out
     assert main(["serve", "status"]) == 0
     out = capsys.readouterr().out
-    assert "fabric  RUNNING" in out and "traffic: a=70, b=30" in out
+    assert "fabric  RUNNING" in out and "traffic: a=70, b=30, broken=0" in out
     assert main(["serve", "set-traffic", "c=10"]) == 2
     assert "unknown version" in capsys.readouterr().err
     assert Path(os.environ["FABRIC_HOME"], "serve.json").is_file()
+
+
+def test_an_engine_failure_is_a_json_500_whose_request_id_is_in_the_replica_log(served: dict[str, Any]) -> None:
+    import ray
+
+    path = f"/v2/models/{MODEL}/versions/broken/infer"
+    ok = np.zeros((2, 4), np.float32)
+    assert _post(served["url"], tensor_request(ok), path).status_code == 200  # indices 0: the engine answers
+    r = _post(served["url"], tensor_request(ok + 7), path)  # index 7 of a 3-row table: ONNX Runtime raises
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+    body = r.json()
+    assert body["type"] == "internal" and "Gather" in body["error"]
+    rid = body["request_id"]
+    assert rid and r.headers["x-request-id"] == rid  # the id Serve's ingress gave the request
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+
+    def logged() -> bool:
+        return any(rid in f.read_text(errors="replace") for f in logs.glob("replica_*.log"))
+
+    wait_for(logged, timeout_s=30, what=f"request id {rid} in a replica log under {logs}")
+    assert _post(served["url"], tensor_request(ok)).status_code == 200  # the replica stays up

@@ -1,9 +1,11 @@
 """The serving stream through the drift monitor, end to end, over real Serve HTTP on 127.0.0.1.
 
-One Ray, one monitor actor (reference: the tiny model's input distribution with its predictions) and one
-Serve app with the monitor on, shared by the module: traffic from the reference distribution is not
-drift, traffic with two of three features shifted is drift on exactly those two, the HTML report renders,
-and the request, batch and monitor metrics reach Ray's Prometheus endpoint.
+One Ray, one monitor actor and one Serve app with the monitor on, shared by the module. The monitor's
+reference is what ingestion writes: raw training rows with their labels, which the tiny (random) model
+predicts badly; the replica sends the monitor its own predictions on that reference. Ordinary traffic (the
+held-out split) is not drift, traffic with two of three features shifted is drift on exactly those two,
+the HTML report and the JSON are one computation, tensor values outside the training range are flagged,
+the request, batch and monitor metrics reach Ray's Prometheus endpoint, and a reset empties the window.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
     root = tmp_path_factory.mktemp("serve-monitor")
     folder = make_model(root / "model", seed=0)
-    ref_rows = _rows(1000, seed=0)
-    ref = pd.DataFrame(ref_rows)
-    ref["prediction"] = reference(folder, encode(ref_rows)).argmax(axis=1)  # what the model says on it
+    data = _rows(1000 + WINDOW, seed=0)  # a training split and a held-out split of one distribution
+    ref = pd.DataFrame(data[:1000])
+    ref["target"] = (ref["income"] > 60).astype(int)  # labels, which the random model does not predict
     with fast_path_ray(root / "home"):  # its end ends Serve and the (non-detached) monitor with it
         cfg = load_config(
             None,
@@ -81,15 +83,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             ],
         )
         # The monitor first: a replica looks it up by name when it starts.
-        handle = start(cfg.monitor, ref, task="classification", features=RAW_COLUMNS, categorical=["city"])
+        handle = start(cfg.monitor, ref, target="target", features=RAW_COLUMNS, categorical=["city"])
         result = deploy(cfg, timeout_s=240)
-        yield {"url": result.url, "monitor": handle}
+        # the replica hands the monitor its model's predictions on the reference as it starts
+        wait_for(lambda: _stats(handle)["prediction_references"] == ["v1"], what="v1's predictions on the reference")
+        yield {"url": result.url, "monitor": handle, "folder": folder, "reference": ref, "heldout": data[1000:]}
+
+
+def _stats(handle: Any) -> dict[str, Any]:
+    import ray
+
+    return ray.get(handle.stats.remote(), timeout=30)
 
 
 def _received(handle: Any) -> int:
-    import ray
-
-    return int(ray.get(handle.stats.remote(), timeout=30)["received"])
+    return int(_stats(handle)["received"])
 
 
 def _send(served: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -142,16 +150,26 @@ def _drift(url: str, refresh: bool = True) -> dict[str, Any]:
     return r.json()
 
 
-def test_traffic_like_the_reference_is_not_drift(served: dict[str, Any]) -> None:
-    _send(served, _rows(WINDOW, seed=1))
-    result = _drift(served["url"])
+def test_ordinary_traffic_is_not_drift(served: dict[str, Any]) -> None:
+    from fabric.monitor.stats import align, column_drift
+
+    heldout = served["heldout"]
+    _send(served, heldout)
+    result = _drift(served["url"])  # the default thresholds
     assert result["status"] == "ok" and WINDOW // 2 <= result["window_size"] <= WINDOW
     assert set(result["columns"]) == set(RAW_COLUMNS)
     assert result["dataset_drift"] is False and result["drifted_columns"] == []
-    assert result["prediction"] is not None and result["prediction"]["drifted"] is False
-    assert result["drift_detected"] is False
-    # without refresh: the same (last) result, not a new computation
-    assert _drift(served["url"], refresh=False)["computed_at"] == result["computed_at"]
+    pred = result["prediction"]
+    assert pred is not None and pred["version"] == "v1" and pred["reference_rows"] == len(served["reference"])
+    assert pred["drifted"] is False and result["drift_detected"] is False
+    # what comparing the served predictions with the labels (as fabric did) says of this very traffic: drift
+    served_preds = pd.Series(reference(served["folder"], encode(heldout)).argmax(axis=1))
+    labels = served["reference"]["target"]
+    assert column_drift(align(labels, "cat"), align(served_preds, "cat"), "cat")["drifted"] is True
+    # without refresh: the same (last) result, not a new computation, saying when and over how many rows
+    last = _drift(served["url"], refresh=False)
+    assert last["computed_at"] == result["computed_at"] and last["computed_at_utc"] == result["computed_at_utc"]
+    assert last["age_s"] >= 0 and last["window_size"] == result["window_size"]
 
 
 def test_shifted_features_are_reported_as_drift(served: dict[str, Any]) -> None:
@@ -165,13 +183,41 @@ def test_shifted_features_are_reported_as_drift(served: dict[str, Any]) -> None:
     assert result["columns"]["age"]["test"] and result["columns"]["age"]["score"] is not None
 
 
-def test_the_html_report_renders(served: dict[str, Any]) -> None:
-    r = httpx.get(f"{served['url']}/monitor/report", timeout=120)
+def test_the_html_report_and_the_json_are_one_computation(served: dict[str, Any]) -> None:
+    import json
+
+    r = httpx.get(f"{served['url']}/monitor/report", timeout=120)  # of the last result: the shifted traffic
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     assert "<html" in r.text[:2000].lower()
     for feature in RAW_COLUMNS:
         assert feature in r.text
+    result = _drift(served["url"], refresh=False)
+    html = r.text
+    start = html.index(">", html.index('id="fabric-drift-result"')) + 1
+    embedded = json.loads(html[start : html.index("</script>", start)].replace("<\\/", "</"))
+    for key in ("computed_at", "window_size", "number_of_columns", "drifted_columns", "drift_share", "prediction"):
+        assert embedded[key] == result[key], key
+    assert f"{len(result['drifted_columns'])} of {result['number_of_columns']} columns drifted" in html
+    # refresh=true: a report of a computation made now, which the JSON then gives too
+    fresh = httpx.get(f"{served['url']}/monitor/report", params={"refresh": True}, timeout=120)
+    assert fresh.status_code == 200
+    now = _drift(served["url"], refresh=False)
+    assert now["computed_at"] > result["computed_at"] and f'"computed_at": {now["computed_at"]}' in fresh.text
+
+
+def test_tensor_values_outside_the_training_range_are_flagged(served: dict[str, Any]) -> None:
+    raw = np.array([[35.0, 60.0, 1.0, 0.0]], np.float32)  # age and income unscaled: far outside training
+    before = _stats(served["monitor"])["out_of_range_rows"]
+    r = httpx.post(
+        f"{served['url']}/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": raw.ravel().tolist()}]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["out_of_range"] == {"rows": 1, "features": ["age", "income"]}
+    wait_for(lambda: _stats(served["monitor"])["out_of_range_rows"] > before, what="the flag at the monitor")
+    assert _stats(served["monitor"])["out_of_range_features"]["age"] >= 1
 
 
 def _scrape(port: int) -> str:
@@ -324,3 +370,20 @@ def test_the_pipelines_serve_stages_start_the_monitor_and_serve_correct_predicti
     handle = get_actor("test-pipeline-monitor")
     assert handle is not None
     wait_for(lambda: ray.get(handle.stats.remote(), timeout=30)["received"] == len(rows), what="rows at the monitor")
+
+
+def test_reset_empties_the_window(served: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from fabric.cli import main
+
+    url, handle = served["url"], served["monitor"]
+    assert _stats(handle)["window_size"] > 0
+    r = httpx.post(f"{url}/monitor/reset", timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["reset"] is True and r.json()["rows_dropped"] > 0
+    after = _drift(url, refresh=False)
+    assert after["status"] == "insufficient_data" and after["window_size"] == 0
+    _send(served, _rows(CHUNK, seed=7))
+    assert _stats(handle)["window_size"] == CHUNK
+    assert main(["monitor", "reset", f"monitor.actor_name={MONITOR}"]) == 0
+    assert f"window reset ({CHUNK} rows dropped)" in capsys.readouterr().out
+    assert _stats(handle)["window_size"] == 0
