@@ -218,6 +218,8 @@ class LocalHead:
     """Custom resources the head declares (``--resources``)."""
     env: dict[str, str] = field(default_factory=dict)
     """Variables set for the head's processes beyond the token mode and PATH (e.g. Serve's fast path)."""
+    local_only: bool = False
+    """A development head (no node address given): every port on 127.0.0.1, no other node can join."""
 
 
 def _state_file() -> Path:
@@ -429,7 +431,7 @@ def start_head(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     object_store_memory: int | None = None,
-    node_ip: str = "127.0.0.1",
+    node_ip: str | None = None,
     resources: dict[str, float] | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 60.0,
@@ -442,7 +444,8 @@ def start_head(
         num_cpus: CPUs the head declares (None: all).
         num_gpus: GPUs the head declares (None: detected).
         object_store_memory: object store size in bytes (None: Ray's default).
-        node_ip: the address other nodes reach this head on; 127.0.0.1 keeps the cluster on this machine.
+        node_ip: the address other nodes reach this head on (Ray's own binds: that address or every
+            interface). None: a development head, which binds every port to 127.0.0.1 (LOOPBACK_ENV).
         resources: custom resources the head declares, e.g. ``{"head_node": 1}``.
         env: extra environment variables for the head's processes (read by Ray when they start).
         timeout_s: how long to wait for the job API.
@@ -457,7 +460,8 @@ def start_head(
     head = running_head()
     if head is not None:
         return head, False
-    check_node_ip(node_ip)
+    local_only = node_ip is None
+    node_ip = check_node_ip(node_ip or "127.0.0.1")
     resources = check_resources(resources or {})
     location = ensure_token()
     home = fabric_home()
@@ -489,8 +493,8 @@ def start_head(
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     extra = dict(env or {})
     proc_env = {**os.environ, **extra, "RAY_AUTH_MODE": "token", "PATH": path}
-    if ipaddress.ip_address(node_ip).is_loopback:
-        proc_env.update(LOOPBACK_ENV)  # a development head: every port on 127.0.0.1, as its address says
+    if local_only:
+        proc_env.update(LOOPBACK_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -504,6 +508,7 @@ def start_head(
         node_ip=node_ip,
         resources=resources,
         env=extra,
+        local_only=local_only,
     )
     deadline = time.monotonic() + timeout_s
     # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard.

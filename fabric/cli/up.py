@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 
 from fabric import runtime
@@ -18,9 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--node-ip",
-        default="127.0.0.1",
-        help="address worker nodes reach this head on (default %(default)s: this machine only); "
-        "the dashboard and job API stay on 127.0.0.1",
+        help="address worker nodes reach this head on (Ray then binds its ports there or on every interface); "
+        "default: a development head with every port on 127.0.0.1. The dashboard and job API stay on 127.0.0.1",
     )
     p.add_argument("--num-cpus", type=int, help="CPUs the head declares (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs the head declares (default: detected)")
@@ -88,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
     resources = _resources(args.resources)
-    runtime.check_node_ip(args.node_ip)
+    if args.node_ip is not None:
+        runtime.check_node_ip(args.node_ip)
     env = _serve_env(args.no_serve_fast_path)
     print("Starting a Ray head (token authentication on)...", flush=True)
     head, started = runtime.start_head(
@@ -110,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     fast = " ".join(f"{k}={v}" for k, v in sorted(head.env.items())) or "off"
     declared = json.dumps(head.resources) if head.resources else "none"
     listening = runtime.head_listeners(head)
-    if ipaddress.ip_address(head.node_ip).is_loopback:
-        join = "  (to add nodes, start the head with --node-ip <this host's address>)"
+    if head.local_only:
+        join = "  (a development head: to add nodes, start it with --node-ip <this host's address>)"
     else:
         join = (
             f"  copy {head.token_location} to the worker's ~/.ray/auth_token (or set RAY_AUTH_TOKEN there;\n"

@@ -134,3 +134,58 @@ def test_free_ports_stay_out_of_the_ranges_others_take_ports_from() -> None:
     assert all(20000 <= p < low for p in ports) and len(ports) > 1
     with socket.socket() as sock:
         sock.bind(("", ports.pop()))  # free on every address, not only on 127.0.0.1
+
+
+def test_a_new_local_ray_or_a_loopback_address_resolves_to_loopback() -> None:
+    """Ray turns 127.0.0.1 into the machine's address unless clusters are off: within init_context they are, and
+    only for a new local Ray or a loopback GCS address; the process's environment and Ray's constant come back."""
+    import os
+
+    import ray._private.ray_constants as constants
+    from ray._private.services import resolve_ip_for_localhost
+
+    from fabric.runtime import LOOPBACK_ENV, init_context
+
+    before = (dict(os.environ), constants.ENABLE_RAY_CLUSTER)
+    for address in (None, "127.0.0.1:6379", "localhost:6379", "[::1]:6379"):
+        with init_context(address):
+            assert resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+            assert all(os.environ.get(k) == v for k, v in LOOPBACK_ENV.items())
+        assert (dict(os.environ), constants.ENABLE_RAY_CLUSTER) == before
+    for address in ("10.0.0.1:6379", "auto", "ray://10.0.0.1:10001", "head.local:6379"):
+        with init_context(address):  # untouched
+            assert (dict(os.environ), constants.ENABLE_RAY_CLUSTER) == before
+
+
+def test_the_client_server_of_our_gcs_port_is_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabric import runtime
+
+    monkeypatch.setattr(runtime, "local_addresses", lambda: {"127.0.0.1", "192.0.2.2"})
+    ours = ["python", "-m", "ray.util.client.server", "--address=192.0.2.2:6390", "--host=192.0.2.2", "--port=10001"]
+    assert runtime._client_server_of(ours, 6390)
+    assert runtime._client_server_of([*ours[:3], "--address=127.0.0.1:6390"], 6390)
+    assert not runtime._client_server_of(ours, 6379)  # another head's
+    assert not runtime._client_server_of([*ours[:3], "--address=203.0.113.7:6390"], 6390)  # another machine's GCS
+    assert not runtime._client_server_of(["python", "worker.py", "--address=127.0.0.1:6390"], 6390)
+
+
+def test_listeners_and_what_up_prints_about_them() -> None:
+    import os
+    import socket
+
+    import psutil
+
+    from fabric.cli.up import listening_lines
+    from fabric.runtime import listeners
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        found = listeners([psutil.Process(os.getpid())])
+    assert [(ip, p) for ip, p, _ in found if p == port] == [("127.0.0.1", port)]
+    local = listening_lines([("127.0.0.1", 6390, "gcs_server"), ("127.0.0.1", 8275, "dashboard")])
+    assert "127.0.0.1        6390 gcs_server, 8275 dashboard" in local and "every port is on loopback" in local
+    mixed = listening_lines([("127.0.0.1", 8275, "dashboard"), ("::", 6390, "gcs_server")])
+    assert ":: (every interface) 6390 gcs_server" in mixed and "reachable from other machines on: ::" in mixed
+    assert "every port is on loopback" not in mixed
