@@ -37,7 +37,7 @@ from fabric.models.causal_lm import (
     train_tokenizer,
 )
 from fabric.runtime import connect
-from fabric.tracking import AdapterRegistration, digest_source, log_finetune, registered_adapter, run_key
+from fabric.tracking import AdapterRegistration, digest_source, log_finetune, run_key
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
 from fabric.train._trainer import OPERATIONAL, _warn_if_short, fit, last_checkpoint, resolve_use_gpu, worker_group_trainer
 
@@ -173,7 +173,9 @@ def _unchanged(cfg: PipelineConfig, out: Path, key: str) -> FinetuneResult | Non
         flush=True,
     )
     checkpoint_dir, history = previous
-    registration = registered_adapter(cfg, key)
+    # Registers the adapter only if an earlier attempt stopped before it did (else says it is there).
+    summary = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    registration = log_finetune(cfg, history, summary, out / "adapter", files=[metrics_file], run_key=key)
     return FinetuneResult(out, out / "base", out / "adapter", merged, metrics, history, checkpoint_dir, registration)
 
 

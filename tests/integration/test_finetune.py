@@ -63,7 +63,7 @@ def test_ddp_finetune_lowers_heldout_perplexity_and_writes_the_contract(ddp_run:
         p.name for p in (llm / "adapter").iterdir()
     }
     # Checkpoints hold the adapter and the optimizer state, never the base weights.
-    assert sorted(p.name for p in result.checkpoint_dir.iterdir()) == ["adapter", "train_state.pt"]
+    assert sorted(p.name for p in result.checkpoint_dir.iterdir()) == ["adapter", "history.json", "train_state.pt"]
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -111,6 +111,18 @@ def test_the_registered_adapter_loads_back_with_peft_and_matches_the_merged_mode
         assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
 
 
+def test_a_rerun_of_the_same_finetuning_trains_and_registers_nothing(
+    ddp_run: tuple[Path, FinetuneResult], capsys  # type: ignore[no-untyped-def]
+) -> None:
+    run_dir, first = ddp_run
+    cfg = _cfg(run_dir, "llm.finetune.epochs=3", "llm.finetune.max_failures=1", "llm.finetune.model_name=tiny-lm")
+    again = finetune(cfg)
+    out = capsys.readouterr().out
+    assert "fine-tuning: nothing to do" in out and "nothing new to register: v1" in out
+    assert again.registration is not None and again.registration.version == "1"
+    assert again.checkpoint_dir == first.checkpoint_dir and again.metrics == first.metrics
+
+
 def test_deepspeed_zero2_on_cpu_finetunes_from_the_same_config(ray_local: None, tmp_path: Path) -> None:
     overrides = [f"run_dir={tmp_path}", "name=ds", "track.experiment=ds", *SMALL]
     # The real job entrypoint, with overrides as a person would type them.
@@ -123,7 +135,8 @@ def test_deepspeed_zero2_on_cpu_finetunes_from_the_same_config(ray_local: None, 
     metrics = json.loads((llm / "metrics.json").read_text())
     assert metrics["strategy"] == "DeepSpeed ZeRO-2" and metrics["perplexity_after"] < metrics["perplexity_before"]
     assert (llm / "adapter" / "adapter_model.safetensors").is_file() and not (llm / "merged").exists()
-    last = llm / "train" / "ds" / "epoch_0002"
+    (runs,) = (llm / "train").glob("ds-*")  # the run: its name and run key
+    last = runs / "epoch_0002"
     shards = sorted(p.name for p in (last / "deepspeed").iterdir())
     assert shards == [
         "mp_rank_00_model_states.pt",
