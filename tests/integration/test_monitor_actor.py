@@ -110,6 +110,23 @@ def test_killed_actor_restarts_with_its_window_and_reference(monitor: tuple[Moni
     assert result["window_size"] == window_before and result["reference_size"] == N_REF
 
 
+def test_a_reset_window_stays_empty_across_a_restart(monitor: tuple[MonitorConfig, Any, Path]) -> None:
+    import ray
+
+    cfg, handle, _ = monitor
+    assert ray.get(handle.stats.remote())["window_size"] > 0
+    out = MonitorClient(cfg).reset()
+    assert out["reset"] is True and out["rows_dropped"] > 0 and out["monitor"]["window_size"] == 0
+    before = ray.get(handle.stats.remote())
+    assert before["checkpointed_received"] == before["received"]  # the empty window is checkpointed at once
+    ray.kill(handle, no_restart=False)
+    after = wait_for(
+        lambda: (s := _stats_if_up(handle)) and s["pid"] != before["pid"] and s, timeout_s=90, what="the restart"
+    )
+    assert after["restored"] is True and after["window_size"] == 0 and after["last_reset_at"] is not None
+    assert ray.get(handle.drift.remote())["status"] == "insufficient_data"
+
+
 def test_detached_monitor_restarts_after_its_creator_exits(ray_local: None, tmp_path: Path) -> None:
     """A driver starts the detached monitor and exits; the restart needs nothing the driver owned.
 
