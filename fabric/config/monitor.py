@@ -54,8 +54,10 @@ class MonitorConfig(Section):
     drift_share_threshold: float = Field(default=0.5, gt=0, le=1)
     """Share of drifted columns at which the dataset counts as drifted."""
     prediction_column: str = "prediction"
-    """Name of the prediction in the window and the report; its reference is the reference sample's column of
-    that name when there is one, otherwise its target column."""
+    """Name of the prediction in the window. Served predictions are compared with each version's own predictions
+    on the reference sample (which serving replicas compute and send as they start), else with the reference
+    sample's column of this name when it has one; never with the target (labels differ from any imperfect
+    model's predictions, which would read as drift)."""
     stattest: str | None = None
     """Evidently stat test for every column whose type it supports; None lets Evidently pick by column type and
     size (K-S or chi-square/Z for references up to 1000 rows, Wasserstein or Jensen-Shannon above)."""

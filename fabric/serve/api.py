@@ -58,6 +58,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown model or version"},
     413: {"model": ErrorResponse, "description": "The body is larger than serve.max_body_bytes"},
     422: {"model": ErrorResponse, "description": "Wrong shape, datatype, missing feature or forbidden value"},
+    500: {"model": ErrorResponse, "description": "An unexpected failure; `request_id` names it in the replica's log"},
 }
 _INFER_BODY = {
     "requestBody": {

@@ -355,23 +355,27 @@ class TabularService:
             nullable = set(pre.nullable or ())
         else:  # the columns are the encoded features: numbers, never null
             numeric, nullable = set(schema.feature_names), set()
-        for col in schema.input_columns:
+        cols = schema.input_columns
+        if not self.impute_nulls:
+            nulls = df[cols].isna().to_numpy()  # one pass over the frame: the common case has none
+            for j in np.flatnonzero(nulls.any(axis=0)):
+                col = cols[j]
+                if col in nullable:
+                    continue
+                r = int(np.flatnonzero(nulls[:, j])[0])
+                why = (
+                    "the training data had no nulls in it"
+                    if pre is not None and pre.nullable is not None
+                    else "the model records no nulls in its training data"
+                )
+                raise invalid(
+                    f"{loc(r, col)}: row {r}, column {col!r} is null and {why}; send a value, or set "
+                    "serve.impute_nulls=true to fill nulls as training did",
+                    "invalid_value",
+                    loc(r, col),
+                )
+        for col in cols:
             s = df[col]
-            if not self.impute_nulls and col not in nullable:
-                nulls = s.isna().to_numpy()
-                if nulls.any():
-                    r = int(np.flatnonzero(nulls)[0])
-                    why = (
-                        "the training data had no nulls in it"
-                        if pre is not None and pre.nullable is not None
-                        else "the model records no nulls in its training data"
-                    )
-                    raise invalid(
-                        f"{loc(r, col)}: row {r}, column {col!r} is null and {why}; send a value, or set "
-                        "serve.impute_nulls=true to fill nulls as training did",
-                        "invalid_value",
-                        loc(r, col),
-                    )
             if col in numeric and not (is_numeric_dtype(s.dtype) or is_bool_dtype(s.dtype)):
                 strings = np.fromiter((isinstance(v, str) for v in s), dtype=bool, count=len(s))
                 if strings.any():
