@@ -12,28 +12,40 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
 
-def trial_states(grid: ResultGrid) -> dict[str, str]:
-    """Trial id -> Tune's status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) for every trial of the grid."""
-    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+def saved_trial_states(experiment: Path) -> dict[str, str]:
+    """Trial id -> status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) in the experiment state Tune saved last.
+
+    Read from disk on purpose: when a search is interrupted Tune saves the state (trials still RUNNING or
+    PENDING, which is what a resume continues) and then stops the live trials, which marks them TERMINATED in
+    memory, so the ResultGrid it returns shows an interrupted last trial as finished.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(str(experiment)).trials}
 
 
-def results_table(grid: ResultGrid, space: dict[str, Param], metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial: its hyperparameters, epochs run, last and best ``metric``, and status; best first."""
+def results_table(
+    grid: ResultGrid, space: dict[str, Param], metric: str, mode: str, states: dict[str, str]
+) -> pd.DataFrame:
+    """One row per trial: its hyperparameters, epochs run, last and best ``metric``, and status; best first.
+
+    ``states`` are the trials' saved statuses (:func:`saved_trial_states`).
+    """
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
-    states = trial_states(grid)
     longest = _max_epochs(grid)
-    for result in grid:
+    # The grid's results are in the order of its trials: ids from there (a trial without results has no metrics).
+    for trial, result in zip(grid._experiment_analysis.trials, grid, strict=True):
         history = result.metrics_dataframe
         values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
-        row: dict[str, Any] = {"trial": (result.metrics or {}).get("trial_id", "?")}
+        row: dict[str, Any] = {"trial": trial.trial_id}
         config = result.config or {}  # a trial interrupted before it started has none
         row.update({k: config.get(k) for k in space})
         row["epochs"] = int(len(values))
         row[f"last_{metric}"] = float(values.iloc[-1]) if len(values) else float("nan")
         row[f"best_{metric}"] = float(values.min() if mode == "min" else values.max()) if len(values) else float("nan")
-        state = states.get(row["trial"], "TERMINATED")
+        state = states.get(trial.trial_id, "PENDING")  # not in the saved state: created after it, never run
         if result.error or state == "ERROR":
             row["status"] = "error"
         elif state != "TERMINATED":
@@ -72,7 +84,7 @@ def learning_curves_png(grid: ResultGrid, metric: str, path: Path) -> Path:
     ax.set_ylabel(metric)
     ax.set_title(f"Trial learning curves ({metric})")
     ax.grid(alpha=0.3)
-    if len(grid) <= 12:
+    if ax.lines and len(grid) <= 12:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

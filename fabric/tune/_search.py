@@ -133,25 +133,34 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
         cfg: the pipeline config; ingestion must have run (its data folder is the trials' input).
         resume: continue an interrupted search of the same name (Optuna's state included).
     """
-    from fabric.tune._report import learning_curves_png, results_table, trial_states
+    from fabric.tune._report import learning_curves_png, results_table, saved_trial_states
 
     connect(cfg.cluster)
     storage = (Path(cfg.run_dir) / "tune").resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    out = storage / cfg.name
     grid = _tuner(cfg, storage, resume).fit()
-    unfinished = [t for t in trial_states(grid).values() if t not in ("TERMINATED", "ERROR")]
+    # Ctrl-C ends fit() without an exception: what the saved state left to run says whether it was interrupted
+    # (at any trial, the last included).
+    states = saved_trial_states(out)
+    unfinished = [t for t in states.values() if t not in ("TERMINATED", "ERROR")]
     if grid.num_errors:
         first = next(r.error for r in grid if r.error)
         if grid.num_errors == len(grid):
             raise FabricError(f"every trial of the search failed; first error: {first}")
         print(f"warning: {grid.num_errors} of {len(grid)} trials failed; first error: {first}", flush=True)
-    best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="all")
-    best_config = {k: v for k, v in best.config.items() if k in cfg.tune.search_space}
-    table = results_table(grid, cfg.tune.search_space, cfg.tune.metric, cfg.tune.mode)
-    out = storage / cfg.name
+    table = results_table(grid, cfg.tune.search_space, cfg.tune.metric, cfg.tune.mode, states)
     table_path = out / "results.csv"
     table.to_csv(table_path, index=False)
     plot_path = learning_curves_png(grid, cfg.tune.metric, out / "learning_curves.png")
+    print(table.to_string(index=False), flush=True)
+    if unfinished or len(states) < cfg.tune.num_samples:
+        raise FabricError(
+            f"the search was interrupted after {len(states) - len(unfinished)} of {cfg.tune.num_samples} trials "
+            f"(partial results in {out}); continue it with: fabric tune <config> --resume"
+        )
+    best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="all")
+    best_config = {k: v for k, v in best.config.items() if k in cfg.tune.search_space}
     # scope="all" ranks trials by their best epoch: report that epoch's numbers, not the trial's last.
     history = best.metrics_dataframe
     if history is not None and cfg.tune.metric in history and len(history):
@@ -161,12 +170,6 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
         row = dict(best.metrics or {})
     best_metrics = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     (out / "best_config.json").write_text(json.dumps({"config": best_config, "metrics": best_metrics}, indent=2))
-    print(table.to_string(index=False), flush=True)
-    if unfinished or len(grid) < cfg.tune.num_samples:
-        raise FabricError(
-            f"the search was interrupted after {len(grid) - len(unfinished)} of {cfg.tune.num_samples} trials "
-            f"(partial results in {out}); continue it with: fabric tune <config> --resume"
-        )
     print(f"best {cfg.tune.metric}: {best_metrics.get(cfg.tune.metric)} with {best_config}", flush=True)
     print(f"results: {table_path}  curves: {plot_path}", flush=True)
     return TuneResult(best_config, best_metrics, len(grid), out, table_path, plot_path)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -58,25 +56,29 @@ def test_search_writes_table_best_config_and_curves(searched) -> None:  # type: 
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("trial", [1, 2, 4], ids=["first-trial", "middle", "last-trial"])
+def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched, trial: int) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C as trial ``trial`` of 4 starts (sent by the driver itself, so the moment is the same on every run):
+    exit 1 with the resume hint, and --resume finishes the search with the proposals of an uninterrupted one."""
     reference = pd.read_csv(searched.table_path)
-    args = [sys.executable, "-m", "fabric.cli", "tune", str(SMOKE), f"run_dir={run_dir}", "name=resumable", *SEARCH]
+    name = f"resumable-{trial}"
+    args = ["tune", str(SMOKE), f"run_dir={run_dir}", f"name={name}", *SEARCH]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    experiment = run_dir / "tune" / "resumable"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = sum('"done": true' in p.read_text() for p in experiment.glob("*/result.json"))
-        if done >= 1:
-            break
-        time.sleep(0.3)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1, out[-3000:]
-    assert "interrupted after" in out and "--resume" in out
+    interrupted = subprocess.run(
+        [sys.executable, "-m", "tests.integration.interrupting_tune", str(trial), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = interrupted.stdout + interrupted.stderr
+    assert f"interrupting at the start of trial {trial}" in out, out[-3000:]
+    assert interrupted.returncode == 1, out[-3000:]
+    assert f"interrupted after {trial - 1} of 4 trials" in out and "--resume" in out, out[-3000:]
+    experiment = run_dir / "tune" / name
+    partial = pd.read_csv(experiment / "results.csv")
+    assert len(partial) == trial and (partial["status"] == "interrupted").sum() == 1, partial
 
-    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fabric.cli", *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = pd.read_csv(experiment / "results.csv")
     assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped early"}
