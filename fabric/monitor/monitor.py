@@ -188,7 +188,6 @@ class DriftMonitor:
         self.out_of_range_features: dict[str, int] = {}
         self._next_at = clock() + cfg.interval_s
         self._last_frame: pd.DataFrame | None = None
-        self._last_versions: list[str | None] = []
         self._report: tuple[float, str] | None = None
         self._set_reference(reference, target, task, features, categorical, column_types)
 
@@ -324,7 +323,6 @@ class DriftMonitor:
             self._window.clear()
             self.last_result = None
             self._last_frame = None
-            self._last_versions = []
             self._report = None
             self.drift_active = False
             self.last_reset_at = self.clock()
@@ -437,7 +435,6 @@ class DriftMonitor:
             self.computations += 1
             self.last_compute_at = now
             self._last_frame = frame
-            self._last_versions = versions
             self._report = None
             started = result["drift_detected"] and not self.drift_active
             ended = self.drift_active and result["status"] == "ok" and not result["drift_detected"]
@@ -480,7 +477,7 @@ class DriftMonitor:
         with the same test and threshold per column.
         """
         result = self.last_result
-        if refresh or result is None:
+        if refresh or result is None or self._last_frame is None:  # no frame: a result restored from a checkpoint
             result = self.compute()
         with self._lock:
             if self._report is not None and self._report[0] == result["computed_at"]:
@@ -667,8 +664,8 @@ class DriftMonitor:
             self._set_reference(state["reference"], **state["spec"], column_types=state["column_types"])
         with self._lock:
             self._window.clear()
-            # version 1 checkpoints hold (row, prediction) pairs and no predictions on the reference
-            self._window.extend((r, p, v) for r, p, *rest in state["window"] for v in [rest[0] if rest else None])
+            # version 1 checkpoints hold (row, prediction) pairs, without the version
+            self._window.extend(item if len(item) == 3 else (*item, None) for item in state["window"])
             if state.get("fingerprint") == self.fingerprint:
                 self.prediction_refs = dict(state.get("prediction_refs") or {})
             for key in ("received", "dropped", "computations", "drift_events", "drift_active", "last_result",

@@ -144,13 +144,12 @@ def feature_range(schema: ModelSchema) -> tuple[np.ndarray, np.ndarray] | None:
         hi.append((mx - col.center) / col.scale if mx is not None else np.inf)
     if not known:
         return None
-    lo_a, hi_a = np.asarray(lo), np.asarray(hi)
-    # float32 rounding of features computed from the extreme training values must not count as outside
-    tol = 1e-4 * (
-        1.0
-        + np.maximum(np.abs(np.nan_to_num(lo_a, posinf=0, neginf=0)), np.abs(np.nan_to_num(hi_a, posinf=0, neginf=0)))
-    )
-    return lo_a - tol, hi_a + tol
+
+    def widened(bound: np.ndarray, sign: float) -> np.ndarray:
+        # float32 rounding of the extreme training values' features must not count as outside
+        return bound + sign * 1e-4 * (1.0 + np.abs(np.where(np.isfinite(bound), bound, 0.0)))
+
+    return widened(np.asarray(lo), -1.0), widened(np.asarray(hi), 1.0)
 
 
 @dataclass
