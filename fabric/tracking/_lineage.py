@@ -77,7 +77,10 @@ def digest_source(path: str | None) -> str:
 
         filesystem, root = fs.FileSystem.from_uri(path)
         info = filesystem.get_file_info(root)
-        infos = [info] if info.type == fs.FileType.File else filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+        if info.type == fs.FileType.File:
+            infos = [info]
+        else:
+            infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
         return digest_json(sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == fs.FileType.File))
     local = Path(path).expanduser().resolve()
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())

@@ -102,7 +102,10 @@ def registered_adapter(cfg: PipelineConfig, run_key: str) -> AdapterRegistration
     mv = version_of_run(_client(uri), name, run_key)
     if mv is None:
         return None
-    print(f"registry: {name}: nothing new to register: v{mv.version} holds this fine-tuning (run key {run_key})", flush=True)
+    print(
+        f"registry: {name}: nothing new to register: v{mv.version} holds this fine-tuning (run key {run_key})",
+        flush=True,
+    )
     return AdapterRegistration(name, str(mv.version), str(mv.run_id), uri, f"models:/{name}/{mv.version}")
 
 

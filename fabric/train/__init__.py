@@ -1,5 +1,6 @@
-"""Training stage: Ray Train TorchTrainer with DDP or DeepSpeed ZeRO, checkpoints every epoch; LoRA
-fine-tuning of causal language models (``finetune``) on the same machinery."""
+"""Training stage: Ray Train TorchTrainer with DDP or DeepSpeed ZeRO, checkpoints every ``checkpoint_every``
+epochs, one run per run key (settings + data digest); LoRA fine-tuning of causal language models
+(``finetune``) on the same machinery."""
 
 from fabric.train._lm import FinetuneResult, finetune, llm_dir
 from fabric.train._lm_loop import lm_loop_per_worker

@@ -39,7 +39,14 @@ from fabric.models.causal_lm import (
 from fabric.runtime import connect
 from fabric.tracking import AdapterRegistration, digest_source, log_finetune, run_key
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
-from fabric.train._trainer import OPERATIONAL, _warn_if_short, fit, last_checkpoint, resolve_use_gpu, worker_group_trainer
+from fabric.train._trainer import (
+    OPERATIONAL,
+    _warn_if_short,
+    fit,
+    last_checkpoint,
+    resolve_use_gpu,
+    worker_group_trainer,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -226,7 +233,8 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
     if previous is not None and before >= f.epochs:
         checkpoint_dir, history = previous
-        print(f"fine-tuning: run {storage / name} trained all {f.epochs} epoch(s) already; writing its outputs", flush=True)
+        done = f"fine-tuning: run {storage / name} trained all {f.epochs} epoch(s) already; writing its outputs"
+        print(done, flush=True)
     else:
         use_gpu = resolve_use_gpu(f.use_gpu)
         _warn_if_short(f.num_workers, use_gpu)

@@ -287,7 +287,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config: ``fabric.train.loop_config(cfg)`` plus any overrides (Tune's hyperparameters: lr,
             hidden_size, num_layers, dropout, batch_size, weight_decay). Keys: data_dir, task,
             feature_names, num_classes, target, epochs, seed, strategy (ddp|deepspeed), zero_stage,
-            offload_optimizer, checkpoint_every, ray_data_shards (True when the trainer was given ``train``/``val`` datasets),
+            offload_optimizer, checkpoint_every, ray_data_shards (True when the trainer was given
+            ``train``/``val`` datasets),
             fault_injection (tests only).
     """
     config = {**DEFAULTS, **config}

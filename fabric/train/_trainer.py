@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from fabric.config import PipelineConfig, WorkerGroupConfig
 from fabric.errors import FabricError, require
+from fabric.models import load_model
 from fabric.runtime import connect
-from fabric.tracking import beats, digest_splits, fit_baseline, run_key
+from fabric.tracking import beats, digest_splits, fit_baseline, run_key, score
+from fabric.tracking import read_split as read_labelled
 from fabric.train._checkpoint import read_history, to_artifact
 from fabric.train._data import SPLITS, data_dir, read_meta, read_split
 from fabric.train._loop import train_loop_per_worker
@@ -28,8 +30,8 @@ class TrainResult:
 
     Attributes:
         checkpoint_dir: the run's last checkpoint (Ray Train's folder: DDP or DeepSpeed format).
-        metrics: the last epoch's metrics, with the trivial baseline's on the same split
-            (``baseline_val_accuracy`` or ``baseline_val_rmse``).
+        metrics: the last epoch's metrics, the model's test scores (``test_accuracy``, ``test_log_loss`` or
+            ``test_rmse``, ``test_mae``) and the trivial baseline's (``baseline_val_*``, ``baseline_test_*``).
         history: every epoch's metrics, in order (resumed runs included: epochs keep counting).
         model_path: the self-contained artifact folder (``model.pt`` + ``model.json``) that
             ``fabric.models.load_model`` reads without Ray.
@@ -220,7 +222,7 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     train settings and the data splits, so a rerun of the same config on the same data has nothing to do
     (it says so and trains nothing), a rerun of an interrupted one resumes it, and changed hyperparameters
     or data start a new run beside the old ones. The artifact goes to ``<run_dir>/train/model/``; the
-    summary compares the model with the trivial baseline (majority class or training mean) on ``val``.
+    summary compares the model with the trivial baseline (majority class or training mean) on ``test``.
 
     Args:
         cfg: the pipeline config; the ingestion stage must have written ``<run_dir>/data``.
@@ -255,22 +257,35 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / name)
         trained = int(history[-1]["epoch"]) - before
     model_path = to_artifact(checkpoint_dir, storage / "model")
-    metrics = {**history[-1], **_baseline(cfg)} if history else {}
+    metrics = {**history[-1], **_versus_baseline(cfg, model_path)} if history else {}
     print(f"trained: {_summary(metrics)}; model: {model_path}", flush=True)
     return TrainResult(checkpoint_dir, metrics, history, model_path, run_key=key, trained_epochs=trained)
 
 
-def _baseline(cfg: PipelineConfig) -> dict[str, float]:
-    """The trivial baseline's scores on the validation split, as ``baseline_val_<metric>``."""
-    import pyarrow.parquet as pq
+def _versus_baseline(cfg: PipelineConfig, model_path: Path) -> dict[str, float]:
+    """The model's test scores (``test_<metric>``) and the trivial baseline's on val and test
+    (``baseline_val_<metric>``, ``baseline_test_<metric>``); splits without rows are left out."""
+    import torch
 
     folder = data_dir(cfg.run_dir)
     meta = read_meta(folder)
-    labels = pq.read_table(folder / "val", columns=["label"]).column("label").to_numpy()
-    if not len(labels):
-        return {}
-    baseline = fit_baseline(folder, meta["task"], meta.get("num_classes"))
-    return {f"baseline_val_{k}": v for k, v in baseline.scores(labels).items()}
+    task = meta["task"]
+    baseline = fit_baseline(folder, task, meta.get("num_classes"))
+    model, spec = load_model(model_path)
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        try:
+            x, y, _ = read_labelled(folder, split, list(spec["feature_names"]))
+        except FabricError:
+            continue
+        if not len(y):
+            continue
+        out.update({f"baseline_{split}_{k}": v for k, v in baseline.scores(y).items()})
+        if split == "test":
+            with torch.no_grad():
+                outputs = model(torch.from_numpy(x)).numpy()
+            out.update({f"test_{k}": v for k, v in score(outputs, y, task).items()})
+    return out
 
 
 def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
@@ -288,19 +303,25 @@ def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
 
 
 def _summary(metrics: dict[str, Any]) -> str:
+    """The last epoch's numbers, then the test split's against the trivial baseline's."""
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse")
     line = ", ".join(
         f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics
     )
-    task = "classification" if "baseline_val_accuracy" in metrics else "regression"
+    task = "classification" if "val_accuracy" in metrics else "regression"
     metric = "accuracy" if task == "classification" else "rmse"
-    base = metrics.get(f"baseline_val_{metric}")
-    if base is None or f"val_{metric}" not in metrics:
+    split = "test" if f"test_{metric}" in metrics else "val"
+    base = metrics.get(f"baseline_{split}_{metric}")
+    if base is None or f"{split}_{metric}" not in metrics:
         return line
-    model = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
-    baseline = {k.removeprefix("baseline_val_"): v for k, v in metrics.items() if k.startswith("baseline_val_")}
-    if task == "classification":
+    model = {k.removeprefix(f"{split}_"): v for k, v in metrics.items() if k.startswith(f"{split}_")}
+    prefix = f"baseline_{split}_"
+    baseline = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+    if task == "classification" and "log_loss" not in model:
         model["log_loss"] = metrics["val_loss"]  # the loop's cross-entropy is the log loss
     verdict = "beats" if beats(model, baseline, task) else "does NOT beat"
     what = "majority class" if task == "classification" else "training mean"
-    return f"{line}; {verdict} the trivial baseline ({what}: val_{metric} {base:.4g})"
+    return (
+        f"{line}; {split} {metric} {metrics[f'{split}_{metric}']:.4g} {verdict} the trivial baseline "
+        f"({what}: {base:.4g})"
+    )

@@ -74,6 +74,7 @@ def test_a_model_worse_than_the_mean_is_not_champion(ray_local: None, tmp_path: 
     trained = train.run(cfg)
     assert "does NOT beat the trivial baseline (training mean" in capsys.readouterr().out
     assert trained.metrics["val_rmse"] > trained.metrics["baseline_val_rmse"]
+    assert trained.metrics["test_rmse"] > trained.metrics["baseline_test_rmse"]
     registered = tracking.run(cfg, trained)
     assert registered.registered and not registered.promoted and registered.champion_version == ""
     assert "does not beat the trivial baseline" in registered.decision

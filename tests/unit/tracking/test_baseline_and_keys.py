@@ -62,7 +62,8 @@ def test_baselines_predict_the_majority_class_or_the_mean(tmp_path: Path) -> Non
 
 
 def test_a_model_worse_than_the_mean_is_never_champion_and_a_rerun_registers_nothing(tmp_path: Path) -> None:
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "track.model_name=below", "track.promotion.bootstrap_samples=100"])
+    overrides = [f"run_dir={tmp_path / 'run'}", "track.model_name=below", "track.promotion.bootstrap_samples=100"]
+    cfg = load_config(None, overrides)
     data = fx.make_data(cfg.run_dir, task="regression", n=300)
     for split in ("train", "test"):  # targets far from 0: an untrained network (outputs ~0) misses them all
         folder = Path(cfg.run_dir) / "data" / split
