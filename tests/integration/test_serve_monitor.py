@@ -165,7 +165,8 @@ def test_ordinary_traffic_is_not_drift(served: dict[str, Any]) -> None:
     # what comparing the served predictions with the labels (as fabric did) says of this very traffic: drift
     served_preds = pd.Series(reference(served["folder"], encode(heldout)).argmax(axis=1))
     labels = served["reference"]["target"]
-    assert column_drift(align(labels, "cat"), align(served_preds, "cat"), "cat")["drifted"] is True
+    with np.errstate(divide="ignore"):  # the labels lack a class the model predicts: scipy divides by zero
+        assert column_drift(align(labels, "cat"), align(served_preds, "cat"), "cat")["drifted"] is True
     # without refresh: the same (last) result, not a new computation, saying when and over how many rows
     last = _drift(served["url"], refresh=False)
     assert last["computed_at"] == result["computed_at"] and last["computed_at_utc"] == result["computed_at_utc"]
