@@ -27,7 +27,7 @@ def test_on_uses_the_monitor_client_and_503_without_an_actor() -> None:
     hook.observe("v1", [{"a": 1}], [0])  # gathered, then dropped and counted by the client, never raised
     hook.close()
     assert hook.client.dropped == 1
-    for call in (hook.drift(), hook.report()):
+    for call in (hook.drift(), hook.report(), hook.reset()):
         with pytest.raises(ProtocolError) as info:
             asyncio.run(call)
         assert (info.value.status, info.value.type) == (503, "monitor_unavailable")
@@ -144,3 +144,15 @@ def test_models_predictions_on_the_reference_are_sent_when_the_monitor_lacks_the
         hook.close()
     assert client.refs == {"v1": ("model-1", [1, 0, 1], "fp")}
     assert asked == [["v1"]]
+
+
+def test_a_report_with_nothing_to_report_is_a_409() -> None:
+    from fabric.errors import FabricError
+
+    class Empty:
+        async def areport_html(self, refresh: bool = False) -> str:
+            raise FabricError("drift monitor m: nothing to report yet (insufficient_data: 3 rows in the window)")
+
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(ClientMonitor(Empty()).report())
+    assert (info.value.status, info.value.type) == (409, "no_report") and "3 rows" in info.value.message
