@@ -32,13 +32,14 @@ def run_key(settings: dict[str, Any], inputs: dict[str, str]) -> str:
 def digest_splits(folder: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
     """Content digest of an ingestion output's parquet splits: the rows, not the files.
 
-    Ray Data names its files afresh and may order rows differently on every write, so each split's rows
-    are hashed one by one and the sorted row hashes are digested, with the column names and types. The
+    Ray Data names its files afresh and may order rows differently on every write, so each row is hashed
+    on its own and the row hashes are combined in an order-free way (their count, sum and xor, 64-bit),
+    streamed batch by batch so a split never has to fit in memory, with the column names and types. The
     result is cached in the folder next to ``meta.json`` (ingestion rewrites the folder as a whole).
     """
     import numpy as np
     import pandas as pd
-    import pyarrow.parquet as pq
+    import pyarrow.dataset as pads
 
     meta = folder / "meta.json"
     stamp = f"{meta.stat().st_mtime_ns}:{meta.stat().st_size}" if meta.is_file() else None
@@ -53,11 +54,16 @@ def digest_splits(folder: Path, splits: tuple[str, ...] = ("train", "val", "test
         if not path.exists():
             h.update(f"{split}:absent;".encode())
             continue
-        table = pq.read_table(path)
-        frame = table.to_pandas()[sorted(table.column_names)]
-        h.update(f"{split}:{[(c, str(t)) for c, t in zip(frame.columns, frame.dtypes)]};".encode())
-        rows = np.sort(pd.util.hash_pandas_object(frame, index=False).to_numpy())
-        h.update(rows.tobytes())
+        data = pads.dataset(path, format="parquet")
+        names = sorted(data.schema.names)
+        rows = total = xor = 0
+        for batch in data.to_batches(columns=names):
+            hashes = pd.util.hash_pandas_object(batch.to_pandas(), index=False).to_numpy()
+            rows += len(hashes)
+            total = (total + int(hashes.sum(dtype=np.uint64))) % (1 << 64)
+            xor ^= int(np.bitwise_xor.reduce(hashes)) if len(hashes) else 0
+        columns = [(n, str(data.schema.field(n).type)) for n in names]
+        h.update(f"{split}:{columns};{rows};{total};{xor};".encode())
     digest = h.hexdigest()
     if stamp:
         cache.write_text(json.dumps({"meta": stamp, "splits": list(splits), "digest": digest}))

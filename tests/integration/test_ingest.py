@@ -18,6 +18,7 @@ import pytest
 from fabric.config import PipelineConfig, load_config
 from fabric.data import load_meta, load_preprocessor, read_split, read_text, run
 from fabric.errors import ConfigError, DataValidationError
+from fabric.tracking import digest_splits
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,6 +163,11 @@ def test_builtin_default_end_to_end(ray_local: None, tmp_path: Path, capsys: pyt
     printed = capsys.readouterr().out
     assert "6,366 rows" in printed and "train 4" in printed and "reference.parquet" in printed
 
+    # Ingesting the same source again rewrites the folder (other file names, maybe another row order) with
+    # the same rows: the content digest the training stage keys its runs by must not change.
+    digest = digest_splits(r.out_dir)
+    assert digest_splits(run(_cfg(tmp_path)).out_dir) == digest
+
 
 # --------------------------------------------------------------------------- formats and determinism
 
@@ -186,6 +192,7 @@ def test_split_is_seeded(ray_local: None, tmp_path: Path, sources: dict[str, Pat
     pd.testing.assert_frame_equal(_rows(a.out_dir, "test"), _rows(b.out_dir, "test"))
     assert pd.read_parquet(a.out_dir / "reference.parquet").equals(pd.read_parquet(b.out_dir / "reference.parquet"))
     assert not _rows(a.out_dir, "test").equals(_rows(c.out_dir, "test"))
+    assert digest_splits(a.out_dir) == digest_splits(b.out_dir) != digest_splits(c.out_dir)
 
 
 def test_regression_labels_are_float(ray_local: None, tmp_path: Path, sources: dict[str, Path]) -> None:
