@@ -82,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             report = "-"
             if window == defaults.monitor.window_size:
                 kinds = dict.fromkeys(names, "num")
-                report_s = _time(
-                    lambda r=ref, c=cur, k=kinds: stats.report_html(r, c, k, prediction=("target", "cat")),
-                    1,
-                )
+                result = mon.compute()  # the report renders this result (fabric's summary, then Evidently's)
+                report_s = _time(lambda r=ref, c=cur, x=result, k=kinds: stats.report_html(r, c, x, k), 1)
                 report = f"{report_s:.3f}"
             print(
                 f"{window:>7} {columns:>7} {fabric_s:>9.4f} {base_s:>10.4f} {fabric_s / base_s:>6.1f} {report:>18}  "

@@ -56,6 +56,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config path and overrides of ``args``; a first word that is an override, not a file, is one."""
+    from pathlib import Path
+
+    config, overrides = args.config, list(args.overrides)
+    if config and _OVERRIDE.match(config) and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each subcommand module adds its own arguments."""
     parser = _Parser(prog="fabric", description="The ML lifecycle as Ray workloads.")

@@ -23,9 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Deploy the app unless ``llm.eval.url`` names one, then evaluate it."""
     from fabric import evaluate
+    from fabric.cli import config_and_overrides
     from fabric.config import load_config
     from fabric.serve.llm import deploy
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = config_and_overrides(args)
+    cfg = load_config(config, overrides)
     evaluate.run(cfg, cfg.llm.eval.url or deploy(cfg))
     return 0

@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the input, generate, print what was written."""
+    from fabric.cli import config_and_overrides
     from fabric.config import load_config
     from fabric.errors import DataValidationError, UsageError
     from fabric.predict import check_input, generate
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from fabric.serve.llm.app import resolved
 
     extra = [f"llm.generate.{k}={v}" for k, v in (("input", args.input), ("output", args.output)) if v]
-    cfg = load_config(args.config, [*args.overrides, *extra])
+    config, overrides = config_and_overrides(args)
+    cfg = load_config(config, [*overrides, *extra])
     g = cfg.llm.generate
     try:  # a bad input file is bad input (exit 2), found before any work
         check_input(g.input or "", g.prompt_field, g.id_fields)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fabric.config._base import Section
+from fabric.config.serve import Autoscaling
 
 
 class LLMServeConfig(Section):
@@ -74,6 +75,9 @@ class LLMServeConfig(Section):
 
     # --- Serve deployment
     num_replicas: int = Field(default=1, ge=1)
+    autoscaling: Autoscaling | None = None
+    """Ray Serve autoscaling of the replicas (replaces ``num_replicas``); ``target_ongoing_requests`` defaults to
+    ``max_batch_size`` (each replica has one engine, which batches that many sequences)."""
     replica_cpus: float = Field(default=1.0, ge=0)
     """CPUs Ray reserves per replica."""
     replica_gpus: float | None = Field(default=None, ge=0)

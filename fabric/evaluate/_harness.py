@@ -147,7 +147,8 @@ def evaluate(cfg: PipelineConfig, url: str) -> EvalResult:
                     "model": model,
                     "base_url": url.rstrip("/") + "/v1/completions",
                     "tokenizer_backend": "remote",
-                    "auth_token": key,
+                    "auth_token": key,  # the remote tokenizer's requests
+                    "header": {"Authorization": f"Bearer {key}"} if key else None,  # the completions' requests
                     "num_concurrent": e.num_concurrent,
                     "max_retries": 2,
                     "max_length": context,

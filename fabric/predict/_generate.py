@@ -182,7 +182,9 @@ def generate(cfg: PipelineConfig, model_folder: Path) -> GenerateResult:
             batch_size=g.batch_size,
             concurrency=g.concurrency,
             placement_group_config={"bundles": [bundle] * cfg.llm.serve.tensor_parallel_size},
+            # the engine tokenizes and detokenizes itself: no extra actor stages holding CPUs beside it
             chat_template_stage=False,
+            tokenize_stage=False,
             detokenize_stage=False,
         ),
         preprocess=_Preprocess(g.prompt_field, g.id_fields, adapter, _sampling(cfg)),

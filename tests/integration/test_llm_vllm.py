@@ -156,7 +156,17 @@ def test_json_schema_output_is_valid_json_of_the_schema(client: Any) -> None:
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
-def test_a_named_tool_call(client: Any) -> None:
+def _no_whitespace_runs(run_dir: Path) -> dict[str, int]:
+    """A ``logit_bias`` banning whitespace-only tokens: a random tiny model in a tool call's grammar (which allows
+    whitespace between JSON tokens, as vLLM's hermes format does) would otherwise pick them until max_tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "llm" / "base")
+    texts = {i: tok.decode([i]) for i in tok.get_vocab().values()}
+    return {str(i): -100 for i, text in texts.items() if text and not text.strip()}
+
+
+def test_a_named_tool_call(client: Any, vllm_app: dict[str, Any]) -> None:
     tool = {
         "type": "function",
         "function": {
@@ -175,8 +185,9 @@ def test_a_named_tool_call(client: Any) -> None:
         messages=[{"role": "user", "content": "weather in budapest?"}],
         tools=[tool],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=40,
+        max_tokens=160,  # the tiny tokenizer spends ~75 tokens on the call
         temperature=0,
+        logit_bias=_no_whitespace_runs(vllm_app["run_dir"]),
     )
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
@@ -267,3 +278,23 @@ def test_fabric_generate_writes_every_prompt_with_its_id(vllm_app: dict[str, Any
     assert main(["generate", "--input", str(bad), "--output", str(tmp_path / "x.parquet"), *args]) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and "line 3: not JSON" in err and "x.parquet" not in os.listdir(tmp_path)
+
+
+def test_vllms_metrics_reach_rays_prometheus_endpoint(client: Any) -> None:
+    """TTFT, time per output token, queue depth and KV-cache use, for Grafana's LLM panels."""
+    import re
+    import urllib.request
+
+    import ray
+
+    from tests.unit.serve.serving import wait_for
+
+    client.completions.create(model=MODEL, prompt="the river", max_tokens=4)
+    port = ray._private.worker.global_worker.node.metrics_export_port  # this node's Prometheus endpoint
+    wanted = ("time_to_first_token_seconds", "request_time_per_output_token_seconds", "num_requests_waiting", "kv_cache_usage_perc")
+
+    def scraped() -> bool:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return all(re.search(rf"^ray_vllm_{w}\w*{{", text, re.M) for w in wanted)
+
+    wait_for(scraped, 90, "vLLM's metrics in Ray's Prometheus export")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -385,11 +386,23 @@ def _exported(sources: list[Path]) -> set[str]:
     return names
 
 
+_VLLM_DEF = re.compile(r"_(counter|gauge|histogram)_cls\(\s*name=\"vllm:(\w+)\"")
+
+
+def _vllm_exported() -> set[str]:
+    """vLLM's engine metrics as Ray exports them (``RayPrometheusStatLogger``: ``vllm:x`` -> ``ray_vllm_x``)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return set()
+    text = (Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text()
+    return {f"ray_vllm_{n}{s}" for kind, n in _VLLM_DEF.findall(text) for s in _SUFFIXES[kind.capitalize()]}
+
+
 def _known_metrics() -> tuple[set[str], set[str]]:
     import ray
 
     fabric = _exported(sorted((ROOT / "fabric").rglob("*.py")))
-    serve = _exported(sorted((Path(ray.__file__).parent / "serve").rglob("*.py")))
+    serve = _exported(sorted((Path(ray.__file__).parent / "serve").rglob("*.py"))) | _vllm_exported()
     return fabric, serve
 
 
@@ -430,6 +443,10 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
         "ray_fabric_node_cpu_percent",
         "ray_fabric_node_memory_percent",
         "ray_fabric_node_gpu_utilization_percent",
+        "ray_vllm_time_to_first_token_seconds_bucket",
+        "ray_vllm_request_time_per_output_token_seconds_bucket",
+        "ray_vllm_num_requests_waiting",
+        "ray_vllm_kv_cache_usage_perc",
     ):
         assert needed in used, needed
     assert any("histogram_quantile(0.99" in e for e in _exprs(dashboard))

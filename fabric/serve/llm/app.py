@@ -57,6 +57,12 @@ def resolved(cfg: PipelineConfig) -> dict[str, Any]:
             raise UsageError(f"llm.serve.adapters.{name}: no peft adapter folder (adapter_config.json) at {p}")
         adapters[name] = str(p)
     name = s.served_name or (folder.name if s.model_path else cfg.llm.finetune.model_name)
+    from fabric.serve.llm.engine import engine_kind
+
+    if adapters and engine_kind(s) == "vllm":
+        from fabric.serve.llm.vllm_engine import check_adapters
+
+        check_adapters(s.model_copy(update={"adapters": adapters}))
     return {**s.model_dump(mode="json"), "model_path": str(folder), "served_name": name, "adapters": adapters}
 
 
@@ -99,8 +105,15 @@ def deployment_options(cfg: PipelineConfig) -> dict[str, Any]:
         actor["num_gpus"] = gpus
     if s.api_key_env and os.environ.get(s.api_key_env):
         actor["runtime_env"] = {"env_vars": {s.api_key_env: os.environ[s.api_key_env]}}
+    if s.autoscaling is None:
+        scale: dict[str, Any] = {"num_replicas": s.num_replicas}
+    else:
+        a = s.autoscaling
+        auto = a.model_dump(exclude_none=True)
+        auto.setdefault("target_ongoing_requests", float(s.max_batch_size))
+        scale = {"autoscaling_config": auto}
     return {
-        "num_replicas": s.num_replicas,
+        **scale,
         "max_ongoing_requests": s.max_ongoing_requests,
         "ray_actor_options": actor,
         "logging_config": {"enable_access_log": False},

@@ -72,13 +72,13 @@ def _flag(key: str, value: Any) -> list[str]:
 
 
 def vllm_argv(cfg: LLMServeConfig, name: str) -> list[str]:
-    """vLLM's server command line for ``cfg`` (``vllm serve``'s arguments, the model folder first).
+    """vLLM's server command line for ``cfg`` (what ``python -m vllm.entrypoints.openai.api_server`` takes).
 
     fabric's fields map onto vLLM's (context, dtype, parallelism, memory, LoRA); ``cfg.vllm`` adds any other
     vLLM argument by its name (``enable_auto_tool_choice: true``, ``structured_outputs_config: {...}``).
     """
     folder = Path(str(cfg.model_path))
-    argv = [str(folder), "--served-model-name", name, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+    argv = ["--model", str(folder), "--served-model-name", name, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
     argv += ["--max-num-seqs", str(max(cfg.max_batch_size, cfg.max_ongoing_requests))]
     argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     argv += ["--dtype", cfg.dtype]
@@ -100,6 +100,30 @@ def vllm_argv(cfg: LLMServeConfig, name: str) -> list[str]:
     return argv
 
 
+def check_adapters(cfg: LLMServeConfig) -> None:
+    """Refuse, before vLLM starts, adapters vLLM cannot load: ones that save whole modules or use DoRA.
+
+    Raises:
+        UsageError: naming the adapter and what to do instead.
+    """
+    for name, folder in sorted(cfg.adapters.items()):
+        try:
+            config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            continue  # a missing folder is reported where the config is resolved
+        what = []
+        if config.get("modules_to_save"):
+            what.append(f"saves whole modules ({', '.join(config['modules_to_save'])})")
+        if config.get("use_dora"):
+            what.append("is a DoRA adapter")
+        if what:
+            raise UsageError(
+                f"llm.serve.adapters.{name}: vLLM cannot serve this adapter: it {' and '.join(what)}. Serve the "
+                "merged model instead (llm.serve.model_path=<run_dir>/llm/merged, llm.serve.adapters={}), or use "
+                "the transformers engine (llm.serve.engine=transformers)"
+            )
+
+
 def parse_args(argv: list[str]) -> Any:
     """vLLM's own server-argument parser over ``argv`` (its defaults for everything not given).
 
@@ -115,7 +139,8 @@ def parse_args(argv: list[str]) -> Any:
             raise ConfigError([ConfigProblem("llm.serve.vllm", f"vLLM's arguments: {message}")])
 
     args = make_arg_parser(_Parser(prog="vllm serve")).parse_args(argv)
-    args.model = args.model_tag
+    if args.model_tag:  # `vllm serve <model>`'s positional form
+        args.model = args.model_tag
     try:
         validate_parsed_serve_args(args)
     except (TypeError, ValueError) as e:
@@ -199,6 +224,7 @@ class VLLMServer:
     ) -> None:
         if not (Path(str(cfg.model_path)) / "config.json").is_file():
             raise UsageError(f"{cfg.model_path} is not a Hugging Face model folder (no config.json)")
+        check_adapters(cfg)
         self.cfg = cfg
         self.name = name
         self.monitor = monitor

@@ -69,3 +69,24 @@ def test_a_completion_through_the_router(app: Any) -> None:
     body = r.json()
     assert body["model"] == "tiny:a" and body["usage"]["completion_tokens"] == 3
     assert "/v1/chat/completions" in _call(app, "GET", "/openapi.json").json()["paths"]
+
+
+def test_an_unexpected_failure_is_a_json_500_carrying_the_request_id(
+    engine: TransformersEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(OpenAIServing):
+        def models(self) -> Any:
+            raise RuntimeError("boom")
+
+    app = make_asgi(Broken(engine, engine.cfg), api_key=KEY)
+    async def go() -> httpx.Response:  # Starlette re-raises after answering, as a server would log it
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get("/v1/models", headers={**AUTH, "x-request-id": "req-42"}, timeout=30)
+
+    with caplog.at_level("ERROR", logger="fabric.serve.llm"):
+        r = asyncio.run(go())
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "server_error" and "req-42" in r.json()["error"]["message"]
+    assert r.headers["x-request-id"] == "req-42"
+    assert any("req-42" in rec.getMessage() and rec.exc_info for rec in caplog.records)
