@@ -99,6 +99,8 @@ def _flatten(results: dict[str, dict[str, Any]]) -> dict[str, float]:
         for name, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in name:
                 continue
+            if name.startswith("sample_len"):  # how many documents ran, not a score
+                continue
             metric, _, filt = name.partition(",")
             out[f"{task}/{metric}" + ("" if filt in ("", "none") else f",{filt}")] = float(value)
     return out
@@ -193,9 +195,11 @@ def record(cfg: PipelineConfig, result: EvalResult) -> EvalResult:
         return result
     worse = {m: v for m, v in adapters.items() if v is not None and v < base}
     if worse:
-        result.notes.append(f"promotion: {name} v{version} not promoted: {metric} {worse} < base {base:.4f}")
+        shown = {m: round(v, 4) for m, v in worse.items()}
+        result.notes.append(f"promotion: {name} v{version} not promoted: {metric} {shown} < base {base:.4f}")
         return result
     client.set_registered_model_alias(name, CHAMPION, version)
     result.promoted = version
-    result.notes.append(f"promotion: {name} v{version} is {CHAMPION}: {metric} {adapters} >= base {base:.4f}")
+    shown = {m: round(v, 4) for m, v in adapters.items() if v is not None}
+    result.notes.append(f"promotion: {name} v{version} is {CHAMPION}: {metric} {shown} >= base {base:.4f}")
     return result

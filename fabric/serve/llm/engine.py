@@ -32,12 +32,28 @@ class SamplingParams:
     """How one sequence is generated."""
 
     max_tokens: int
+    """0: generate nothing (with ``prompt_logprobs``: only score the prompt)."""
     temperature: float = 1.0
     """0: greedy."""
     top_p: float = 1.0
     seed: int | None = None
     """Seeds this sequence's own random generator (same seed, same text)."""
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """Score each generated token (its log probability and the ``logprobs`` most likely at its place); None: not."""
+    prompt_logprobs: int | None = None
+    """Score the prompt's tokens too (after the first), with this many most likely at each place; None: not."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log probability under the model's raw distribution (log-softmax of its logits, before
+    temperature or top-p), and the most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log probability) of the most likely tokens, most likely first (as many as asked)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,10 @@ class GenerationOutput:
     """Tokens generated so far, this step's included."""
     finish_reason: FinishReason | None = None
     """Set on the last output: ``stop`` (end of sequence or a stop sequence) or ``length`` (``max_tokens``)."""
+    logprobs: list[TokenLogprob] | None = None
+    """With ``SamplingParams.logprobs``: one per token of ``token_ids``."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """With ``SamplingParams.prompt_logprobs``, on the first output only: one per prompt token after the first."""
 
 
 @dataclass(frozen=True)

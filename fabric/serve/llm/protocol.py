@@ -2,7 +2,10 @@
 ``/v1/models``, streaming chunks, and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 
 Requests accept (and ignore) OpenAI fields that do not change the result (``user``, ``frequency_penalty: 0``...);
-a field asking for something this server does not do (``logprobs``, ``echo``, ``tools``...) is a 400 naming it.
+a field asking for something this server does not do (``tools``, ``response_format``, ``suffix``...) is a 400
+naming it. Log probabilities follow OpenAI's (and vLLM's) shapes: a completion's
+``{tokens, token_logprobs, top_logprobs, text_offset}``, a chat message's ``{content: [{token, logprob, bytes,
+top_logprobs}]}``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from fabric.errors import FabricError
 
 # Fields the OpenAI API has that change a result in ways this server does not implement: a request setting
 # one (to anything but its neutral value) is refused rather than answered differently than asked.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "response_format")
+UNSUPPORTED = ("echo", "suffix", "tools", "functions", "logit_bias", "response_format")
+MAX_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (``logprobs``, ``top_logprobs``): vLLM's default."""
 NEUTRAL: dict[str, Any] = {"best_of": 1, "frequency_penalty": 0, "presence_penalty": 0}
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart"})
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "list[int]"})
 
 
 # --------------------------------------------------------------------------- errors
@@ -162,12 +167,27 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: continue one prompt, or several."""
 
-    prompt: str | list[str] = Field(min_length=1)
-    """The text to continue; a list gives each its own choices (``index`` counts across prompts)."""
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    """The text to continue, or its token ids; a list of them gives each its own choices (``index`` counts across
+    prompts)."""
+    max_tokens: int | None = Field(default=None, ge=0)
+    """Most tokens to generate per choice (0 only with ``echo``: score the prompt); None: ``default_max_tokens``."""
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """Return each token's log probability and those of the ``logprobs`` most likely tokens at its place."""
+    echo: bool = False
+    """Prepend the prompt to the text (and, with ``logprobs``, its tokens' log probabilities, the first null)."""
 
-    def prompts(self) -> list[str]:
-        """The prompts as a list."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens: 0 is allowed only with echo (to score the prompt)", "max_tokens")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: texts, or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):
@@ -194,6 +214,15 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     """The newer name of ``max_tokens`` (takes precedence)."""
+    logprobs: bool = False
+    """Return each generated token's log probability (``choices[i].logprobs.content``)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """With ``logprobs``: also the log probabilities of this many most likely tokens at each place."""
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
     def token_limit(self) -> int | None:
         """``max_completion_tokens``, else ``max_tokens``."""
@@ -219,11 +248,23 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """A completion choice's log probabilities, token by token (the prompt's first with ``echo``)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    """Each token's log probability (null for a prompt's first token: nothing predicts it)."""
+    top_logprobs: list[dict[str, float] | None]
+    """At each place: the chosen token and the ``logprobs`` most likely ones, token -> log probability."""
+    text_offset: list[int]
+    """Where each token starts in the text (characters)."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -240,11 +281,29 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    """The token's UTF-8 bytes."""
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+    """The ``top_logprobs`` most likely tokens at this place, most likely first."""
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's log probabilities, one entry per generated token."""
+
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -265,7 +324,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -288,6 +347,8 @@ class ModelCard(BaseModel):
     """The model folder (or adapter folder) it is served from."""
     parent: str | None = None
     """For an adapter: the base model's id."""
+    max_model_len: int | None = None
+    """Most tokens per sequence, prompt and completion together (as vLLM's cards say)."""
 
 
 class ModelList(BaseModel):

@@ -2,7 +2,8 @@
 
 Builds prompts (the tokenizer's chat template, or :data:`DEFAULT_CHAT_TEMPLATE`), resolves
 ``model="<base>:<adapter>"``, checks the context, fans ``n`` choices and several prompts out as separate
-sequences (so the engine batches them), and assembles plain or streamed (SSE) responses with ``usage``.
+sequences (so the engine batches them), and assembles plain or streamed (SSE) responses with ``usage`` and,
+when asked, log probabilities (and ``echo``: the prompt's text and scores first).
 Each answered request feeds the drift monitor one row per choice: ``prompt_tokens``, ``completion_tokens``,
 ``latency_ms``; observing never blocks or fails a request.
 """
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, LLMEngine, SamplingParams
+from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, LLMEngine, SamplingParams, TokenLogprob
 from fabric.serve.llm.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,13 +27,17 @@ from fabric.serve.llm.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     ModelCard,
     ModelList,
     OpenAIError,
+    TopLogprob,
     Usage,
     bad_request,
 )
@@ -115,22 +120,42 @@ class _Plan:
     """A request turned into engine sequences: one per (prompt, choice)."""
 
     def __init__(
-        self, request_id: str, prompt_lengths: list[int], sequences: list[GenerationRequest], n: int, started: float
+        self,
+        request_id: str,
+        prompt_lengths: list[int],
+        sequences: list[GenerationRequest],
+        n: int,
+        started: float,
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> None:
         self.id = request_id
         self.prompt_lengths = prompt_lengths
         self.sequences = sequences
         self.n = n
         self.started = started
+        self.logprobs = logprobs
+        """Alternatives per token when scores are asked for; None: not asked."""
+        self.echo = echo
         self.texts = [""] * len(sequences)
         self.finish: list[str | None] = [None] * len(sequences)
         self.tokens = [0] * len(sequences)
+        self.scores: list[list[TokenLogprob]] = [[] for _ in sequences]
+        self.prompt_scores: list[list[TokenLogprob]] = [[] for _ in sequences]
+        self.offsets = [0] * len(sequences)
+        """Where each choice's next streamed token starts (the ``text_offset`` rule, the echoed prompt included)."""
+        self.opened = [False] * len(sequences)
+        """Whether each choice's first part was streamed."""
 
     def add(self, i: int, out: GenerationOutput) -> None:
         self.texts[i] += out.text
         self.tokens[i] = out.completion_tokens
         if out.finish_reason is not None:
             self.finish[i] = out.finish_reason
+        if out.logprobs:
+            self.scores[i] += out.logprobs
+        if out.prompt_logprobs:
+            self.prompt_scores[i] = out.prompt_logprobs
 
     def usage(self) -> Usage:
         prompt, completion = sum(self.prompt_lengths), sum(self.tokens)
@@ -162,14 +187,16 @@ class OpenAIServing:
         self.name = self.info.name
         self.counters = {"requests": 0, "streamed": 0, "choices": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._monitor_warned = False
+        self._token_text: dict[int, str] = {}
 
     # ------------------------------------------------------------------ models
 
     def models(self) -> ModelList:
         """The base model and one entry per adapter (``<base>:<adapter>``)."""
-        cards = [ModelCard(id=self.name, root=self.info.path)]
+        context = self.info.max_model_len
+        cards = [ModelCard(id=self.name, root=self.info.path, max_model_len=context)]
         cards += [
-            ModelCard(id=f"{self.name}:{a}", root=path, parent=self.name)
+            ModelCard(id=f"{self.name}:{a}", root=path, parent=self.name, max_model_len=context)
             for a, path in sorted(self.info.adapters.items())
         ]
         return ModelList(data=cards)
@@ -203,8 +230,20 @@ class OpenAIServing:
     # ------------------------------------------------------------------ requests
 
     def _plan(
-        self, request: CompletionRequest | ChatCompletionRequest, prompts: list[str], max_tokens: int | None, field: str
+        self,
+        request: CompletionRequest | ChatCompletionRequest,
+        prompts: Sequence[str | list[int]],
+        max_tokens: int | None,
+        field: str,
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> _Plan:
+        """The request's sequences: one per (prompt, choice); ``logprobs`` (None: not) scores the generated tokens,
+        and the prompt's too with ``echo``.
+
+        Raises:
+            OpenAIError: 400 (bad parameters, token ids outside the vocabulary, context overflow) or 404.
+        """
         request.check()
         cfg = self.cfg
         adapter = self.resolve(request.model)
@@ -221,15 +260,24 @@ class OpenAIServing:
         lengths: list[int] = []
         request_id = f"{'cmpl' if field == 'prompt' else 'chatcmpl'}-{uuid.uuid4().hex}"
         stops = tuple(request.stop_list())
+        vocab = len(tokenizer)
         for p_index, prompt in enumerate(prompts):
-            ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+            if isinstance(prompt, str):
+                ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+            else:  # token ids (a client that tokenizes itself)
+                ids = list(prompt)
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise bad_request(f"{field}: token id {bad} is not in the vocabulary (0..{vocab - 1})", field)
+                prompt = tokenizer.decode(ids)
             if not ids:
                 raise bad_request(f"{field} is empty: there is nothing to continue", field)
             wanted = max_tokens if max_tokens is not None else min(cfg.default_max_tokens, context - len(ids))
-            if len(ids) + max(wanted, 1) > context:
+            asked = wanted if max_tokens == 0 else max(wanted, 1)  # 0: only score the prompt (echo)
+            if len(ids) + asked > context:
                 raise bad_request(
                     f"This model's maximum context length is {context} tokens. However, you requested "
-                    f"{len(ids) + max(wanted, 1)} tokens ({len(ids)} in the {field}, {max(wanted, 1)} for the "
+                    f"{len(ids) + asked} tokens ({len(ids)} in the {field}, {asked} for the "
                     "completion). Please reduce the length of the prompt or the completion.",
                     field,
                     "context_length_exceeded",
@@ -238,10 +286,82 @@ class OpenAIServing:
             for choice in range(request.n):
                 # Each choice samples its own stream: seeded ones stay reproducible and still differ.
                 seed = None if request.seed is None else request.seed + choice
-                params = SamplingParams(wanted, request.temperature, request.top_p, seed, stops)
+                params = SamplingParams(
+                    wanted, request.temperature, request.top_p, seed, stops, logprobs, logprobs if echo else None
+                )
                 rid = f"{request_id}-{p_index}-{choice}"
                 sequences.append(GenerationRequest(rid, prompt, ids, params, adapter))
-        return _Plan(request_id, lengths, sequences, request.n, self.clock())
+        return _Plan(request_id, lengths, sequences, request.n, self.clock(), logprobs, echo)
+
+    # ------------------------------------------------------------------ log probabilities
+
+    def _token(self, token_id: int) -> str:
+        """One token as text (a piece of a multi-byte character shows as U+FFFD, as vLLM shows it)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.engine.tokenizer.decode([token_id])
+        return text
+
+    def _completion_logprobs(self, first: int | None, scores: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        """OpenAI's completion logprobs: ``first`` (an echoed prompt's first token, which nothing scores; None: no
+        echo here), then ``scores``. Each place's ``top_logprobs`` holds its token and the most likely ones;
+        ``text_offset`` counts from ``offset``, adding each token's text length (vLLM's rule)."""
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        if first is not None:
+            out.tokens.append(self._token(first))
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(out.tokens[-1])
+        for s in scores:
+            token = self._token(s.token_id)
+            top = {token: s.logprob}
+            for t, v in s.top:
+                top.setdefault(self._token(t), v)
+            out.tokens.append(token)
+            out.token_logprobs.append(s.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    def _chat_logprobs(self, scores: list[TokenLogprob]) -> ChatLogprobs:
+        """OpenAI's chat logprobs: each generated token with its UTF-8 bytes and the most likely ones at its place."""
+
+        def entry(token_id: int, logprob: float) -> TopLogprob:
+            token = self._token(token_id)
+            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(
+                    **entry(s.token_id, s.logprob).model_dump(), top_logprobs=[entry(t, v) for t, v in s.top]
+                )
+                for s in scores
+            ]
+        )
+
+    def _choice(self, plan: _Plan, i: int, out: GenerationOutput | None = None) -> CompletionChoice:
+        """Choice ``i`` of a completion: whole (``out`` None), or one streamed output's part of it; the echoed
+        prompt (text, and scores when asked) comes first, in the first part."""
+        seq = plan.sequences[i]
+        if out is None:
+            text, scores, first_part = plan.texts[i], plan.scores[i], True
+            finish, offset = plan.finish[i], 0
+        else:
+            text, scores, first_part = out.text, out.logprobs or [], not plan.opened[i]
+            finish, offset = out.finish_reason, plan.offsets[i]
+        first = None
+        if plan.echo and first_part:
+            text = seq.prompt + text
+            first = seq.prompt_ids[0]
+            scores = plan.prompt_scores[i] + scores
+        logprobs = None if plan.logprobs is None else self._completion_logprobs(first, scores, offset)
+        if out is not None:
+            plan.opened[i] = True
+            if logprobs is not None and logprobs.tokens:
+                plan.offsets[i] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+        return CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
 
     def _streams(self, plan: _Plan) -> AsyncIterator[list[tuple[int, GenerationOutput]]]:
         return merge([self.engine.generate(s) for s in plan.sequences])
@@ -282,15 +402,12 @@ class OpenAIServing:
         Raises:
             OpenAIError: 400 (bad parameters, context overflow) or 404 (unknown model), before any output.
         """
-        plan = self._plan(request, request.prompts(), request.max_tokens, "prompt")
+        plan = self._plan(request, request.prompts(), request.max_tokens, "prompt", request.logprobs, request.echo)
         if request.stream:
             return self._stream_completions(plan, request)
         await self._collect(plan)
         self._done(plan, streamed=False)
-        choices = [
-            CompletionChoice(index=i, text=plan.texts[i], finish_reason=plan.finish[i])  # type: ignore[arg-type]
-            for i in range(len(plan.sequences))
-        ]
+        choices = [self._choice(plan, i) for i in range(len(plan.sequences))]
         return CompletionResponse(id=plan.id, model=request.model, choices=choices, usage=plan.usage())
 
     async def _stream_completions(self, plan: _Plan, request: CompletionRequest) -> AsyncIterator[str]:
@@ -300,8 +417,9 @@ class OpenAIServing:
                 events = []
                 for i, out in ready:
                     plan.add(i, out)
-                    if out.text or out.finish_reason:
-                        choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
+                    scored = plan.logprobs is not None and bool(out.logprobs)
+                    if out.text or out.finish_reason or scored or (plan.echo and not plan.opened[i]):
+                        choice = self._choice(plan, i, out)
                         events.append(
                             sse(CompletionResponse(id=plan.id, created=created, model=request.model, choices=[choice]))
                         )
@@ -329,13 +447,19 @@ class OpenAIServing:
             prompt = render_chat(self.engine.tokenizer, messages)
         except Exception as e:  # a template that raises on these messages (e.g. roles it does not allow)
             raise bad_request(f"messages: the chat template cannot render them: {e}", "messages") from None
-        plan = self._plan(request, [prompt], request.token_limit(), "messages")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        plan = self._plan(request, [prompt], request.token_limit(), "messages", logprobs)
         if request.stream:
             return self._stream_chat(plan, request)
         await self._collect(plan)
         self._done(plan, streamed=False)
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=plan.texts[i]), finish_reason=plan.finish[i])  # type: ignore[arg-type]
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=plan.texts[i]),
+                finish_reason=plan.finish[i],  # type: ignore[arg-type]
+                logprobs=None if logprobs is None else self._chat_logprobs(plan.scores[i]),
+            )
             for i in range(len(plan.sequences))
         ]
         return ChatCompletionResponse(id=plan.id, model=request.model, choices=choices, usage=plan.usage())
@@ -355,8 +479,10 @@ class OpenAIServing:
                 events = []
                 for i, out in ready:
                     plan.add(i, out)
-                    if out.text:
-                        events.append(chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=out.text))]))
+                    scored = None if plan.logprobs is None or not out.logprobs else self._chat_logprobs(out.logprobs)
+                    if out.text or scored:
+                        delta = DeltaMessage(content=out.text)
+                        events.append(chunk([ChatChunkChoice(index=i, delta=delta, logprobs=scored)]))
                     if out.finish_reason:
                         events.append(
                             chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=out.finish_reason)])

@@ -9,7 +9,9 @@ the batch to finish. A request at the head of the queue that does not fit stops 
 and that request goes next. Each row samples with its own parameters and random generator, and finishes on its
 own (end of sequence, a stop sequence, ``max_tokens``, or its client leaving); finished rows leave the cache so
 the others run on. A forward pass over 16 rows costs little more than over one on a small model, which is where
-throughput under concurrency comes from.
+throughput under concurrency comes from. Log probabilities (log-softmax of the raw logits, as vLLM's
+``raw_logprobs``) are computed only for the rows that ask: the prompt's from the prefill's logits, each new token's
+from its step's.
 
 What fits: rows of the base and of up to ``max_loaded_adapters`` LoRA adapters share a batch, each row through
 its own adapter (peft's mixed-adapter batches). An adapter that also saves whole modules (``modules_to_save``),
@@ -34,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from fabric.errors import FabricError, UsageError
-from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, LLMEngine, ModelInfo
+from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, LLMEngine, ModelInfo, TokenLogprob
 from fabric.serve.llm.text import TextStream
 
 log = logging.getLogger("fabric.serve.llm")
 
 _IDLE_POLL_S = 0.1
+_LOGPROB_FLOOR = -9999.0
+"""What a log probability of minus infinity is reported as (JSON has no infinity; OpenAI's and vLLM's choice)."""
 
 
 class EngineStoppedError(FabricError):
@@ -60,6 +64,8 @@ class _Sequence:
     cancelled: bool = False
     """Set by the consumer when it stops listening; the step loop drops the row."""
     enqueued_at: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """The prompt's scores (when asked), until the first output carries them."""
 
     def post(self, item: GenerationOutput | BaseException) -> None:
         try:
@@ -523,6 +529,12 @@ class TransformersEngine(LLMEngine):
             mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for i, s in enumerate(seqs):
+            k = s.request.params.prompt_logprobs
+            if k is not None and len(prompts[i]) > 1:
+                # column c predicts column c + 1: the prompt's tokens after the first, from its own columns
+                lp = torch.log_softmax(out.logits[i, width - len(prompts[i]) : width - 1].float(), dim=-1)
+                s.prompt_logprobs = _scored(lp, prompts[i][1:], k)
         rows = _Rows(list(seqs), out.past_key_values, mask, positions[:, -1], tokens=ids[:, -1])  # _emit samples them
         return self._emit(rows, out.logits[:, -1, :])
 
@@ -530,7 +542,8 @@ class TransformersEngine(LLMEngine):
         """Sample each row's next token from ``logits``, send it, and drop the rows that are done (None: all are)."""
         self._count_step(len(rows.seqs))
         rows.tokens = self._sample(logits, rows.seqs)
-        step = [(s, self._advance(s, int(rows.tokens[i]))) for i, s in enumerate(rows.seqs)]
+        scores = _score(logits, rows.tokens, rows.seqs)
+        step = [(s, self._advance(s, int(rows.tokens[i]), scores.get(i))) for i, s in enumerate(rows.seqs)]
         _deliver([(s, out) for s, out in step if out is not None])
         keep = [i for i, s in enumerate(rows.seqs) if not s.done]
         if not keep:
@@ -564,11 +577,16 @@ class TransformersEngine(LLMEngine):
                 tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
         return tokens
 
-    def _advance(self, seq: _Sequence, token: int) -> GenerationOutput | None:
-        """Hand one new token to its sequence: its output, or None when the consumer left (the row is done)."""
+    def _advance(self, seq: _Sequence, token: int, scored: TokenLogprob | None) -> GenerationOutput | None:
+        """Hand one new token (and its score, when asked) to its sequence: its output, or None when the consumer
+        left (the row is done). A sequence of ``max_tokens`` 0 ends here without it (only its prompt's scores)."""
         if seq.cancelled:
             seq.done = True
             return None
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        if seq.request.params.max_tokens == 0:
+            seq.done = True
+            return GenerationOutput("", [], 0, "length", prompt_logprobs=prompt_logprobs)
         seq.completion += 1
         self.counters["generated_tokens"] += 1
         finish = None
@@ -582,7 +600,41 @@ class TransformersEngine(LLMEngine):
                 text, finish = text + seq.stream.flush(), "length"
         if finish is not None:
             seq.done = True
-        return GenerationOutput(text, [token], seq.completion, finish)
+        logprobs = None if scored is None else [scored]
+        return GenerationOutput(text, [token], seq.completion, finish, logprobs, prompt_logprobs)
+
+
+def _scored(logprobs: Any, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Each place's entry: ``tokens[j]``'s log probability in row j of ``logprobs`` ``[places, vocab]``
+    (log-softmax), with the ``k`` most likely tokens there."""
+    import torch
+
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0]
+    values = chosen.clamp(min=_LOGPROB_FLOOR).tolist()
+    if not k:
+        return [TokenLogprob(t, v) for t, v in zip(tokens, values, strict=True)]
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    top_values = top_values.clamp(min=_LOGPROB_FLOOR)
+    tops = [tuple(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+    return [TokenLogprob(t, v, top) for t, v, top in zip(tokens, values, tops, strict=True)]
+
+
+def _score(logits: Any, tokens: Any, seqs: list[_Sequence]) -> dict[int, TokenLogprob]:
+    """Row -> the sampled token's score, for the rows that ask for log probabilities (none: nothing computed).
+
+    Rows asking for different numbers of alternatives are scored with the most asked, then cut to their own."""
+    asked = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
+    if not asked:
+        return {}
+    import torch
+
+    k = max(seqs[i].request.params.logprobs or 0 for i in asked)
+    lp = torch.log_softmax(logits[asked].float(), dim=-1)
+    scored = _scored(lp, [int(tokens[i]) for i in asked], k)
+    return {
+        i: TokenLogprob(s.token_id, s.logprob, s.top[: seqs[i].request.params.logprobs])
+        for i, s in zip(asked, scored, strict=True)
+    }
 
 
 def _adapters(seqs: list[_Sequence]) -> set[str]:

@@ -15,6 +15,8 @@ vLLM is imported only when the engine starts (``make install`` installs its CPU 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -148,6 +150,37 @@ def parse_args(argv: list[str]) -> Any:
     return args
 
 
+class _SharedOrExclusive:
+    """An asyncio lock held shared by many or exclusively by one; a waiting exclusive holder goes first."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            if exclusive:
+                self._waiting += 1
+                await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._waiting -= 1
+                self._exclusive = True
+            else:
+                await self._cond.wait_for(lambda: not self._exclusive and self._waiting == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
 class EngineTap:
     """Wraps the engine's ``generate`` to see every sequence vLLM's serving runs, whatever the route.
 
@@ -155,8 +188,19 @@ class EngineTap:
     (``prompt_tokens``, ``completion_tokens``, ``latency_ms``). Observing never blocks or fails a request.
     """
 
-    def __init__(self, engine: Any, name: str, monitor: MonitorHook | None, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        name: str,
+        monitor: MonitorHook | None,
+        clock: Callable[[], float],
+        prompt_logprobs_alone: bool = False,
+    ) -> None:
         self.name = name
+        # vLLM 0.29 with LoRA enabled computes a request's prompt logprobs (echo + logprobs) with the LoRA indices
+        # of the whole batch and its engine dies ("einsum(): subscript b has size 4 ... size 24") when that request
+        # shares a step with others: such requests then run alone (the others wait, and go on after it).
+        self._alone = _SharedOrExclusive() if prompt_logprobs_alone else None
         self.monitor = monitor
         self.clock = clock
         self.counters = {"requests": 0, "aborted": 0, "choices": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -174,14 +218,16 @@ class EngineTap:
         prompt = 0
         finished = False
         self.counters["requests"] += 1
+        alone = self._alone is not None and getattr(params, "prompt_logprobs", None) is not None
         try:
-            async for out in self._generate(*args, **kwargs):
-                prompt = len(out.prompt_token_ids or ())
-                for o in getattr(out, "outputs", ()):
-                    n = len(o.token_ids)
-                    tokens[o.index] = tokens.get(o.index, 0) + n if delta else n
-                finished = bool(out.finished)
-                yield out
+            async with (self._alone.hold(alone) if self._alone is not None else contextlib.nullcontext()):
+                async for out in self._generate(*args, **kwargs):
+                    prompt = len(out.prompt_token_ids or ())
+                    for o in getattr(out, "outputs", ()):
+                        n = len(o.token_ids)
+                        tokens[o.index] = tokens.get(o.index, 0) + n if delta else n
+                    finished = bool(out.finished)
+                    yield out
         finally:
             if finished:
                 self._observe(prompt, list(tokens.values()), (self.clock() - started) * 1000.0)
@@ -256,7 +302,7 @@ class VLLMServer:
             stat_loggers=loggers,
             disable_log_stats=False,
         )
-        self.tap = EngineTap(self.engine, self.name, self.monitor, self.clock)
+        self.tap = EngineTap(self.engine, self.name, self.monitor, self.clock, prompt_logprobs_alone=bool(self.cfg.adapters))
         tasks = await self.engine.get_supported_tasks()
         self.app = build_app(self.args, tasks, self.engine.model_config)
         await init_app_state(self.engine, self.app.state, self.args, tasks)

@@ -37,7 +37,7 @@ def test_a_users_task_folder_keeps_its_other_files(tmp_path: Path) -> None:
 
 
 def test_scores_are_named_task_slash_metric_without_stderr() -> None:
-    results = {"a": {"alias": "a", "acc,none": 0.5, "acc_stderr,none": 0.1}, "b": {"exact_match,strict": 1.0}}
+    results = {"a": {"alias": "a", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 8}, "b": {"exact_match,strict": 1.0}}
     assert _flatten(results) == {"a/acc": 0.5, "b/exact_match,strict": 1.0}
 
 

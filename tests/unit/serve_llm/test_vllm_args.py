@@ -79,3 +79,28 @@ def test_adapters_vllm_cannot_load_are_refused_before_it_starts(tiny_run: Path) 
     cfg = serve_cfg(tiny_run).model_copy(update={"adapters": {"c": str(tiny_run / "llm" / "adapter3")}})  # saves ln_f
     with pytest.raises(UsageError, match=r"llm\.serve\.adapters\.c: vLLM cannot serve .*modules \(ln_f\).*merged"):
         check_adapters(cfg)
+
+
+def test_an_exclusive_holder_runs_alone_and_goes_before_later_shared_ones() -> None:
+    import asyncio
+
+    from fabric.serve.llm.vllm_engine import _SharedOrExclusive
+
+    async def scenario() -> list[str]:
+        lock, log = _SharedOrExclusive(), []
+
+        async def user(name: str, exclusive: bool, delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with lock.hold(exclusive):
+                log.append(f"+{name}")
+                await asyncio.sleep(0.05)
+                log.append(f"-{name}")
+
+        await asyncio.gather(user("a", False, 0), user("b", False, 0), user("X", True, 0.01), user("c", False, 0.02))
+        return log
+
+    log = asyncio.run(scenario())
+    x = log.index("+X")
+    assert log[x + 1] == "-X"  # nothing ran beside X
+    assert x > max(log.index("-a"), log.index("-b"))  # X waited for the shared holders already in
+    assert log.index("+c") > log.index("-X")  # and c, which came while X waited, went after it
