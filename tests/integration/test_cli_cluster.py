@@ -15,12 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fabric import runtime
 from tests.conftest import ROOT, which_ray
 
 pytestmark = pytest.mark.integration
 
 GCS_PORT = 6479
 DASH_PORT = 8365
+TEMP_DIR = f"/tmp/fabric-{os.getuid()}-{GCS_PORT}"
 URL = f"http://127.0.0.1:{DASH_PORT}"
 SMOKE = "jobs/configs/pipeline_smoke.yaml"
 
@@ -61,11 +63,18 @@ def test_up_prints_addresses_token_and_next_steps(head: dict[str, str]) -> None:
     assert "fabric submit jobs/" in out
 
 
-def test_dashboard_and_job_api_bind_to_loopback_only(head: dict[str, str]) -> None:
-    listening = [
-        c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == DASH_PORT
-    ]
-    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+def _head_listeners() -> list[tuple[str, int, str]]:
+    return runtime.listeners(runtime.head_processes(TEMP_DIR, GCS_PORT))
+
+
+def test_every_port_of_a_development_head_is_on_loopback_as_printed(head: dict[str, str]) -> None:
+    listening = _head_listeners()
+    labels = {label for _, _, label in listening}
+    assert {"gcs_server", "raylet", "dashboard", "ray-client-server"} <= labels, listening
+    assert [e for e in listening if e[0] not in runtime.LOOPBACK_IPS] == []
+    printed = head["UP_STDOUT"]
+    assert f"{GCS_PORT} gcs_server" in printed and f"{DASH_PORT} dashboard" in printed
+    assert "every port is on loopback" in printed and "reachable from other machines" not in printed
 
 
 def test_job_api_requires_the_token(head: dict[str, str]) -> None:
@@ -144,19 +153,49 @@ def test_jobs_logs_and_unknown_id(head: dict[str, str]) -> None:
     assert missing.returncode == 2 and "no job with id" in missing.stderr
 
 
+def test_serve_on_the_head_listens_on_loopback_only(head: dict[str, str], tmp_path: Path) -> None:
+    from tests.unit.serve.models import make_model
+
+    port = runtime.free_port()
+    model = make_model(tmp_path / "model", seed=2)
+    proc = fabric(
+        head, "serve", "--detach", f"serve.port={port}", f"serve.model_uri={model}", "serve.model_name=tiny",
+        "monitor.enabled=false", "serve.replica_cpus=0", f"run_dir={tmp_path / 'runs'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    listening = _head_listeners()
+    haproxy = {p for _, p, label in listening if label.startswith("haproxy")}
+    assert port in haproxy and len(haproxy) >= 3, listening  # ingress, stats page, Prometheus exporter
+    assert [e for e in listening if e[0] not in runtime.LOOPBACK_IPS] == []
+
+
 def test_down_stops_only_our_head(head: dict[str, str]) -> None:
     import ray
 
-    temp_dir = f"/tmp/fabric-{os.getuid()}-{GCS_PORT}"
-    assert our_processes(temp_dir), "the head should be running before `fabric down`"
+    procs = runtime.head_processes(TEMP_DIR, GCS_PORT)
+    assert our_processes(TEMP_DIR), "the head should be running before `fabric down`"
+    ports = {port for _, port, _ in runtime.listeners(procs)}
+    assert {GCS_PORT, DASH_PORT} <= ports and any(runtime.process_label(p) == "ray-client-server" for p in procs)
     # Another Ray on the same machine (started here, not by `fabric up`) must survive `fabric down`.
     ray.init(num_cpus=1, include_dashboard=False)
     try:
         proc = fabric(head, "down")
         assert proc.returncode == 0 and "Stopped the Ray head" in proc.stdout
-        assert our_processes(temp_dir) == []
+        assert our_processes(TEMP_DIR) == []
         assert ray.get(ray.put(41)) == 41 and ray.cluster_resources().get("CPU") == 1.0
     finally:
         ray.shutdown()
+    # Every process the head started (its Ray client server and Serve's HAProxy included) is gone, and so is
+    # every socket they listened on.
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    assert alive == [], [(p.pid, runtime.process_label(p)) for p in alive]
+    held = [
+        (c.laddr.ip, c.laddr.port, c.pid)
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port in ports and c.pid in {p.pid for p in procs}
+    ]
+    assert held == [] and not any(
+        c.status == psutil.CONN_LISTEN and c.laddr.port in (GCS_PORT, DASH_PORT) for c in psutil.net_connections("inet")
+    )
     again = fabric(head, "down")
     assert again.returncode == 0 and "nothing to stop" in again.stdout
