@@ -44,6 +44,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 f"llm.serve.port={port}",
                 f"llm.serve.served_name={MODEL}",
                 f"llm.serve.api_key_env={KEY_ENV}",
+                # fabric's own OpenAI layer (the transformers engine): on vLLM the OpenAI routes are vLLM's own app
+                "llm.serve.engine=transformers",
                 "llm.serve.replica_cpus=0",
                 "llm.serve.fast_path=false",
                 "monitor.enabled=false",
