@@ -68,6 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             f"llm.serve.model_path={llm_run / 'llm' / 'base'}",
             f"llm.serve.adapters={{finetuned: {llm_run / 'llm' / 'adapter'}}}",
             f"llm.serve.served_name={LLM}",
+            "llm.serve.engine=transformers",  # the tiny GPT-2's adapter (vLLM has no LoRA for GPT-2: test_llm_vllm)
             "llm.serve.monitor=false",
             "llm.serve.replica_cpus=0",
         ],
