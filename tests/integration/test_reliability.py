@@ -104,9 +104,12 @@ def test_nothing_serving_the_model_listens_beyond_loopback(served: dict[str, Any
     other = _other_address()
     if other is None:
         return  # no other interface to be reached on: the loopback check above is the whole story
-    # Every port the session exposes beyond loopback (Ray's gRPC ports, its Prometheus metrics export and
-    # HAProxy's stats, which Ray binds to all interfaces) is asked for the model's metadata route from the
-    # machine's network address: none may serve it.
+    # HAProxy's listeners (ingress, stats page, Prometheus exporter) follow serve.host: loopback here.
+    haproxy = [(ip, port) for name, ip, port in listening if name.startswith("haproxy")]
+    assert len(haproxy) >= 3 and {ip for ip, _ in haproxy} <= {"127.0.0.1", "::ffff:127.0.0.1"}, haproxy
+    # This Ray was started by plain ray.init (not on loopback like fabric's own): every port it exposes beyond
+    # loopback (its gRPC ports, its metrics export) is asked for the model's metadata route from the machine's
+    # network address: none may serve it.
     exposed = sorted({port for _, ip, port in listening if ip in ("0.0.0.0", "::", "*", other)})
     answered = []
     for port in exposed:
