@@ -293,8 +293,9 @@ def promote(cfg: PipelineConfig, version: str) -> Promotion:
 
 def _versus_baseline(data: Path, task: Any, scores: dict[str, float], y: Any, numbers: dict[str, float]) -> str | None:
     """Score the trivial baseline on the test labels into ``numbers`` (``test.baseline_*``, ``baseline.beaten``);
-    the reason the candidate can never be champion when it does not beat it, else None."""
-    if not len(y):
+    the reason the candidate can never be champion when it does not beat it, else None (also when there is
+    no training split to fit the baseline on, or no test row)."""
+    if not len(y) or not (data / "train").exists():
         return None
     meta_file = data / "meta.json"
     num_classes = json.loads(meta_file.read_text()).get("num_classes") if meta_file.is_file() else None

@@ -27,7 +27,9 @@ def _cfg(run_dir: Path, model_name: str, **train_settings: object) -> PipelineCo
     })  # fmt: skip
 
 
-def test_reruns_train_and_register_only_what_changed(ray_local: None, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_reruns_train_and_register_only_what_changed(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_synthetic(tmp_path)
     cfg = _cfg(tmp_path, "rerun")
     crash = {"fault_injection": {"epoch": 2, "rank": 0, "marker": str(tmp_path / "crashed")}}
@@ -64,7 +66,9 @@ def test_reruns_train_and_register_only_what_changed(ray_local: None, tmp_path: 
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
 
 
-def test_a_model_worse_than_the_mean_is_not_champion(ray_local: None, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_worse_than_the_mean_is_not_champion(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = write_synthetic(tmp_path, task="regression")
     for split in ("train", "val", "test"):  # targets around 100: one slow epoch leaves the outputs near 0
         for part in (data / split).glob("*.parquet"):
