@@ -19,9 +19,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 
+from fabric import runtime
 from fabric.runtime import free_port
 from tests.llm_fixtures import tiny_llm
 from tests.unit.serve.models import encode, make_model, reference, softmax
@@ -108,7 +110,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             if time.monotonic() > deadline:
                 pytest.fail(f"not ready in {START_TIMEOUT_S}s:\n{(root / 'serve-run.log').read_text()[-3000:]}")
             time.sleep(1)
-        yield {"url": url, "model": model}
+        yield {"url": url, "model": model, "proc": proc, "port": port}
     finally:
         _stop(proc)
         log.close()
@@ -144,3 +146,29 @@ def test_the_language_model_app_answers_the_openai_client_under_its_prefix(serve
     )
     assert chat.choices[0].message.role == "assistant"
     assert 0 < chat.usage.completion_tokens <= 8
+
+
+def test_sigterm_and_ray_stop_leave_no_haproxy_and_its_listeners_were_on_loopback(served: dict[str, Any]) -> None:
+    """The way the issue saw HAProxy outlive `serve run`: SIGTERM to its process group, then `ray stop`."""
+    proc: subprocess.Popen = served["proc"]
+    root = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while True:  # HAProxy reloads as routes arrive: wait until one holds all three of its ports
+        procs = [root, *root.children(recursive=True)]
+        listening = runtime.listeners(procs)
+        haproxy = [(ip, port) for ip, port, label in listening if label.startswith("haproxy")]
+        if len(haproxy) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    # Serve's host is 127.0.0.1 in the config: so are the stats page and the Prometheus exporter.
+    assert len(haproxy) >= 3 and {ip for ip, _ in haproxy} <= set(runtime.LOOPBACK_IPS), listening
+    haproxies = [p for p in procs if p.is_running() and runtime.process_label(p).startswith("haproxy")]
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    # `ray stop` for this Ray only (others run on this machine): its processes, not HAProxy, unknown to it.
+    runtime.stop_processes([p for p in procs[1:] if p not in haproxies and p.is_running()])
+    _, alive = psutil.wait_procs(haproxies, timeout=30)
+    assert alive == [], f"HAProxy outlived its Serve: {alive}"
+    ports = {port for _, port in haproxy}
+    held = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
+    assert held == [], held
