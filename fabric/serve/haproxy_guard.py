@@ -131,16 +131,16 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                run = spec.loader.exec_module
-                patch = self.patch
-
-                def exec_module(module: ModuleType) -> None:
-                    run(module)
-                    patch(module)
-
-                spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+                spec.loader.exec_module = self._then_patch(spec.loader.exec_module)  # type: ignore[method-assign]
                 return spec
         return None
+
+    def _then_patch(self, run: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            self.patch(module)
+
+        return exec_module
 
 
 def _patch_template(module: ModuleType) -> None:
@@ -155,7 +155,7 @@ def install() -> None:
         _patch_template(sys.modules[templates])
         loaded = sys.modules.get("ray.serve._private.haproxy")
         if loaded is not None:  # it holds its own reference to the template
-            loaded.HAPROXY_CONFIG_TEMPLATE = sys.modules[templates].HAPROXY_CONFIG_TEMPLATE  # type: ignore[attr-defined]
+            loaded.HAPROXY_CONFIG_TEMPLATE = sys.modules[templates].HAPROXY_CONFIG_TEMPLATE
     elif not any(isinstance(f, _AfterImport) and f.name == templates for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport(templates, _patch_template))
     _tie_haproxy_to_its_spawner()

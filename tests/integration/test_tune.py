@@ -77,7 +77,12 @@ def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched, t
     assert len(partial) == trial and (partial["status"] == "interrupted").sum() == 1, partial
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "fabric.cli", *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fabric.cli", *args, "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = pd.read_csv(experiment / "results.csv")

@@ -25,7 +25,9 @@ def _render(host: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from ray.serve._private import haproxy
     from ray.serve.config import HTTPOptions
 
-    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", haproxy_guard.bind_like_frontend(haproxy.HAPROXY_CONFIG_TEMPLATE))
+    monkeypatch.setattr(
+        haproxy, "HAPROXY_CONFIG_TEMPLATE", haproxy_guard.bind_like_frontend(haproxy.HAPROXY_CONFIG_TEMPLATE)
+    )
     cfg = haproxy.HAProxyConfig(
         http_options=HTTPOptions(host=host, port=8123),
         stats_port=8404,
@@ -42,8 +44,8 @@ def _render(host: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_the_fast_path_environment_names_the_hook() -> None:
     assert FAST_PATH_ENV[haproxy_guard.HOOK_VAR] == "fabric.serve.haproxy_guard.install"
-    from ray._private import ray_constants
     from ray._common.utils import load_class
+    from ray._private import ray_constants
 
     assert haproxy_guard.HOOK_VAR == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     assert load_class(haproxy_guard.HOOK) is haproxy_guard.install
@@ -117,7 +119,9 @@ def test_a_held_port_names_its_holder() -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        with pytest.raises(UsageError, match=rf"serve\.port: port {port} on 127\.0\.0\.1 is held by process {os.getpid()} \("):
+        with pytest.raises(
+            UsageError, match=rf"serve\.port: port {port} on 127\.0\.0\.1 is held by process {os.getpid()} \("
+        ):
             check_ports_free("127.0.0.1", {port: "serve.port"})
         with pytest.raises(UsageError, match="RAY_SERVE_HAPROXY_STATS_PORT"):
             check_ports_free("0.0.0.0", {port: "RAY_SERVE_HAPROXY_STATS_PORT"})
