@@ -93,3 +93,34 @@ def serve_stages(cfg: PipelineConfig, result: PipelineResult | None = None) -> P
         print(f"no reference sample under {cfg.run_dir}/data: the drift monitor is not started", flush=True)
     _stage(result, "serve", lambda: serve.run(cfg))
     return result
+
+
+def finetune(cfg: PipelineConfig) -> Any:
+    """LoRA fine-tuning (``fabric.train.finetune``), then, with ``llm.eval.after_finetune``, the evaluation of the
+    base and the new adapter side by side (``fabric.evaluate``, on ``llm.eval.url`` or an app deployed here).
+
+    Returns:
+        The fine-tuning's ``FinetuneResult``.
+    """
+    from fabric import evaluate
+    from fabric.train import finetune as train_adapter
+
+    result = train_adapter(cfg)
+    if cfg.llm.eval.after_finetune:
+        s = cfg.llm.serve
+        if s.model_path is None and not s.adapters:  # the base and the adapter just trained, side by side
+            s = s.model_copy(
+                update={
+                    "model_path": str(result.base_dir),
+                    "adapters": {"finetuned": str(result.adapter_dir)},
+                    "served_name": s.served_name or cfg.llm.finetune.model_name,
+                }
+            )
+            cfg = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"serve": s})})
+        url = cfg.llm.eval.url
+        if not url:
+            from fabric.serve.llm import deploy
+
+            url = deploy(cfg)
+        evaluate.run(cfg, url)
+    return result

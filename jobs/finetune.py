@@ -1,5 +1,6 @@
 """LoRA fine-tuning of a causal language model as a Ray job (Ray Train DDP or DeepSpeed; outputs under
-<run_dir>/llm/ for the OpenAI-compatible endpoint).
+<run_dir>/llm/ for the OpenAI-compatible endpoint); with llm.eval.after_finetune=true, then lm-evaluation-harness
+on the base and the new adapter.
 
 Run: python jobs/finetune.py --config jobs/configs/llm_smoke.yaml [section.field=value ...]
 """
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from fabric.pipeline import finetune
 from fabric.runtime import job_main
-from fabric.train import finetune
 
 
 def main(argv: list[str] | None = None) -> int:

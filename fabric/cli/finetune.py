@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate, then fine-tune; the outputs land under ``<run_dir>/llm/``."""
     from fabric.config import load_config
-    from fabric.train import finetune
+    from fabric.pipeline import finetune
 
     cfg = load_config(args.config, args.overrides)
     finetune(cfg)

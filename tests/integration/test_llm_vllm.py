@@ -39,34 +39,45 @@ TINY_LLAMA = [  # a Llama (vLLM has LoRA for it, not for GPT-2) with vLLM's CPU 
 
 @pytest.fixture(scope="module")
 def vllm_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """``fabric finetune`` of a tiny Llama, then its base and adapter on vLLM through fabric's app."""
+    """``fabric finetune`` of a tiny Llama with ``llm.eval.after_finetune`` (which deploys the base and the new
+    adapter on vLLM through fabric's app and evaluates both); the tests then use that app."""
+    from fabric.pipeline import finetune
     from fabric.serve.llm import deploy
-    from fabric.train import finetune
 
     root = tmp_path_factory.mktemp("vllm")
     run_dir = root / "runs"
     with local_ray(root / "home", fast_path=True, env={KEY_ENV: KEY}):  # its end ends Serve and the monitor
-        finetune(load_config(None, [f"run_dir={run_dir}", "name=tiny", "track.experiment=vllm", *TINY_LLAMA]))
         vllm = {
             "enforce_eager": True,  # no graph compilation: a start in seconds for a model this small
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
             "enable_auto_tool_choice": True,
             "tool_call_parser": "hermes",
         }
+        common = [
+            f"run_dir={run_dir}",
+            "name=tiny",
+            "track.experiment=vllm",
+            f"llm.finetune.model_name={MODEL}",
+            f"llm.serve.port={free_port()}",
+            f"llm.serve.api_key_env={KEY_ENV}",
+            "llm.serve.kv_cache_gb=0.25",
+            "llm.serve.replica_cpus=0",  # the 2 CPUs stay for fabric generate's engine and Ray Data
+            f"llm.serve.vllm={json.dumps(vllm)}",
+            "monitor.min_samples=5",
+            "monitor.resources=false",
+            "monitor.detached=false",
+            *TINY_LLAMA,
+        ]
+        after = ["llm.eval.after_finetune=true", "llm.eval.tasks=[fabric_arithmetic]", "llm.eval.limit=2"]
+        finetune(load_config(None, [*common, *after]))
+        # the app the evaluation deployed: the base and the adapter as `finetuned` (this config is the same app)
         cfg = load_config(
             None,
             [
-                f"run_dir={run_dir}",
-                f"llm.serve.port={free_port()}",
+                *common,
+                f"llm.serve.model_path={run_dir / 'llm' / 'base'}",
+                f"llm.serve.adapters={{finetuned: {run_dir / 'llm' / 'adapter'}}}",
                 f"llm.serve.served_name={MODEL}",
-                f"llm.serve.adapters={{ft: {run_dir / 'llm' / 'adapter'}}}",
-                f"llm.serve.api_key_env={KEY_ENV}",
-                "llm.serve.replica_cpus=0",  # the 2 CPUs stay for fabric generate's engine and Ray Data
-                "llm.serve.kv_cache_gb=0.25",
-                f"llm.serve.vllm={json.dumps(vllm)}",
-                "monitor.min_samples=5",
-                "monitor.resources=false",
-                "monitor.detached=false",
             ],
         )
         assert cfg.llm.serve.engine == "auto"  # vLLM because it is installed: no GPU asked for
@@ -85,8 +96,8 @@ def _auth() -> dict[str, str]:
 
 def test_models_list_the_base_and_the_finetuned_adapter(client: Any, vllm_app: dict[str, Any]) -> None:  # noqa: F811
     cards = {m.id: m for m in client.models.list().data}
-    assert set(cards) == {MODEL, f"{MODEL}:ft"}
-    assert cards[f"{MODEL}:ft"].parent == MODEL  # type: ignore[attr-defined]
+    assert set(cards) == {MODEL, f"{MODEL}:finetuned"}
+    assert cards[f"{MODEL}:finetuned"].parent == MODEL  # type: ignore[attr-defined]
     assert httpx.get(vllm_app["url"] + "/health", timeout=10).status_code == 200  # probes need no key
 
 
@@ -121,7 +132,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client: Any, vllm_
 def test_the_adapter_changes_the_scores(client: Any) -> None:
     kw = {"prompt": "what is the capital of hungary", "max_tokens": 1, "echo": True, "logprobs": 1}
     base = client.completions.create(model=MODEL, **kw).choices[0].logprobs.token_logprobs[1:]
-    tuned = client.completions.create(model=f"{MODEL}:ft", **kw).choices[0].logprobs.token_logprobs[1:]
+    tuned = client.completions.create(model=f"{MODEL}:finetuned", **kw).choices[0].logprobs.token_logprobs[1:]
     assert len(base) == len(tuned) and base != pytest.approx(tuned, abs=1e-4)
 
 
@@ -239,22 +250,23 @@ def test_lm_eval_scores_base_and_adapter_and_logs_them_to_the_adapters_run(vllm_
     cfg = vllm_app["cfg"].model_copy(deep=True)
     cfg.llm.eval.limit = 8
     cfg.llm.eval.promote_metric = "fabric_capitals/acc"
-    cfg.llm.finetune.model_name = "fabric-lm"
     result = evaluate.run(cfg, vllm_app["url"])
-    assert set(result.scores) == {MODEL, f"{MODEL}:ft"} and result.base == MODEL
+    assert set(result.scores) == {MODEL, f"{MODEL}:finetuned"} and result.base == MODEL
     for scores in result.scores.values():
         assert set(scores) == {"fabric_capitals/acc", "fabric_arithmetic/exact_match"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())
     table = result.table()
-    assert "fabric_capitals/acc" in table and f"{MODEL}:ft" in table
+    assert "fabric_capitals/acc" in table and f"{MODEL}:finetuned" in table
     client = mlflow.MlflowClient(tracking_uri(cfg))
+    # fine-tuning evaluated its adapter already (llm.eval.after_finetune, in the fixture): the same run has both
+    assert len(client.get_metric_history(result.run_id, "eval/finetuned/fabric_arithmetic/exact_match")) == 2
     logged = client.get_run(result.run_id).data.metrics
     assert logged["eval/base/fabric_capitals/acc"] == result.scores[MODEL]["fabric_capitals/acc"]
-    assert logged["eval/ft/fabric_arithmetic/exact_match"] == result.scores[f"{MODEL}:ft"]["fabric_arithmetic/exact_match"]
+    assert logged["eval/finetuned/fabric_arithmetic/exact_match"] == result.scores[f"{MODEL}:finetuned"]["fabric_arithmetic/exact_match"]
     # the promotion rule: champion exactly when the adapter is not worse than the base on the metric
-    ok = result.scores[f"{MODEL}:ft"]["fabric_capitals/acc"] >= result.scores[MODEL]["fabric_capitals/acc"]
+    ok = result.scores[f"{MODEL}:finetuned"]["fabric_capitals/acc"] >= result.scores[MODEL]["fabric_capitals/acc"]
     assert (result.promoted is not None) == ok
-    assert (alias_version(client, "fabric-lm", CHAMPION) is not None) == ok
+    assert (alias_version(client, MODEL, CHAMPION) is not None) == ok
 
 
 def test_fabric_generate_writes_every_prompt_with_its_id(vllm_app: dict[str, Any], tmp_path: Path, capsys: Any) -> None:

@@ -100,13 +100,19 @@ def start_monitor(cfg: PipelineConfig) -> bool:
     # would read as drift.
     numeric = [c for c in frame.columns if pd.api.types.is_integer_dtype(frame[c])]
     frame[numeric] = frame[numeric].astype("float64")
-    _monitors[s.monitor_actor] = start(
+    handle = start(
         cfg.monitor.model_copy(update={"actor_name": s.monitor_actor}),
         frame,
         features=features,
         checkpoint_path=Path(cfg.run_dir).expanduser().resolve() / "monitor" / "llm_state.pkl",
         run_dir=cfg.run_dir,
     )
+    # Keep the first handle: a non-detached actor lives while its creator's handle does, and a second deploy in
+    # this process (on the same cluster) gets another handle to the same actor.
+    import ray
+
+    ctx = ray.get_runtime_context()  # the cluster this process is on now (tests and notebooks start several)
+    _monitors.setdefault(f"{ctx.gcs_address}/{ctx.get_node_id()}/{s.monitor_actor}", handle)
     return True
 
 
