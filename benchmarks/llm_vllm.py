@@ -119,26 +119,25 @@ def generation(cfg: Any, folder: Path, root: Path, n: int, max_tokens: int) -> d
     fabric_s = time.perf_counter() - start
     assert len(pd.read_parquet(result.output)) == n
     # the baseline in a fresh process (its engine takes the CPUs fabric's has given back)
-    code = (
+    script = root / "llm_generate.py"  # a file: vLLM's engine core is spawned and re-imports __main__
+    script.write_text(
         "import json, sys, time\n"
         "from vllm import LLM, SamplingParams\n"
-        "texts = json.load(open(sys.argv[1]))\n"
-        "t0 = time.perf_counter()\n"
-        f"llm = LLM(model=sys.argv[2], dtype='float32', kv_cache_memory_bytes={int(KV_GB * (1 << 30))}, seed=0)\n"
-        "t1 = time.perf_counter()\n"
-        f"outs = llm.generate(texts, SamplingParams(max_tokens={max_tokens}, temperature=0))\n"
-        "t2 = time.perf_counter()\n"
-        "print(json.dumps({'start': t1 - t0, 'generate': t2 - t1, "
-        "'tokens': sum(len(o.outputs[0].token_ids) for o in outs)}))\n"
+        "if __name__ == '__main__':\n"
+        "    texts = json.load(open(sys.argv[1]))\n"
+        "    t0 = time.perf_counter()\n"
+        f"    llm = LLM(model=sys.argv[2], dtype='float32', kv_cache_memory_bytes={int(KV_GB * (1 << 30))}, seed=0)\n"
+        "    t1 = time.perf_counter()\n"
+        f"    outs = llm.generate(texts, SamplingParams(max_tokens={max_tokens}, temperature=0))\n"
+        "    t2 = time.perf_counter()\n"
+        "    tokens = sum(len(o.outputs[0].token_ids) for o in outs)\n"
+        "    print('RESULT ' + json.dumps({'start': t1 - t0, 'generate': t2 - t1, 'tokens': tokens}), flush=True)\n"
     )
     (root / "texts.json").write_text(json.dumps(texts))
     out = subprocess.run(
-        [sys.executable, "-c", f"if __name__ == '__main__':\n    exec({code!r})", str(root / "texts.json"), str(folder)],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, str(script), str(root / "texts.json"), str(folder)], capture_output=True, text=True, check=True
     )
-    base = json.loads(out.stdout.strip().splitlines()[-1])
+    base = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
     return {
         "fabric_s": fabric_s,
         "fabric_tokens": result.generated_tokens,
@@ -146,6 +145,28 @@ def generation(cfg: Any, folder: Path, root: Path, n: int, max_tokens: int) -> d
         "llm_generate_s": base["generate"],
         "llm_tokens": base["tokens"],
     }
+
+
+def print_serving(args: argparse.Namespace, rows: dict[str, dict[int, list[tuple[float, float]]]]) -> None:
+    """The serving table: vllm serve vs fabric on vLLM (paired), and fabric's transformers engine."""
+    print(
+        f"\nGPT-2 {args.layers}x{args.width} (fresh weights), fp32, {BURST} streamed requests x {args.max_tokens} "
+        f"tokens per level, greedy; medians of {args.repeats} runs (vLLM sides paired); HAProxy fast path\n"
+    )
+    print("| concurrency | vllm serve tok/s | fabric (vLLM) tok/s | ratio | vllm serve TTFT ms | fabric TTFT ms "
+          "| TTFT ratio | fabric (transformers) tok/s | transformers / vLLM |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in args.concurrency:
+        v, f, t = rows["vllm"][c], rows["fabric"][c], rows["transformers"][c]
+        ratio = statistics.median(fr[0] / vr[0] for fr, vr in zip(f, v, strict=True))
+        tratio = statistics.median(fr[1] / vr[1] for fr, vr in zip(f, v, strict=True))
+        ftps = statistics.median(r[0] for r in f)
+        ttps = statistics.median(r[0] for r in t) if t else float("nan")
+        print(
+            f"| {c} | {statistics.median(r[0] for r in v):,.0f} | {ftps:,.0f} | {ratio:.2f}x "
+            f"| {statistics.median(r[1] for r in v) * 1000:,.0f} | {statistics.median(r[1] for r in f) * 1000:,.0f} "
+            f"| {tratio:.2f}x | {ttps:,.0f} | {ttps / ftps:.2f}x |"
+        )
 
 
 def main() -> None:
@@ -203,6 +224,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for c in args.concurrency:
                     rows["transformers"][c].append(asyncio.run(burst(turl, texts, c, args.max_tokens))[:2])
+        print_serving(args, rows)
         from ray import serve
 
         serve.shutdown()  # the CPUs go to the generation comparison
@@ -213,24 +235,6 @@ def main() -> None:
             stop(server)
         ray.shutdown()
 
-    print(
-        f"\nGPT-2 {args.layers}x{args.width} (fresh weights), fp32, {BURST} streamed requests x {args.max_tokens} "
-        f"tokens per level, greedy; medians of {args.repeats} runs (vLLM sides paired); HAProxy fast path\n"
-    )
-    print("| concurrency | vllm serve tok/s | fabric (vLLM) tok/s | ratio | vllm serve TTFT ms | fabric TTFT ms "
-          "| TTFT ratio | fabric (transformers) tok/s | transformers / vLLM |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c in args.concurrency:
-        v, f, t = rows["vllm"][c], rows["fabric"][c], rows["transformers"][c]
-        ratio = statistics.median(fr[0] / vr[0] for fr, vr in zip(f, v, strict=True))
-        tratio = statistics.median(fr[1] / vr[1] for fr, vr in zip(f, v, strict=True))
-        ftps = statistics.median(r[0] for r in f)
-        ttps = statistics.median(r[0] for r in t) if t else float("nan")
-        print(
-            f"| {c} | {statistics.median(r[0] for r in v):,.0f} | {ftps:,.0f} | {ratio:.2f}x "
-            f"| {statistics.median(r[1] for r in v) * 1000:,.0f} | {statistics.median(r[1] for r in f) * 1000:,.0f} "
-            f"| {tratio:.2f}x | {ttps:,.0f} | {ttps / ftps:.2f}x |"
-        )
     if gen:
         base = gen["llm_start_s"] + gen["llm_generate_s"]
         print(
