@@ -34,9 +34,14 @@ from fabric.serve.llm.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     OpenAIError,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
     TopLogprob,
     Usage,
     bad_request,
@@ -497,6 +502,37 @@ class OpenAIServing:
         if request.include_usage():
             yield chunk([], plan.usage())
         yield DONE
+
+    # ------------------------------------------------------------------ the tokenizer (vLLM's routes)
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """Answer ``POST /tokenize``: the prompt's token ids (404 for a ``model`` not served)."""
+        if request.model is not None:
+            self.resolve(request.model)
+        ids = list(self.engine.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"])
+        return TokenizeResponse(count=len(ids), max_model_len=self.info.max_model_len, tokens=ids)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """Answer ``POST /detokenize``: the ids' text (400 naming ``tokens`` for an id outside the vocabulary)."""
+        if request.model is not None:
+            self.resolve(request.model)
+        vocab = len(self.engine.tokenizer)
+        bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"tokens: token id {bad} is not in the vocabulary (0..{vocab - 1})", "tokens")
+        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(request.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfoResponse:
+        """Answer ``GET /tokenizer_info``: the special tokens, the chat template (or the default) and the context."""
+        tok = self.engine.tokenizer
+        return TokenizerInfoResponse(
+            tokenizer_class=type(tok).__name__,
+            eos_token=tok.eos_token,
+            bos_token=tok.bos_token,
+            pad_token=tok.pad_token,
+            chat_template=getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE,
+            model_max_length=self.info.max_model_len,
+        )
 
     def stats(self) -> dict[str, Any]:
         """Request counters and the engine's (``GET /stats``)."""

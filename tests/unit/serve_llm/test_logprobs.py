@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from fabric.serve.llm.engine import GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
-from fabric.serve.llm.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from fabric.serve.llm.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+)
 from fabric.serve.llm.serving import OpenAIServing
 from fabric.serve.llm.transformers_engine import TransformersEngine
 
@@ -203,3 +209,20 @@ def test_the_openai_client_parses_logprobs(serving: OpenAIServing) -> None:
     entry = chat.choices[0].logprobs.content[0]
     assert isinstance(entry.logprob, float) and len(entry.top_logprobs) == 2 and entry.bytes
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 3
+
+
+def test_the_tokenizer_answers_as_vllm_s_routes_do(serving: OpenAIServing) -> None:
+    tok = serving.engine.tokenizer
+    ids = tok(PROMPT)["input_ids"]
+    r = serving.tokenize(TokenizeRequest(model="tiny:a", prompt=PROMPT, add_special_tokens=False))
+    assert r.tokens == ids and r.count == len(ids) and r.max_model_len == serving.info.max_model_len
+    assert serving.detokenize(DetokenizeRequest(tokens=ids)).prompt == PROMPT
+    with pytest.raises(OpenAIError) as e:
+        serving.tokenize(TokenizeRequest(model="other", prompt="x"))
+    assert e.value.status == 404 and e.value.param == "model"
+    with pytest.raises(OpenAIError) as e:
+        serving.detokenize(DetokenizeRequest(tokens=[len(tok)]))
+    assert e.value.status == 400 and e.value.param == "tokens"
+    info = serving.tokenizer_info()
+    assert info.eos_token == tok.eos_token and info.chat_template
+    assert info.model_max_length == serving.info.max_model_len
