@@ -193,10 +193,9 @@ def generate(cfg: PipelineConfig, model_folder: Path) -> GenerateResult:
     ds = processor(read(resolve(str(Path(input).expanduser().resolve()))))
     out = str(Path(output).expanduser().resolve())
     getattr(ds, f"write_{fmt}")(out)
-    written = ray.data.read_parquet(out) if fmt == "parquet" else None
-    tokens = int(written.sum("num_generated_tokens")) if written is not None else 0
-    count = written.count() if written is not None else rows
-    if count != rows:
+    written = getattr(ray.data, f"read_{fmt}")(out)  # what a reader of the output sees
+    tokens, count = int(written.sum("num_generated_tokens") or 0), written.count()
+    if count != rows:  # never an output that looks complete when it is not
         raise DataValidationError(f"{output}: {count} rows written for {rows} prompts")
     return GenerateResult(out, rows, tokens, time.monotonic() - started)
 
