@@ -109,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
     fast = " ".join(f"{k}={v}" for k, v in sorted(head.env.items())) or "off"
     declared = json.dumps(head.resources) if head.resources else "none"
     listening = runtime.head_listeners(head)
+    gcs_note = ""
+    if head.local_only:
+        env = " ".join(f"{k}={v}" for k, v in runtime.LOOPBACK_ENV.items())
+        gcs_note = (
+            f"  (to the GCS address, e.g. ray.init(address=\"{head.gcs_address}\") or `ray status`, also export\n"
+            f"  {env}: Ray otherwise turns 127.0.0.1 into this machine's network address, where this head does\n"
+            "  not listen)\n"
+        )
     if head.local_only:
         join = "  (a development head: to add nodes, start it with --node-ip <this host's address>)"
     else:
@@ -139,7 +147,7 @@ Next:
 Plain Ray CLI (it sends the token only when RAY_AUTH_MODE=token is set):
   export RAY_AUTH_MODE=token
   ray job submit --address {url} --working-dir . -- python jobs/pipeline.py --config jobs/configs/pipeline_smoke.yaml
-
+{gcs_note}
 The dashboard asks for the token once in the browser: print it with `ray get-auth-token`.
 A remote user passes it with `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token>` (or the file
 ~/.ray/auth_token) and reaches {url} through a tunnel, e.g. `ssh -L {port}:127.0.0.1:{port} <this host>`."""

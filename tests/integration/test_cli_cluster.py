@@ -61,6 +61,7 @@ def test_up_prints_addresses_token_and_next_steps(head: dict[str, str]) -> None:
     assert f"ray address      127.0.0.1:{GCS_PORT}" in out
     assert "auth token" in out and "RAY_AUTH_MODE=token" in out
     assert "fabric submit jobs/" in out
+    assert "also export\n  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in out  # how plain Ray clients reach this GCS
 
 
 def _head_listeners() -> list[tuple[str, int, str]]:
