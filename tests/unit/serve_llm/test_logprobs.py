@@ -174,6 +174,9 @@ def test_streamed_logprobs_add_up_to_the_plain_ones(serving: OpenAIServing) -> N
     assert parts[0]["text"].startswith(PROMPT)
     for key in ("tokens", "token_logprobs", "text_offset"):
         assert [v for p in parts for v in p["logprobs"][key]] == getattr(plain.logprobs, key)
+    scored = _chunks(serving, "completions", CompletionRequest, {**body, "max_tokens": 0})  # the prompt alone
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in scored] == [(PROMPT, "length")]
+    assert scored[0]["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(plain.logprobs.token_logprobs[:-6])
     chat = {"max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 1}
     whole = _chat(serving, **chat).choices[0].logprobs.model_dump()["content"]
     chunks = _chunks(serving, "chat", ChatCompletionRequest, {"messages": CHAT, **chat})
