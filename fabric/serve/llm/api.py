@@ -11,7 +11,8 @@ On vLLM the OpenAI app is vLLM's own (:mod:`fabric.serve.llm.vllm_engine`); on t
   the replica's log line carries too (never a text/plain traceback).
 
 The transformers engine's routes: ``GET /v1/models[/{model}]``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (``stream: true``: ``text/event-stream``), ``GET /health``. Every error is OpenAI's
+``POST /v1/chat/completions`` (``stream: true``: ``text/event-stream``), ``POST /tokenize``, ``POST /detokenize``,
+``GET /tokenizer_info`` (as vLLM's), ``GET /health``. Every error is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` with its status: 400 for a bad body (naming the field), 401
 for a missing or wrong API key, 404 for an unknown model or route.
 """
@@ -34,11 +35,16 @@ from fabric.serve.llm.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelList,
     OpenAIError,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
     from_validation_errors,
 )
 from fabric.serve.llm.serving import OpenAIServing
@@ -156,6 +162,23 @@ def make_api(serving: OpenAIServing) -> FastAPI:
     )
     async def chat(body: ChatCompletionRequest) -> Response:
         return answer(await serving.chat(body))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, summary="A prompt's token ids")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, summary="Token ids' text")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(body)
+
+    @app.get(
+        "/tokenizer_info",
+        response_model=TokenizerInfoResponse,
+        responses=_ERRORS,
+        summary="The tokenizer's special tokens, chat template and context (lm-evaluation-harness' remote tokenizer)",
+    )
+    async def tokenizer_info() -> TokenizerInfoResponse:
+        return serving.tokenizer_info()
 
     @app.get("/health", response_model=HealthResponse, summary="The engine can generate")
     async def health() -> Response:

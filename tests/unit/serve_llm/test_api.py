@@ -90,3 +90,13 @@ def test_an_unexpected_failure_is_a_json_500_carrying_the_request_id(
     assert r.json()["error"]["type"] == "server_error" and "req-42" in r.json()["error"]["message"]
     assert r.headers["x-request-id"] == "req-42"
     assert any("req-42" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_tokenize_detokenize_and_tokenizer_info_as_vllm_answers_them(app: Any) -> None:
+    ids = _call(app, "POST", "/tokenize", json={"model": "tiny", "prompt": "the cat sat"}, headers=AUTH).json()
+    assert ids["count"] == len(ids["tokens"]) > 0
+    back = _call(app, "POST", "/detokenize", json={"model": "tiny", "tokens": ids["tokens"]}, headers=AUTH).json()
+    assert back["prompt"].endswith("the cat sat")
+    info = _call(app, "GET", "/tokenizer_info", headers=AUTH).json()
+    assert info["eos_token"] and info["chat_template"]
+    assert _call(app, "POST", "/tokenize", json={"prompt": "x"}).status_code == 401  # behind the key

