@@ -122,5 +122,5 @@ def finetune(cfg: PipelineConfig) -> Any:
             from fabric.serve.llm import deploy
 
             url = deploy(cfg)
-        evaluate.run(cfg, url)
+        print(evaluate.run(cfg, url).report(), flush=True)
     return result

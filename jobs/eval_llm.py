@@ -16,7 +16,7 @@ from fabric.serve.llm import deploy
 
 def eval_llm(cfg: PipelineConfig) -> None:
     """Evaluate the app at ``llm.eval.url``, or at the one deployed here from ``llm.serve``."""
-    evaluate.run(cfg, cfg.llm.eval.url or deploy(cfg))
+    print(evaluate.run(cfg, cfg.llm.eval.url or deploy(cfg)).report(), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
 
     config, overrides = config_and_overrides(args)
     cfg = load_config(config, overrides)
-    evaluate.run(cfg, cfg.llm.eval.url or deploy(cfg))
+    print(evaluate.run(cfg, cfg.llm.eval.url or deploy(cfg)).report(), flush=True)
     return 0

@@ -1,7 +1,7 @@
 """Evaluation as a lifecycle stage: lm-evaluation-harness against a served language model, over HTTP only.
 
 * :func:`run` — evaluate the app at a URL on ``llm.eval``'s tasks, log the scores to MLflow, apply the
-  promotion rule, print a base-vs-adapter table (``fabric eval-llm``, ``jobs/eval_llm.py``)
+  promotion rule (``fabric eval-llm`` and ``jobs/eval_llm.py`` print its base-vs-adapter table)
 * :func:`evaluate`, :func:`record` — the two halves; :class:`EvalResult`
 
 Importing this package loads neither lm-eval nor mlflow.
@@ -21,7 +21,7 @@ __all__ = ["SHIPPED_TASKS", "EvalResult", "evaluate", "record", "run"]
 
 def run(cfg: PipelineConfig, url: str | None = None) -> EvalResult:
     """Evaluate every model the app at ``url`` (or ``llm.eval.url``) serves, or ``llm.eval.models``; record the
-    scores, apply the promotion rule and print the base-vs-adapter table.
+    scores and apply the promotion rule (``EvalResult.report()`` is the base-vs-adapter table and what was done).
 
     Raises:
         UsageError: no URL given (``fabric eval-llm`` and ``jobs/eval_llm.py`` deploy the app then).
@@ -32,8 +32,5 @@ def run(cfg: PipelineConfig, url: str | None = None) -> EvalResult:
     if not url:
         raise UsageError("llm.eval.url: no app to evaluate (set it, or run `fabric eval-llm`, which deploys one)")
     result = record(cfg, evaluate(cfg, url))
-    print(f"eval-llm: {', '.join(cfg.llm.eval.tasks)} at {url}", flush=True)
-    print(result.table(), flush=True)
-    for note in result.notes:
-        print(note, flush=True)
+    result.url = url
     return result

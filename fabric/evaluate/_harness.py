@@ -32,6 +32,13 @@ class EvalResult:
     promoted: str | None = None
     """The adapter version aliased ``champion`` by the promotion rule, or None."""
     notes: list[str] = field(default_factory=list)
+    url: str = ""
+    """Where the evaluated app answered."""
+
+    def report(self) -> str:
+        """The tasks and URL, the table, and what was logged or promoted (what ``fabric eval-llm`` prints)."""
+        head = f"eval-llm: {', '.join(sorted({k.split('/')[0] for s in self.scores.values() for k in s}))}"
+        return "\n".join([head + (f" at {self.url}" if self.url else ""), self.table(), *self.notes])
 
     def table(self) -> str:
         """Base vs each adapter, one row per score."""

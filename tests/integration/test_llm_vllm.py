@@ -257,6 +257,8 @@ def test_lm_eval_scores_base_and_adapter_and_logs_them_to_the_adapters_run(vllm_
         assert all(0.0 <= v <= 1.0 for v in scores.values())
     table = result.table()
     assert "fabric_capitals/acc" in table and f"{MODEL}:finetuned" in table
+    assert result.report().splitlines()[0] == f"eval-llm: fabric_arithmetic, fabric_capitals at {vllm_app['url']}"
+    assert result.report().splitlines()[-1].startswith("promotion: ")
     client = mlflow.MlflowClient(tracking_uri(cfg))
     # fine-tuning evaluated its adapter already (llm.eval.after_finetune, in the fixture): the same run has both
     assert len(client.get_metric_history(result.run_id, "eval/finetuned/fabric_arithmetic/exact_match")) == 2
