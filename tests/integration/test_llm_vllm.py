@@ -98,7 +98,8 @@ def test_models_list_the_base_and_the_finetuned_adapter(client: Any, vllm_app: d
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {MODEL, f"{MODEL}:finetuned"}
     assert cards[f"{MODEL}:finetuned"].parent == MODEL  # type: ignore[attr-defined]
-    assert httpx.get(vllm_app["url"] + "/health", timeout=10).status_code == 200  # probes need no key
+    health = httpx.get(vllm_app["url"] + "/health", timeout=10)  # probes need no key
+    assert health.json() == {"status": "ok", "model": MODEL, "engine": "vllm"}
 
 
 def test_every_route_but_probes_needs_the_key(vllm_app: dict[str, Any]) -> None:  # noqa: F811

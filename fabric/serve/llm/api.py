@@ -180,15 +180,22 @@ def make_api(serving: OpenAIServing) -> FastAPI:
     async def tokenizer_info() -> TokenizerInfoResponse:
         return serving.tokenizer_info()
 
+    add_health(app, serving.engine.check_health, serving.name, serving.engine.kind)
+    return app
+
+
+def add_health(app: FastAPI, check: Callable[[], Awaitable[None]], model: str, engine: str) -> None:
+    """``GET /health``: ``{"status": "ok", "model", "engine"}`` while ``check`` passes, else OpenAI's 503 JSON
+    (replacing the app's own, e.g. vLLM's empty 200)."""
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
+
     @app.get("/health", response_model=HealthResponse, summary="The engine can generate")
     async def health() -> Response:
         try:
-            await serving.engine.check_health()
+            await check()
         except Exception as e:
             return error_response(OpenAIError(503, f"engine unhealthy: {e}", "server_error"))
-        return JSONResponse({"status": "ok", "model": serving.name, "engine": serving.engine.kind})
-
-    return app
+        return JSONResponse({"status": "ok", "model": model, "engine": engine})
 
 
 async def last_resort(request: Request, exc: Exception) -> JSONResponse:

@@ -146,8 +146,11 @@ class LLMServer:
         if engine_kind(s) == "vllm":
             from fabric.serve.llm.vllm_engine import VLLMServer
 
+            from fabric.serve.llm.api import add_health
+
             self.server = VLLMServer(s, name, monitor)
             self.api = await self.server.start()
+            add_health(self.api, self.server.check_health, name, self.server.kind)
             stats = self.server.stats
         else:
             from fabric.serve.llm.api import make_api
