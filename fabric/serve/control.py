@@ -233,10 +233,11 @@ def put_app(app: dict[str, Any], ready_url: str, timeout_s: float = DEPLOY_TIMEO
     client = _client()
     apps = _declared(client)
     apps[app["name"]] = app
-    _apply(client, apps)
-    _wait_running(app["name"], timeout_s)
+    # Recorded before the app can answer, so that whoever sees it answering finds the Ray it runs on.
     _state_file().parent.mkdir(parents=True, exist_ok=True)
     _state_file().write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": app["name"]}))
+    _apply(client, apps)
+    _wait_running(app["name"], timeout_s)
     _wait_answering(ready_url, timeout_s)
 
 
