@@ -410,6 +410,21 @@ def _summary_html(result: Mapping[str, Any], name: str) -> str:
     )
 
 
+def _numeric_test(name: str | None) -> bool:
+    """True when Evidently's stat test ``name`` applies to numerical columns (None: Evidently picks one that does)."""
+    if name is None:
+        return True
+    _stattests()
+    from evidently.legacy.calculations.stattests.registry import StatTestInvalidFeatureTypeError, get_registered_stattest
+    from evidently.legacy.core import ColumnType
+
+    try:
+        get_registered_stattest(name, ColumnType.Numerical)
+    except StatTestInvalidFeatureTypeError:
+        return False
+    return True
+
+
 def evidently_snapshot(
     reference: pd.DataFrame, current: pd.DataFrame, result: Mapping[str, Any], kinds: Mapping[str, ColumnKind]
 ) -> Any:
@@ -428,9 +443,12 @@ def evidently_snapshot(
         return None
     ref_df = pd.DataFrame({c: align(reference[c], kinds[c]) for c in cols})
     cur_df = pd.DataFrame({c: align(current[c], kinds[c]) for c in cols})
+    # A numeric column with few values gets a categorical test (Evidently's choice, e.g. chisquare), which the
+    # report runs only on columns it is told are categorical.
+    numerical = [c for c in cols if kinds[c] == "num" and _numeric_test(result["columns"][c]["test"])]
     definition = ev.DataDefinition(
-        numerical_columns=[c for c in cols if kinds[c] == "num"],
-        categorical_columns=[c for c in cols if kinds[c] == "cat"],
+        numerical_columns=numerical,
+        categorical_columns=[c for c in cols if c not in numerical],
     )
     preset = DataDriftPreset(
         columns=cols,

@@ -474,3 +474,16 @@ def test_unreachable_job_api_does_not_break_the_monitor(
     mon = DriftMonitor(cfg, reference, target="target", clock=clock, work_dir=tmp_path, job_client_factory=broken)
     _drifted(mon, reference, clock)
     assert mon.compute()["drift_detected"] and mon.last_retrain_job is None
+
+
+def test_a_numeric_column_with_few_values_gets_its_categorical_test_in_the_report(
+    reference: pd.DataFrame, clock: FakeClock
+) -> None:
+    # a float column with few values (Fair's `children`): Evidently types it numerical yet tests it with chisquare
+    ref = reference.assign(rating=[(i % 4) * 0.5 for i in range(len(reference))])
+    mon = _monitor(ref, clock)
+    window = make_frame(WINDOW, seed=3).assign(rating=[(i % 4) * 0.5 for i in range(WINDOW)])
+    _feed(mon, window)
+    result = mon.compute()
+    assert mon.kinds["rating"] == "num" and result["columns"]["rating"]["test"] == "chisquare"
+    assert "rating" in mon.report_html()  # Evidently refused chisquare on a column it was told is numerical
