@@ -76,13 +76,19 @@ class Served:
 
     def settled(self) -> tuple[list[psutil.Process], list[tuple[str, int, str]]]:
         """The processes and their listeners once HAProxy holds its three ports (ingress, stats page, Prometheus
-        exporter): it reloads (a new process takes over from the old) as routes come and go."""
+        exporter): it reloads (a new process takes over from the old) as routes come and go, so the HAProxy
+        processes of the snapshot must still be running a moment later (CI saw one replaced in between)."""
         deadline = time.monotonic() + 60
         while True:
             procs = self.processes()
             listening = runtime.listeners(procs)
             ha_ports = {port for _, port, label in listening if label.startswith("haproxy")}
-            if (self.port in ha_ports and len(ha_ports) >= 3) or time.monotonic() > deadline:
+            haproxies = _haproxies(procs)
+            if self.port in ha_ports and len(ha_ports) >= 3 and haproxies:
+                time.sleep(1.0)
+                if all(p.is_running() for p in haproxies):
+                    return procs, listening
+            if time.monotonic() > deadline:
                 return procs, listening
             time.sleep(0.5)
 
