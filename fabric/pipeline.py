@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fabric.config import PipelineConfig
+from fabric.config import PipelineConfig, with_params
 from fabric.runtime import connect
 
 T = TypeVar("T")
@@ -50,7 +50,7 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     _stage(result, "ingest", lambda: data.run(cfg))
     if cfg.tune.enabled:
         best = _stage(result, "tune", lambda: tune.run(cfg))
-        tuned = type(cfg.train).model_validate({**cfg.train.model_dump(), **best.best_config})
+        tuned = type(cfg.train).model_validate(with_params(cfg.train.model_dump(), best.best_config))
         cfg = cfg.model_copy(update={"train": tuned})
     trained = _stage(result, "train", lambda: train.run(cfg))
     registered = _stage(result, "register", lambda: tracking.run(cfg, trained))

@@ -11,7 +11,7 @@ from fabric.config.monitor import MonitorConfig
 from fabric.config.pipeline import PipelineConfig
 from fabric.config.serve import ServeConfig
 from fabric.config.track import PromotionConfig, TrackConfig, WandbConfig
-from fabric.config.train import DeepSpeedConfig, TrainConfig, WorkerGroupConfig
+from fabric.config.train import DeepSpeedConfig, TrainConfig, WorkerGroupConfig, with_params
 from fabric.config.tune import Param, Scheduler, TuneConfig
 
 __all__ = [
@@ -46,4 +46,5 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "validate",
+    "with_params",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from fabric.config._base import Section
 
@@ -47,10 +48,81 @@ class WorkerGroupConfig(Section):
     """How many of the latest checkpoints to keep (Ray Train's ``CheckpointConfig.num_to_keep``); None: all."""
 
 
-class TrainConfig(WorkerGroupConfig):
-    """The model and how it is trained."""
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+"""``package.module:function``: how a config names the user's code (Ray Serve's ``import_path`` style)."""
 
+PARAM_GROUPS = ("model_args", "xgboost", "lightgbm")
+"""Mapping-valued train fields whose entries a search may vary by a dotted key (``model_args.width``)."""
+
+
+class TrainConfig(WorkerGroupConfig):
+    """The model and how it is trained: fabric's MLP, the user's own module or loop, or gradient-boosted trees."""
+
+    framework: Literal["torch", "xgboost", "lightgbm"] = "torch"
+    """``torch``: a PyTorch module (``model``) trained by fabric's loop or the user's (``loop``) with DDP or
+    DeepSpeed; ``xgboost`` / ``lightgbm``: Ray Train's XGBoostTrainer / LightGBMTrainer."""
+    model: str = "mlp"
+    """``mlp`` (fabric's MLP: hidden_size, num_layers, dropout) or ``package.module:function``, the user's
+    builder, called as ``function(input_dim=…, output_dim=…, **model_args)`` and returning a ``torch.nn.Module``."""
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of an own ``model`` builder (a search varies them as ``model_args.<name>``)."""
+    loop: str | None = None
+    """``package.module:function``: the user's ``train_loop_per_worker(config)``, run in fabric's TorchTrainer
+    instead of fabric's loop (see ``fabric.train.session`` for its helpers)."""
     hidden_size: int = Field(default=64, ge=1)
+    """Width of every hidden layer of the MLP."""
     num_layers: int = Field(default=2, ge=1)
+    """Hidden layers of the MLP."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    """Dropout of the MLP after each hidden layer."""
     seed: int = 0
+    xgboost: dict[str, Any] = Field(default_factory=dict)
+    """XGBoost parameters (``xgboost.train``'s ``params``: max_depth, eta, subsample…); the objective and
+    eval metric follow the task unless given. A search varies them as ``xgboost.<name>``."""
+    lightgbm: dict[str, Any] = Field(default_factory=dict)
+    """LightGBM parameters (``lightgbm.train``'s ``params``: num_leaves, learning_rate…); as ``xgboost``."""
+    num_boost_round: int = Field(default=100, ge=1)
+    """Boosting rounds of xgboost / lightgbm (their ``epochs``: a report per round)."""
+    early_stopping_rounds: int | None = Field(default=10, ge=1)
+    """Stop boosting when the validation metric has not improved for this many rounds; None: never."""
+
+    @field_validator("model", "loop")
+    @classmethod
+    def _import_path(cls, v: str | None, info: Any) -> str | None:
+        if v is None or (info.field_name == "model" and v == "mlp"):
+            return v
+        if not IMPORT_PATH.match(v):
+            what = "'mlp' or " if info.field_name == "model" else ""
+            raise ValueError(f"must be {what}'package.module:function', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _framework_fits(self) -> TrainConfig:
+        if self.framework == "torch":
+            return self
+        clash = [
+            f"{name}={value!r}"
+            for name, value, default in (
+                ("model", self.model, "mlp"),
+                ("loop", self.loop, None),
+                ("strategy", self.strategy, "ddp"),
+            )
+            if value != default
+        ]
+        if clash:
+            raise ValueError(f"framework {self.framework} trains trees: {', '.join(clash)} apply to framework torch only")
+        return self
+
+
+def with_params(train: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``train`` (a ``TrainConfig`` dump or a loop config) with a search's ``params`` applied: a plain key
+    replaces the field, a dotted key (``model_args.width``, ``xgboost.max_depth``) sets one entry of a
+    mapping field; the input is not changed."""
+    out = dict(train)
+    for key, value in params.items():
+        group, dot, name = key.partition(".")
+        if dot:
+            out[group] = {**(out.get(group) or {}), name: value}
+        else:
+            out[key] = value
+    return out

@@ -8,8 +8,11 @@ from pydantic import Field, field_validator, model_validator
 
 from fabric.config._base import Section
 
-# train.* fields a search may vary (the rest shape the run, not the model).
-TUNABLE = ("lr", "hidden_size", "num_layers", "dropout", "batch_size", "weight_decay")
+from fabric.config.train import PARAM_GROUPS
+
+# train.* fields a search may vary (the rest shape the run, not the model); besides these, entries of the
+# mapping fields in PARAM_GROUPS by a dotted key (model_args.width, xgboost.max_depth).
+TUNABLE = ("lr", "hidden_size", "num_layers", "dropout", "batch_size", "weight_decay", "num_boost_round")
 
 
 class Param(Section):
@@ -66,15 +69,19 @@ class TuneConfig(Section):
     mode: Literal["min", "max"] = "min"
     seed: int = 0
     search_space: dict[str, Param] = Field(default_factory=_default_space)
-    """Keys are train.* fields (lr, hidden_size, dropout, batch_size, weight_decay)."""
+    """Keys are train.* fields (lr, hidden_size, dropout, batch_size, weight_decay, num_boost_round) or entries
+    of train's mappings by a dotted key (``model_args.width``, ``xgboost.max_depth``, ``lightgbm.num_leaves``)."""
     scheduler: Scheduler = Field(default_factory=Scheduler)
 
     @field_validator("search_space")
     @classmethod
     def _names_train_fields(cls, v: dict[str, Param]) -> dict[str, Param]:
-        unknown = sorted(set(v) - set(TUNABLE))
+        unknown = sorted(k for k in v if k not in TUNABLE and k.partition(".")[0] not in PARAM_GROUPS)
         if unknown:
-            raise ValueError(f"keys must be train fields among {', '.join(TUNABLE)}; got {', '.join(unknown)}")
+            raise ValueError(
+                f"keys must be train fields among {', '.join(TUNABLE)} or '<group>.<name>' with group among "
+                f"{', '.join(PARAM_GROUPS)}; got {', '.join(unknown)}"
+            )
         return v
 
     @model_validator(mode="after")

@@ -83,6 +83,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     """
     folder = Path(path)
     spec = read_spec(folder)
+    if spec.get("framework", "torch") != "torch":  # xgboost / lightgbm: a booster behind a module's interface
+        from fabric.models.trees import load_trees
+
+        return load_trees(folder, spec, device)
     model = build_from_spec(spec)
     weights = folder / WEIGHTS
     if not weights.is_file():

@@ -228,6 +228,10 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         cfg: the pipeline config; the ingestion stage must have written ``<run_dir>/data``.
         loop_overrides: keys merged into the workers' loop config (e.g. ``fault_injection`` in tests).
     """
+    if cfg.train.framework != "torch":
+        from fabric.train._trees import run as run_trees
+
+        return run_trees(cfg)
     connect(cfg.cluster)
     storage = train_dir(cfg)
     key = train_key(cfg)
