@@ -11,7 +11,7 @@ from fabric.config._base import Section, is_uri
 
 BUILTIN_PREFIX = "builtin:"
 # Datasets that `builtin:<name>` names (fabric.data._builtin loads them; a test keeps the two in step).
-BUILTIN_DATASETS = ("fair", "breast_cancer")
+BUILTIN_DATASETS = ("fair", "breast_cancer", "wine", "diabetes")
 
 
 class Range(Section):
@@ -61,7 +61,8 @@ class DataConfig(Section):
 
     source: str = "builtin:fair"
     """A local file or folder, a pyarrow URI (s3://, gs://, file://) or ``builtin:<name>``: ``fair``
-    (Fair's affairs survey from statsmodels, 6,366 rows, the default) or ``breast_cancer`` (scikit-learn)."""
+    (Fair's affairs survey from statsmodels, 6,366 rows, the default), ``breast_cancer`` (binary), ``wine``
+    (3 classes) or ``diabetes`` (regression; set ``task: regression``), the last three from scikit-learn."""
     format: Literal["auto", "parquet", "csv", "json", "text"] = "auto"
     """File format; ``auto`` picks it from the file extension."""
     target: str = "target"

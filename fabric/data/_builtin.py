@@ -73,6 +73,16 @@ def _breast_cancer() -> pd.DataFrame:
     return datasets.load_breast_cancer(as_frame=True).frame.astype({"target": "int64"})
 
 
+def _wine() -> pd.DataFrame:
+    datasets = require("sklearn.datasets", "data")
+    return datasets.load_wine(as_frame=True).frame.astype({"target": "int64"})
+
+
+def _diabetes() -> pd.DataFrame:
+    datasets = require("sklearn.datasets", "data")
+    return datasets.load_diabetes(as_frame=True, scaled=False).frame.astype({"target": "float64"})
+
+
 BUILTINS: dict[str, Builtin] = {
     "fair": Builtin(
         "fair",
@@ -87,6 +97,20 @@ BUILTINS: dict[str, Builtin] = {
         "569 tumours, 30 numeric features, binary target: benign",
         "Wisconsin Diagnostic Breast Cancer, UCI ML Repository, via sklearn.datasets",
         "CC BY 4.0",
+    ),
+    "wine": Builtin(
+        "wine",
+        _wine,
+        "178 wines, 13 numeric features, 3-class target: cultivar",
+        "Wine recognition, UCI ML Repository (Forina et al.), via sklearn.datasets",
+        "CC BY 4.0",
+    ),
+    "diabetes": Builtin(
+        "diabetes",
+        _diabetes,
+        "442 patients, 10 numeric features, regression target: disease progression after one year",
+        "B. Efron et al. (2004), Annals of Statistics 32(2):407-499, via sklearn.datasets",
+        "distributed by scikit-learn (BSD-3-Clause)",
     ),
 }
 
