@@ -18,18 +18,21 @@ from fabric.export._onnx import (
     session,
     torch_outputs,
 )
+from fabric.export._folder import ONNX_FILE, onnx_for
 from fabric.export._stage import ExportResult, default_model, run
 
 __all__ = [
     "CPU_PROVIDER",
     "CUDA_PROVIDER",
     "ExportResult",
+    "ONNX_FILE",
     "ParityError",
     "check_parity",
     "choose_providers",
     "default_model",
     "export_onnx",
     "max_abs_diff",
+    "onnx_for",
     "onnx_ops",
     "ort_outputs",
     "quantize",

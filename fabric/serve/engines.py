@@ -11,8 +11,6 @@ registry, or a path), its ``model.json``, the preprocessor for named-column inpu
 from __future__ import annotations
 
 import abc
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -242,26 +240,6 @@ def locate(version: ModelVersion, cfg: PipelineConfig) -> VersionFiles:
     )
 
 
-def export_once(files: VersionFiles, opset: int) -> Path:
-    """Export the torch model to ONNX next to it (or in a temp folder when that is read-only).
-
-    Replicas that start together may both export; each writes a private file and renames it into place,
-    so readers never see half a file.
-    """
-    from fabric.export import export_onnx
-    from fabric.models import load_model
-
-    module, _ = load_model(files.folder)
-    n = ModelSchema.from_spec(files.spec).n_features
-    target = files.folder / ONNX_FILE
-    if not os.access(files.folder, os.W_OK):
-        target = Path(tempfile.mkdtemp(prefix="fabric-onnx-")) / ONNX_FILE
-    tmp = target.with_name(f".{ONNX_FILE}.{os.getpid()}")
-    export_onnx(module, n, tmp, opset)
-    os.replace(tmp, target)
-    return target
-
-
 @dataclass
 class LoadedVersion:
     """A started engine and the schema of its model."""
@@ -282,7 +260,9 @@ def load_version(version: ModelVersion, cfg: PipelineConfig) -> LoadedVersion:
         preprocessor = load_preprocessor(files.preprocessor_path)
     schema = ModelSchema.from_spec(files.spec, preprocessor)
     if cfg.serve.engine == "onnx":
-        path = files.onnx_path or export_once(files, cfg.export.opset)
+        from fabric.export import onnx_for
+
+        path = files.onnx_path or onnx_for(files.folder, cfg.export.opset)
         engine: Engine = OnnxEngine(path, schema.n_features, cfg.serve.threads)
     else:
         engine = TorchEngine(files.folder, schema.n_features, cfg.serve.threads)
