@@ -8,6 +8,7 @@ from fabric.config.llm import FinetuneConfig, LLMConfig, LMDataConfig, LMModelCo
 from fabric.config.llm_eval import LLMEvalConfig, LLMGenerateConfig
 from fabric.config.llm_serve import LLMServeConfig
 from fabric.config.monitor import MonitorConfig
+from fabric.config.predict import PredictConfig
 from fabric.config.pipeline import PipelineConfig
 from fabric.config.serve import ServeConfig
 from fabric.config.track import PromotionConfig, TrackConfig, WandbConfig
@@ -31,6 +32,7 @@ __all__ = [
     "MonitorConfig",
     "Param",
     "PipelineConfig",
+    "PredictConfig",
     "PromotionConfig",
     "Range",
     "Scheduler",

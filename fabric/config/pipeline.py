@@ -10,6 +10,7 @@ from fabric.config.data import DataConfig
 from fabric.config.export import ExportConfig
 from fabric.config.llm import LLMConfig
 from fabric.config.monitor import MonitorConfig
+from fabric.config.predict import PredictConfig
 from fabric.config.serve import ServeConfig
 from fabric.config.track import TrackConfig
 from fabric.config.train import TrainConfig
@@ -30,5 +31,6 @@ class PipelineConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
