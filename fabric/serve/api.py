@@ -9,7 +9,7 @@ Routes (``{name}`` is the model name, ``{version}`` pins a version and bypasses 
 * ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``
 * ``GET /monitor/drift[?refresh=true]``, ``GET /monitor/report[?refresh=true]``, ``POST /monitor/reset``
   (the drift monitor, through the monitor hook)
-* ``GET /openapi.json``, ``GET /docs``
+* ``GET /openapi.json``, ``GET /docs`` (Swagger UI with its assets served here: it works offline)
 
 Every error is an :class:`~fabric.serve.protocol.ErrorResponse` JSON body with its status; the answering
 version is in the ``x-fabric-model-version`` header and the body's ``model_version``. Every request has an id:
@@ -31,6 +31,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fabric.serve.docs import offline_docs
 from fabric.serve.protocol import (
     VERSION_HEADER,
     ErrorResponse,
@@ -274,6 +275,7 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    offline_docs(app)
     return app
 
 
