@@ -3,12 +3,21 @@
 ingest → tune → train → register → export (→ monitor → serve, when ``serve.enabled``). The search's best
 hyperparameters replace the train section's before training. Export and serving need a champion: when the
 model registry has none (the first model did not beat the trivial baseline), the pipeline stops there.
+
+Step caching: ingest, tune and export each have a key (their config section, the content digests of their
+inputs, fabric's version); when ``<run_dir>/steps/<stage>.json`` holds the same key and the stage's outputs are
+still as it left them, the stage is skipped and says so. Training and registration key their runs themselves
+(a rerun of the same config on the same data trains and registers nothing new), so every stage of a repeated
+run is cheap, and a changed input re-runs exactly the stages downstream of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +26,9 @@ from fabric.config import PipelineConfig, with_params
 from fabric.runtime import connect
 
 T = TypeVar("T")
+
+CACHED_STAGES = ("ingest", "tune", "export")
+"""Stages the step cache may skip (``--force`` takes these names)."""
 
 
 @dataclass
@@ -36,9 +48,112 @@ def _stage(result: PipelineResult, name: str, fn: Callable[[], T]) -> T:
     return out
 
 
-def run(cfg: PipelineConfig) -> PipelineResult:
-    """Run every stage the config enables, in lifecycle order, on the current Ray."""
+@dataclass
+class StepCache:
+    """The step records of a run_dir: ``<run_dir>/steps/<stage>.json`` = the stage's key, a stamp of its outputs
+    and its result, written only after the stage finished (a half-written stage is never taken as cached)."""
+
+    run_dir: Path
+    enabled: bool = True
+    force: Collection[str] = ()
+
+    def _path(self, stage: str) -> Path:
+        return self.run_dir / "steps" / f"{stage}.json"
+
+    def get(self, stage: str, key: str, stamp: str, kind: type[T]) -> T | None:
+        """The recorded result of ``stage`` when its key and its outputs' stamp match; None otherwise."""
+        if not self.enabled or stage in self.force:
+            return None
+        try:
+            record = json.loads(self._path(stage).read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("key") != key or record.get("stamp") != stamp or not stamp:
+            return None
+        try:
+            return _from_json(kind, record["result"])
+        except (KeyError, TypeError, ValueError):
+            return None  # a record of an older fabric: run the stage
+
+    def put(self, stage: str, key: str, stamp: str, result: Any) -> None:
+        """Record a finished stage (atomically: a crash leaves the old record or none)."""
+        path = self._path(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "stamp": stamp, "result": _to_json(result)}, indent=2))
+        os.replace(tmp, path)
+
+
+def _to_json(result: Any) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+
+
+def _from_json(kind: type[T], values: dict[str, Any]) -> T:
+    paths = {f.name for f in dataclasses.fields(kind) if "Path" in str(f.type)}  # type: ignore[arg-type]
+    return kind(**{k: (Path(v) if k in paths and v is not None else v) for k, v in values.items()})
+
+
+def _stamp(*files: Path) -> str:
+    """What a stage's outputs look like now (size and mtime of its key files); "" when one is missing."""
+    try:
+        return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    except OSError:
+        return ""
+
+
+def _cached_stage(
+    result: PipelineResult,
+    cache: StepCache,
+    name: str,
+    key: str,
+    outputs: Callable[[], list[Path]],
+    kind: type[T],
+    fn: Callable[[], T],
+) -> T:
+    """Run stage ``name`` unless the cache holds it under ``key`` with ``outputs`` unchanged; record it after."""
+    hit = cache.get(name, key, _stamp(*outputs()), kind)
+    if hit is not None:
+        print(f"\n== {name}: cached (key {key}; {cache._path(name)})", flush=True)
+        result.seconds[name] = 0.0
+        result.stages[name] = hit
+        return hit
+    out = _stage(result, name, fn)
+    cache.put(name, key, _stamp(*outputs()), out)
+    return out
+
+
+def stage_key(stage: str, cfg: PipelineConfig, **inputs: str) -> str:
+    """The step-cache key of ``stage``: the config sections that shape its output, the digests of its inputs and
+    fabric's version."""
+    from fabric import __version__
+    from fabric.tracking import run_key
+
+    sections = {"ingest": ("data", "seed"), "tune": ("tune", "train"), "export": ("export",)}[stage]
+    settings = {s: getattr(cfg, s).model_dump(mode="json") if s != "seed" else cfg.seed for s in sections}
+    return run_key({**settings, "fabric": __version__}, dict(inputs))
+
+
+def _source_digest(source: str) -> str:
+    """The content digest of ``data.source`` (a builtin dataset digests as its name and fabric's version)."""
+    from fabric.config.data import BUILTIN_PREFIX
+    from fabric.tracking import digest_json, digest_source
+
+    return digest_json(source) if source.startswith(BUILTIN_PREFIX) else digest_source(source)
+
+
+def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ()) -> PipelineResult:
+    """Run every stage the config enables, in lifecycle order, on the current Ray.
+
+    Args:
+        cfg: the pipeline config.
+        cache: skip ingest, tune and export when their step records match (see the module docstring).
+        force: stages to run even when cached (names from :data:`CACHED_STAGES`).
+    """
     from fabric import data, export, tracking, train, tune
+    from fabric.data import IngestResult
+    from fabric.export import ExportResult
+    from fabric.tracking import digest_splits
+    from fabric.tune import TuneResult
 
     if cfg.serve.enabled:
         from fabric.serve.control import connect as serve_connect
@@ -47,9 +162,22 @@ def run(cfg: PipelineConfig) -> PipelineResult:
     else:
         connect(cfg.cluster)
     result = PipelineResult()
-    _stage(result, "ingest", lambda: data.run(cfg))
+    steps = StepCache(Path(cfg.run_dir).expanduser().resolve(), cache, tuple(force))
+    data_dir = steps.run_dir / "data"
+    key = stage_key("ingest", cfg, source=_source_digest(cfg.data.source))
+    _cached_stage(result, steps, "ingest", key, lambda: [data_dir / "meta.json"], IngestResult, lambda: data.run(cfg))
+    splits = digest_splits(data_dir)
     if cfg.tune.enabled:
-        best = _stage(result, "tune", lambda: tune.run(cfg))
+        key = stage_key("tune", cfg, data=splits)
+        best = _cached_stage(
+            result,
+            steps,
+            "tune",
+            key,
+            lambda: [steps.run_dir / "tune" / cfg.name / "best_config.json"],
+            TuneResult,
+            lambda: tune.run(cfg),
+        )
         tuned = type(cfg.train).model_validate(with_params(cfg.train.model_dump(), best.best_config))
         cfg = cfg.model_copy(update={"train": tuned})
     trained = _stage(result, "train", lambda: train.run(cfg))
@@ -63,7 +191,17 @@ def run(cfg: PipelineConfig) -> PipelineResult:
         return _done(cfg, result)
     if cfg.export.enabled:
         model = registered.model_uri if registered is not None else trained.model_path
-        _stage(result, "export", lambda: export.run(cfg, model))
+        which = f"{registered.model_name}/{registered.champion_version}" if registered is not None else str(model)
+        key = stage_key("export", cfg, model=which, train=trained.run_key, data=splits)
+        _cached_stage(
+            result,
+            steps,
+            "export",
+            key,
+            lambda: [steps.run_dir / "export" / "export.json", steps.run_dir / "export" / "model.onnx"],
+            ExportResult,
+            lambda: export.run(cfg, model),
+        )
     if cfg.serve.enabled:
         serve_stages(cfg, result)
     return _done(cfg, result)
