@@ -68,7 +68,7 @@ class TrainConfig(WorkerGroupConfig):
     """Keyword arguments of an own ``model`` builder (a search varies them as ``model_args.<name>``)."""
     loop: str | None = None
     """``package.module:function``: the user's ``train_loop_per_worker(config)``, run in fabric's TorchTrainer
-    instead of fabric's loop (see ``fabric.train.session`` for its helpers)."""
+    (strategy ddp) instead of fabric's loop (see ``fabric.train.session`` for its helpers)."""
     hidden_size: int = Field(default=64, ge=1)
     """Width of every hidden layer of the MLP."""
     num_layers: int = Field(default=2, ge=1)
@@ -99,6 +99,8 @@ class TrainConfig(WorkerGroupConfig):
     @model_validator(mode="after")
     def _framework_fits(self) -> TrainConfig:
         if self.framework == "torch":
+            if self.loop is not None and self.strategy != "ddp":
+                raise ValueError("an own train.loop runs with strategy ddp (DeepSpeed runs fabric's loop only)")
             return self
         clash = [
             f"{name}={value!r}"

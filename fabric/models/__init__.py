@@ -1,10 +1,12 @@
-"""Model builders and the self-contained model artifact (``model.pt`` + ``model.json``); causal language
+"""Model builders (fabric's MLP, the user's own by import path) and the self-contained model artifact
+(``model.pt`` + ``model.json``); causal language
 models with LoRA (``fabric.models.causal_lm``, loaded on first use so that tabular users never import
 transformers)."""
 
 from typing import Any
 
 from fabric.models._artifact import BUILDERS, build_from_spec, load_model, model_spec, read_spec, save_model, write_spec
+from fabric.models._user import bundle_code, check_loop, check_model, code_digest, code_root
 from fabric.models.tabular import MLP, build_mlp
 
 # Names served lazily from fabric.models.causal_lm (it imports transformers and peft when used).
@@ -25,6 +27,11 @@ __all__ = [
     "build_causal_lm",
     "build_from_spec",
     "build_mlp",
+    "bundle_code",
+    "check_loop",
+    "check_model",
+    "code_digest",
+    "code_root",
     "load_causal_lm",
     "load_model",
     "load_tokenizer",

@@ -1,8 +1,9 @@
 """The self-contained model artifact: ``model.pt`` (state_dict) + ``model.json`` (how to rebuild it).
 
 Later stages (export, serving, registry) load it with :func:`load_model`, without Ray or DeepSpeed.
-``model.json`` names a builder in :data:`BUILDERS`, so other model families (an LLM builder) join by
-registering theirs.
+``model.json`` names a builder in :data:`BUILDERS` (other model families join by registering theirs) or
+the user's own builder by import path (``package.module:function``); the user's module then travels in the
+folder's ``code/`` (see ``fabric.models._user``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from fabric.errors import FabricError
+from fabric.models._user import CODE_DIR, add_to_path, build_user_model, is_import_path
 from fabric.models.tabular import build_mlp
 
 WEIGHTS = "model.pt"
@@ -27,15 +29,31 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {"mlp": build_mlp}
 
 
 def model_spec(builder: str, kwargs: dict[str, Any], **meta: Any) -> dict[str, Any]:
-    """The content of ``model.json``: the builder, its kwargs, and metadata (task, feature_names...)."""
-    if builder not in BUILDERS:
+    """The content of ``model.json``: the builder (a name in :data:`BUILDERS` or an import path), its kwargs,
+    and metadata (task, feature_names...)."""
+    if builder not in BUILDERS and not is_import_path(builder):
         raise FabricError(f"unknown model builder {builder!r}; known: {', '.join(sorted(BUILDERS))}")
     return {"format_version": FORMAT_VERSION, "builder": builder, "kwargs": dict(kwargs), **meta}
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Build the (untrained) module a ``model.json`` describes."""
-    builder = BUILDERS.get(spec.get("builder", ""))
+def build_from_spec(spec: dict[str, Any], folder: str | Path | None = None) -> nn.Module:
+    """Build the (untrained) module a ``model.json`` describes.
+
+    Args:
+        spec: the ``model.json`` content.
+        folder: the model folder, whose ``code/`` (the user's module, when the builder is an import path) goes
+            on ``sys.path`` first.
+
+    Raises:
+        FabricError: an unknown builder; ConfigError (a FabricError) when the user's builder cannot be
+            imported or called.
+    """
+    name = str(spec.get("builder", ""))
+    if is_import_path(name):
+        if folder is not None:
+            add_to_path(Path(folder) / CODE_DIR)
+        return build_user_model(name, spec["kwargs"], field=f"{SPEC} builder")
+    builder = BUILDERS.get(name)
     if builder is None:
         raise FabricError(f"model.json names builder {spec.get('builder')!r}; known: {', '.join(sorted(BUILDERS))}")
     return builder(**spec["kwargs"])
@@ -87,7 +105,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         from fabric.models.trees import load_trees
 
         return load_trees(folder, spec, device)
-    model = build_from_spec(spec)
+    model = build_from_spec(spec, folder)
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise FabricError(f"no {WEIGHTS} in {folder}: the artifact is incomplete")

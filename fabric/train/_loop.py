@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fabric.config import with_params
 from fabric.errors import require
-from fabric.models import build_from_spec, model_spec, write_spec
+from fabric.models import build_from_spec, check_loop, model_spec, write_spec
+from fabric.models._user import add_to_path
 from fabric.train._checkpoint import DS_TAG, load_ddp, read_history, save_ddp, write_history
 from fabric.train._data import collate, iter_local, local_shard
 from fabric.train._metrics import EpochSums, compute_loss, epoch_line
@@ -34,27 +36,52 @@ DEFAULTS: dict[str, Any] = {
     "zero_stage": 2,
     "offload_optimizer": False,
     "checkpoint_every": 1,
+    "model": "mlp",
+    "model_args": {},
+    "loop": None,
+    "code_dirs": [],
 }
 
 
 def spec_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The model.json spec (builder, kwargs, task metadata) a loop config describes."""
+    """The model.json spec (builder, kwargs, task metadata) a loop config describes: fabric's MLP, or the
+    user's builder (``model``: an import path) with ``input_dim``, ``output_dim`` and ``model_args``."""
     classification = config["task"] == "classification"
-    kwargs = {
+    dims = {
         "input_dim": len(config["feature_names"]),
         "output_dim": int(config["num_classes"]) if classification else 1,
-        "hidden_size": int(config["hidden_size"]),
-        "num_layers": int(config["num_layers"]),
-        "dropout": float(config["dropout"]),
     }
+    builder = str(config.get("model") or "mlp")
+    if builder == "mlp":
+        kwargs = {
+            **dims,
+            "hidden_size": int(config["hidden_size"]),
+            "num_layers": int(config["num_layers"]),
+            "dropout": float(config["dropout"]),
+        }
+    else:
+        kwargs = {**dims, **_plain(config.get("model_args") or {})}
     return model_spec(
-        "mlp",
+        builder,
         kwargs,
         task=config["task"],
         target=config.get("target"),
         feature_names=list(config["feature_names"]),
         num_classes=int(config["num_classes"]) if classification else None,
     )
+
+
+def _plain(args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` as JSON values (a search hands numpy scalars)."""
+    return {k: v.item() if hasattr(v, "item") and callable(v.item) else v for k, v in args.items()}
+
+
+def with_trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a search's dotted keys (``model_args.width``) applied to their mapping and removed."""
+    dotted = {k: v for k, v in config.items() if "." in k}
+    if not dotted:
+        return config
+    return with_params({k: v for k, v in config.items() if k not in dotted}, dotted)
 
 
 def deepspeed_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -279,19 +306,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train the model on this worker's shard, reporting metrics every epoch and a checkpoint every
     ``checkpoint_every`` epochs and after the last (with the history of every epoch so far).
 
-    Used by the training stage's TorchTrainer and by every Ray Tune trial. Resumes from
+    Used by the training stage's TorchTrainer and by every Ray Tune trial; with ``loop`` set it runs the
+    user's ``train_loop_per_worker(config)`` instead (``fabric.train.session`` helps it). Resumes from
     ``ray.train.get_checkpoint()`` (after a worker failure, or a rerun of the same run), continuing the
     epoch counter. Rank 0 prints one line per epoch.
 
     Args:
         config: ``fabric.train.loop_config(cfg)`` plus any overrides (Tune's hyperparameters: lr,
-            hidden_size, num_layers, dropout, batch_size, weight_decay). Keys: data_dir, task,
+            hidden_size, num_layers, dropout, batch_size, weight_decay, and dotted keys such as
+            ``model_args.width``). Keys: model, model_args, loop, code_dirs, data_dir, task,
             feature_names, num_classes, target, epochs, seed, strategy (ddp|deepspeed), zero_stage,
             offload_optimizer, checkpoint_every, ray_data_shards (True when the trainer was given
             ``train``/``val`` datasets),
             fault_injection (tests only).
     """
-    config = {**DEFAULTS, **config}
+    config = with_trial_params({**DEFAULTS, **config})
+    add_to_path(*config["code_dirs"])  # the driver's folder of the user's module (a local cluster)
+    if config.get("loop"):
+        check_loop(str(config["loop"]))(config)
+        return
     session = _Session(config)
     rank, world_size = session.rank, session.world_size
     task, epochs = config["task"], int(config["epochs"])

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.config import PipelineConfig, WorkerGroupConfig
+from fabric.config import PipelineConfig, TrainConfig, WorkerGroupConfig
 from fabric.errors import FabricError, require
-from fabric.models import load_model
+from fabric.models import check_loop, check_model, code_digest, code_root, load_model
 from fabric.runtime import connect
 from fabric.tracking import beats, digest_splits, fit_baseline, run_key, score
 from fabric.tracking import read_split as read_labelled
@@ -58,7 +58,36 @@ def train_key(cfg: PipelineConfig) -> str:
     folder = data_dir(cfg.run_dir)
     read_meta(folder)
     settings = cfg.train.model_dump(mode="json", exclude=OPERATIONAL)
+    code = {p: code_digest(p) for p in _user_paths(cfg.train)}
+    if any(code.values()):  # an edit of the user's module is a new run (installed code: its version is in the path)
+        settings["code"] = code
     return run_key({"train": settings}, {"data": digest_splits(folder, SPLITS)})
+
+
+def _user_paths(t: TrainConfig) -> list[str]:
+    """The import paths of the user's code a train config names (its own model builder and loop)."""
+    return [p for p in (t.model if t.model != "mlp" else None, t.loop) if p]
+
+
+def check_code(cfg: PipelineConfig, meta: dict[str, Any] | None = None) -> list[str]:
+    """Resolve the user's own model builder and loop of ``cfg.train`` before any work starts: the builder
+    is built once and run on two rows of zeros (input_dim from the ingested features); the loop must take
+    the config. Returns the folders of that code (for the workers' ``sys.path`` on a local cluster).
+
+    Raises:
+        ConfigError: naming ``train.model`` or ``train.loop``: not found, not callable, wrong signature, not
+            an ``nn.Module``, wrong output shape.
+    """
+    t = cfg.train
+    if t.framework != "torch" or not _user_paths(t):
+        return []
+    meta = meta if meta is not None else read_meta(data_dir(cfg.run_dir))
+    if t.loop:
+        check_loop(t.loop)
+    if t.model != "mlp":
+        classes = int(meta["num_classes"]) if meta["task"] == "classification" else 1
+        check_model(t.model, t.model_args, len(meta["feature_names"]), classes)
+    return sorted({str(root) for p in _user_paths(t) if (root := code_root(p)) is not None})
 
 
 def run_name(cfg: PipelineConfig, key: str) -> str:
@@ -77,11 +106,16 @@ def resolve_use_gpu(setting: bool | str) -> bool:
 
 def loop_config(cfg: PipelineConfig) -> dict[str, Any]:
     """The ``train_loop_config`` of ``train_loop_per_worker`` for this config (the Tune stage adds its
-    hyperparameters on top). Reads the ingestion stage's ``meta.json``; FabricError when it is missing."""
+    hyperparameters on top). Reads the ingestion stage's ``meta.json``; FabricError when it is missing.
+    Checks the user's own model and loop (:func:`check_code`); ConfigError when they do not fit."""
     folder = data_dir(cfg.run_dir)
     meta = read_meta(folder)
     t = cfg.train
     return {
+        "model": t.model,
+        "model_args": dict(t.model_args),
+        "loop": t.loop,
+        "code_dirs": check_code(cfg, meta),
         "data_dir": str(folder),
         "task": meta["task"],
         "target": meta.get("target"),
@@ -232,6 +266,7 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         from fabric.train._trees import run as run_trees
 
         return run_trees(cfg)
+    check_code(cfg)  # the user's module and loop fail here, before Ray starts anything
     connect(cfg.cluster)
     storage = train_dir(cfg)
     key = train_key(cfg)
