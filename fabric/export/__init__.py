@@ -1,5 +1,6 @@
-"""Export: ONNX export of a trained model, ONNX Runtime sessions (CUDA provider when present), parity
-with torch, and dynamic int8 quantization with its accuracy change.
+"""Export: ONNX export of a trained model (a torch module, or an XGBoost / LightGBM booster through
+onnxmltools), ONNX Runtime sessions (CUDA provider when present), parity with the model, and dynamic int8
+quantization with its accuracy change.
 
 Importing this package loads neither torch nor onnx nor onnxruntime; they load when a function runs.
 """
@@ -18,7 +19,7 @@ from fabric.export._onnx import (
     session,
     torch_outputs,
 )
-from fabric.export._folder import ONNX_FILE, onnx_for
+from fabric.export._folder import ONNX_FILE, export_folder, onnx_for
 from fabric.export._stage import ExportResult, default_model, run
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "check_parity",
     "choose_providers",
     "default_model",
+    "export_folder",
     "export_onnx",
     "max_abs_diff",
     "onnx_for",

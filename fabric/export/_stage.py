@@ -1,4 +1,5 @@
-"""The export stage: ONNX model, parity with torch, optional int8 model, numbers in export.json."""
+"""The export stage: ONNX model, parity with the model (torch, or the XGBoost / LightGBM booster), optional int8
+model (torch models only), numbers in export.json."""
 
 from __future__ import annotations
 
@@ -83,7 +84,11 @@ def default_model(cfg: PipelineConfig) -> str | Path:
 
 
 def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResult:
-    """Export a model to ONNX under ``<run_dir>/export``, check parity with torch, quantize if asked.
+    """Export a model to ONNX under ``<run_dir>/export``, check parity with the model, quantize if asked.
+
+    A torch module goes through torch's exporter; an XGBoost or LightGBM booster through onnxmltools (its
+    parity is checked against the booster's own predictions; int8 quantization does not apply to trees and
+    is skipped with a note).
 
     Args:
         cfg: the pipeline config (``export`` section; parity runs on ``<run_dir>/data``'s test split).
@@ -95,8 +100,9 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
         The files written and the numbers (also in ``export/export.json``).
 
     Raises:
-        ParityError: ONNX Runtime differs from torch by more than ``cfg.export.tolerance``.
-        MissingExtraError: onnx, onnxscript or onnxruntime (extra ``export``) is not installed.
+        ParityError: ONNX Runtime differs from the model by more than ``cfg.export.tolerance``.
+        MissingExtraError: onnx, onnxscript or onnxruntime (extra ``export``), or for trees onnxmltools
+            (extra ``gbdt``), is not installed.
     """
     from fabric.models import load_model
 
@@ -105,11 +111,17 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     module.eval()
     input_dim = input_width(meta)
     task = meta.get("task", "classification")
+    framework = meta.get("framework", "torch")
     out = Path(cfg.run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    onnx_path = export_onnx(module, input_dim, out / "model.onnx", cfg.export.opset)
+    if framework == "torch":
+        onnx_path = export_onnx(module, input_dim, out / "model.onnx", cfg.export.opset)
+    else:
+        from fabric.export._trees import export_trees
+
+        onnx_path = export_trees(folder, out / "model.onnx", cfg.export.opset)
     sess = session(onnx_path)
     x, y, parity_data = _features(cfg, meta, input_dim, cfg.seed)
     diff = check_parity(module, sess, x, cfg.export.tolerance, str(onnx_path))
@@ -130,12 +142,14 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     if y is not None:
         result.metrics["fp32"] = score(fp32_out, y, task)
     print(
-        f"export: {onnx_path} (opset {cfg.export.opset}, {result.providers[0]}); parity vs torch on "
+        f"export: {onnx_path} (opset {cfg.export.opset}, {result.providers[0]}); parity vs {framework} on "
         f"{len(x)} rows ({parity_data}): max abs diff {diff:.3g} <= tolerance {cfg.export.tolerance:g}",
         flush=True,
     )
 
-    if cfg.export.quantize:
+    if cfg.export.quantize and framework != "torch":
+        print(f"export: int8 quantization skipped: it applies to torch models' weights, not {framework} trees", flush=True)
+    elif cfg.export.quantize:
         int8_path = quantize(onnx_path, out / "model.int8.onnx")
         int8_out = ort_outputs(session(int8_path), x)
         result.int8_path = int8_path
@@ -152,6 +166,6 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
 
     result.sizes = {p.name: p.stat().st_size for p in (onnx_path, result.int8_path) if p is not None}
     report = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    report.update(opset=cfg.export.opset, task=task, seconds=round(time.perf_counter() - start, 3))
+    report.update(opset=cfg.export.opset, task=task, framework=framework, seconds=round(time.perf_counter() - start, 3))
     result.report_path.write_text(json.dumps(report, indent=2))
     return result
