@@ -1,4 +1,5 @@
-"""Tuner(OptunaSearch, ASHAScheduler): each trial is a Ray Train run of `fabric.train.train_loop_per_worker`."""
+"""Tuner(OptunaSearch, ASHAScheduler): each trial is a Ray Train run of `fabric.train.train_loop_per_worker`, or
+for gradient-boosted trees an XGBoost / LightGBM training in the trial's process, reporting every round."""
 
 from __future__ import annotations
 
@@ -8,8 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from fabric.config import Param, PipelineConfig
-from fabric.errors import FabricError
+from fabric.config.tune import _default_space
+from fabric.errors import ConfigError, ConfigProblem, FabricError
 from fabric.runtime import connect
+
+TREE_SPACES: dict[str, dict[str, Param]] = {
+    "xgboost": {
+        "xgboost.max_depth": Param(type="int", low=2, high=8),
+        "xgboost.eta": Param(type="loguniform", low=0.02, high=0.3),
+        "xgboost.subsample": Param(type="uniform", low=0.6, high=1.0),
+        "xgboost.colsample_bytree": Param(type="uniform", low=0.6, high=1.0),
+    },
+    "lightgbm": {
+        "lightgbm.num_leaves": Param(type="int", low=7, high=63),
+        "lightgbm.learning_rate": Param(type="loguniform", low=0.02, high=0.3),
+        "lightgbm.feature_fraction": Param(type="uniform", low=0.6, high=1.0),
+        "lightgbm.min_data_in_leaf": Param(type="int", low=5, high=40),
+    },
+}
+"""What a tree search varies when the config keeps the MLP's default search space (whose keys mean nothing
+to trees)."""
 
 
 @dataclass
@@ -39,6 +58,39 @@ def build_param_space(space: dict[str, Param]) -> dict[str, Any]:
         else:
             out[name] = tune.choice(list(p.values or []))
     return out
+
+
+def search_space(cfg: PipelineConfig) -> dict[str, Param]:
+    """The space the search samples: ``tune.search_space``, or for trees with the MLP's default space
+    :data:`TREE_SPACES`.
+
+    Raises:
+        ConfigError: a tree search names keys that are not ``num_boost_round`` or ``<framework>.<param>``.
+    """
+    space = cfg.tune.search_space
+    framework = cfg.train.framework
+    if framework == "torch":
+        return space
+    if space == _default_space():
+        return TREE_SPACES[framework]
+    wrong = sorted(k for k in space if k != "num_boost_round" and not k.startswith(f"{framework}."))
+    if wrong:
+        raise ConfigError([
+            ConfigProblem(
+                f"tune.search_space.{k}",
+                f"does not apply to train.framework {framework}: use num_boost_round or {framework}.<param>",
+            )
+            for k in wrong
+        ])  # fmt: skip
+    return space
+
+
+def _tree_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """One tree trial: XGBoost / LightGBM on the whole splits in the trial's own process, reporting to Tune
+    every boosting round (ASHA stops trials between rounds)."""
+    from fabric.train._trees import tree_loop_per_worker, with_trial
+
+    tree_loop_per_worker({**with_trial(base, config), "session": "tune"})
 
 
 def _trial_in_process(config: dict[str, Any], base: dict[str, Any]) -> None:
@@ -73,7 +125,29 @@ def _trial(config: dict[str, Any], base: dict[str, Any], workers: int, use_gpu: 
     trainer.fit()
 
 
-def _tuner(cfg: PipelineConfig, storage: Path, resume: bool) -> Any:
+def _tree_trainable(cfg: PipelineConfig, space: dict[str, Param]) -> tuple[Any, int, int]:
+    """The trials' function for trees, their longest run in rounds (ASHA's ``max_t``) and ASHA's grace period
+    in rounds (``scheduler.grace_period``, at least a tenth of the rounds)."""
+    from ray import tune
+
+    from fabric.train._trees import tree_config
+
+    threads = cfg.tune.workers_per_trial  # one process per trial: its workers are the library's threads
+    base = {**tree_config(cfg), "threads": threads}
+    rounds = space.get("num_boost_round")
+    if rounds is None:
+        max_t = cfg.train.num_boost_round
+    elif rounds.type == "choice":
+        max_t = int(max(rounds.values or [1]))
+    else:
+        max_t = int(rounds.high or 1)
+    # One round says little about a booster: the first rung is at least a tenth of the rounds.
+    grace = max(cfg.tune.scheduler.grace_period, max_t // 10)
+    trainable = tune.with_resources(tune.with_parameters(_tree_trial, base=base), {"cpu": threads})
+    return trainable, max_t, min(grace, max_t)
+
+
+def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Param]) -> Any:
     import ray
     from optuna.samplers import TPESampler
     from ray import tune
@@ -83,13 +157,17 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool) -> Any:
     from fabric.train import loop_config
 
     t = cfg.tune
+    max_t, grace = t.epochs_per_trial, t.scheduler.grace_period
     use_gpu = cfg.train.use_gpu is True or (cfg.train.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    base = {**loop_config(cfg), "epochs": t.epochs_per_trial}
-    if t.workers_per_trial == 1 and cfg.train.strategy == "ddp":
+    if cfg.train.framework != "torch":
+        trainable, max_t, grace = _tree_trainable(cfg, space)
+    elif t.workers_per_trial == 1 and cfg.train.strategy == "ddp":
+        base = {**loop_config(cfg), "epochs": t.epochs_per_trial}
         trainable = tune.with_resources(
             tune.with_parameters(_trial_in_process, base=base), {"cpu": 1, "gpu": 1 if use_gpu else 0}
         )
     else:
+        base = {**loop_config(cfg), "epochs": t.epochs_per_trial}
         trainable = tune.with_parameters(
             _trial, base=base, workers=t.workers_per_trial, use_gpu=use_gpu, storage=str(storage / "trials")
         )
@@ -104,8 +182,8 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool) -> Any:
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
     scheduler = (
         ASHAScheduler(
-            max_t=t.epochs_per_trial,
-            grace_period=t.scheduler.grace_period,
+            max_t=max_t,
+            grace_period=grace,
             reduction_factor=t.scheduler.reduction_factor,
         )
         if t.scheduler.type == "asha"
@@ -113,7 +191,7 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool) -> Any:
     )
     return tune.Tuner(
         trainable,
-        param_space=build_param_space(t.search_space),
+        param_space=build_param_space(space),
         tune_config=tune.TuneConfig(
             metric=t.metric,
             mode=t.mode,
@@ -135,11 +213,12 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
     """
     from fabric.tune._report import learning_curves_png, results_table, saved_trial_states
 
+    space = search_space(cfg)
     connect(cfg.cluster)
     storage = (Path(cfg.run_dir) / "tune").resolve()
     storage.mkdir(parents=True, exist_ok=True)
     out = storage / cfg.name
-    grid = _tuner(cfg, storage, resume).fit()
+    grid = _tuner(cfg, storage, resume, space).fit()
     # Ctrl-C ends fit() without an exception: what the saved state left to run says whether it was interrupted
     # (at any trial, the last included).
     states = saved_trial_states(out)
@@ -149,7 +228,7 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
         if grid.num_errors == len(grid):
             raise FabricError(f"every trial of the search failed; first error: {first}")
         print(f"warning: {grid.num_errors} of {len(grid)} trials failed; first error: {first}", flush=True)
-    table = results_table(grid, cfg.tune.search_space, cfg.tune.metric, cfg.tune.mode, states)
+    table = results_table(grid, space, cfg.tune.metric, cfg.tune.mode, states)
     table_path = out / "results.csv"
     table.to_csv(table_path, index=False)
     plot_path = learning_curves_png(grid, cfg.tune.metric, out / "learning_curves.png")
@@ -160,7 +239,7 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
             f"(partial results in {out}); continue it with: fabric tune <config> --resume"
         )
     best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="all")
-    best_config = {k: v for k, v in best.config.items() if k in cfg.tune.search_space}
+    best_config = {k: v for k, v in best.config.items() if k in space}
     # scope="all" ranks trials by their best epoch: report that epoch's numbers, not the trial's last.
     history = best.metrics_dataframe
     if history is not None and cfg.tune.metric in history and len(history):
