@@ -5,16 +5,21 @@ The app is always deployed declaratively (``import_path`` + ``args``, as ``serve
 ``user_config`` changes, and Serve calls ``reconfigure`` on the live replicas instead of replacing them;
 requests in flight finish undisturbed.
 
-The private Serve client calls (``ray.serve.context``, ``apply_config``, ``get_app_configs``) are those
-``serve deploy`` itself makes; they are confined to this module.
+Only public Serve interfaces: ``serve.start``/``status``/``delete`` and Serve's REST API on Ray's dashboard
+(``GET``/``PUT /api/serve/applications/``, what ``serve deploy`` and ``fabric status`` use), whose
+``PUT`` replaces the whole set of declarative apps. A local Ray started here therefore runs the dashboard
+(on 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
+import urllib.error
+import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from fabric.errors import ClusterError, UsageError
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
     from fabric.config import PipelineConfig
 
 DEPLOY_TIMEOUT_S = 300.0
+_DASHBOARDS: dict[str, str] = {}
+"""GCS address -> its dashboard's address, looked up once per process."""
 
 
 @dataclass
@@ -103,17 +110,61 @@ def connect(cfg: PipelineConfig) -> bool:
         os.environ.update(env)
         if env:
             os.environ.update(haproxy_ports_env())
-    runtime.connect(cfg.cluster)
+        # Serve's REST API (how apps are deployed here) lives in the dashboard.
+        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": runtime.free_port()}
+        runtime.connect(cfg.cluster, **dashboard)
+    else:
+        runtime.connect(cfg.cluster)
     return bool(env) and not address
 
 
-def _client() -> Any:
-    from ray.serve.context import _get_global_client
+def dashboard_url() -> str:
+    """The connected cluster's dashboard (Ray's documented ``ray.init().address_info['webui_url']``)."""
+    import ray
 
+    if not ray.is_initialized():
+        raise ClusterError("not connected to Ray: connect first (fabric.serve.control.connect or attach)")
+    gcs = ray.get_runtime_context().gcs_address
+    if gcs not in _DASHBOARDS:
+        worker_log = logging.getLogger("ray._private.worker")  # its "Calling ray.init() again" notice is noise here
+        level = worker_log.level
+        worker_log.setLevel(logging.WARNING)
+        try:
+            _DASHBOARDS[gcs] = ray.init(ignore_reinit_error=True).address_info.get("webui_url") or ""
+        finally:
+            worker_log.setLevel(level)
+    url = _DASHBOARDS[gcs]
+    if not url:
+        raise ClusterError(
+            "this Ray cluster runs no dashboard, which serves Serve's REST API: start it with the dashboard "
+            "(`fabric up`, `ray start --head --include-dashboard=true`, ray.init(include_dashboard=True))"
+        )
+    return url if "://" in url else f"http://{url}"
+
+
+def _rest(method: str, body: dict[str, Any] | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+    """One call to Serve's REST API (``/api/serve/applications/``) on the dashboard; its JSON answer."""
+    from fabric import runtime
+
+    url = f"{dashboard_url()}/api/serve/applications/"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={**runtime.auth_headers(), "Content-Type": "application/json"}
+    )
     try:
-        return _get_global_client()
-    except Exception as e:  # RayServeException: no controller
-        raise ClusterError(f"Serve is not running on this Ray cluster ({str(e).splitlines()[0]})") from None
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            text = resp.read()
+    except urllib.error.HTTPError as e:
+        reason = e.read().decode(errors="replace").strip()[-2000:]
+        raise ClusterError(f"Serve's REST API ({method} {url}) answered {e.code}: {reason}") from None
+    except OSError as e:
+        raise ClusterError(f"Serve's REST API at {url} did not answer ({getattr(e, 'reason', e)})") from None
+    return json.loads(text) if text.strip() else {}
+
+
+def _details() -> dict[str, Any]:
+    """Serve's instance details (``ServeInstanceDetails`` as JSON; no controller_info while Serve is not up)."""
+    return _rest("GET")
 
 
 def start(cfg: PipelineConfig) -> dict[str, Any]:
@@ -131,18 +182,12 @@ def start(cfg: PipelineConfig) -> dict[str, Any]:
     if not _serve_running() and _ray_on_this_machine():
         check_ports_free(cfg.serve.host, _serve_ports(cfg.serve.port))
     serve.start(**options)
-    http = _client().http_config
-    return {"host": http.host, "port": http.port}
+    http = _details().get("http_options") or {}
+    return {"host": http.get("host", cfg.serve.host), "port": http.get("port", cfg.serve.port)}
 
 
 def _serve_running() -> bool:
-    from ray.serve.context import _get_global_client
-
-    try:
-        _get_global_client()
-        return True
-    except Exception:  # RayServeException: no controller yet
-        return False
+    return bool(_details().get("controller_info"))
 
 
 def _ray_on_this_machine() -> bool:
@@ -230,13 +275,13 @@ def put_app(app: dict[str, Any], ready_url: str, timeout_s: float = DEPLOY_TIMEO
     """
     import ray
 
-    client = _client()
-    apps = _declared(client)
+    details = _running_details()
+    apps = _declared(details)
     apps[app["name"]] = app
     # Recorded before the app can answer, so that whoever sees it answering finds the Ray it runs on.
     _state_file().parent.mkdir(parents=True, exist_ok=True)
     _state_file().write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "app": app["name"]}))
-    _apply(client, apps)
+    _apply(details, apps)
     _wait_running(app["name"], timeout_s)
     _wait_answering(ready_url, timeout_s)
 
@@ -261,20 +306,33 @@ def _wait_answering(url: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def _apply(client: Any, apps: dict[str, dict[str, Any]]) -> None:
-    import ray
+def _running_details() -> dict[str, Any]:
+    details = _details()
+    if not details.get("controller_info"):
+        raise ClusterError("Serve is not running on this Ray cluster (start it with fabric.serve.control.start)")
+    return details
+
+
+def _apply(details: dict[str, Any], apps: dict[str, dict[str, Any]]) -> None:
+    """PUT the whole declarative config: ``apps`` with the HTTP options and proxy location in effect (Serve
+    keeps those of its start; naming others only earns a warning)."""
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate({"applications": list(apps.values())})
-    ray.get(client._controller.apply_config.remote(schema))
+    body: dict[str, Any] = {"applications": list(apps.values())}
+    for key in ("http_options", "proxy_location"):
+        if details.get(key) is not None:
+            body[key] = details[key]
+    try:
+        schema = ServeDeploySchema.model_validate(body)
+    except ValueError as e:  # pydantic's ValidationError
+        raise UsageError(f"invalid Serve config: {e}") from None
+    _rest("PUT", schema.model_dump(mode="json", exclude_unset=True))
 
 
-def _declared(client: Any) -> dict[str, dict[str, Any]]:
-    """The declaratively deployed apps, as their config dicts (apply_config replaces the whole set)."""
-    import ray
-
-    configs = ray.get(client._controller.get_app_configs.remote())
-    return {name: c.model_dump(exclude_unset=True) for name, c in configs.items()}
+def _declared(details: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The declaratively deployed apps, as their config dicts (a PUT replaces the whole set)."""
+    apps = details.get("applications") or {}
+    return {name: a["deployed_app_config"] for name, a in apps.items() if a.get("deployed_app_config")}
 
 
 def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeResult:
@@ -313,13 +371,15 @@ def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> ServeRes
 
 def is_fast_path() -> bool:
     """True when the running Serve ingress is HAProxy (the fast path)."""
-    import ray
+    from ray.util.state import list_actors
 
     try:
-        proxies = ray.get(_client()._controller.get_proxies.remote(), timeout=10)
-    except Exception:
+        proxies = {p.get("actor_id") for p in (_details().get("proxies") or {}).values()}
+        alive = [("class_name", "=", "HAProxyManager"), ("state", "=", "ALIVE")]
+        haproxy = list_actors(address=dashboard_url(), filters=alive, timeout=10)
+    except Exception:  # no Serve, no dashboard
         return False
-    return any(h._ray_actor_creation_function_descriptor.class_name == "HAProxyManager" for h in proxies.values())
+    return any(a.actor_id in proxies for a in haproxy)
 
 
 def attach(address: str | None = None) -> None:
@@ -366,7 +426,7 @@ def _reachable(address: str, timeout_s: float = 3.0) -> bool:
 
 def current_traffic(app: str) -> dict[str, float]:
     """The traffic weights the app's deployment is configured with now."""
-    apps = _declared(_client())
+    apps = _declared(_running_details())
     if app not in apps:
         raise UsageError(_not_declared(app, apps))
     cfg = _app_pipeline_config(apps[app])
@@ -403,8 +463,8 @@ def set_traffic(weights: dict[str, float], app: str = "fabric", timeout_s: float
     """
     from fabric.serve.router import TrafficSplit
 
-    client = _client()
-    apps = _declared(client)
+    details = _running_details()
+    apps = _declared(details)
     if app not in apps:
         raise UsageError(_not_declared(app, apps))
     cfg = _app_pipeline_config(apps[app])
@@ -414,7 +474,7 @@ def set_traffic(weights: dict[str, float], app: str = "fabric", timeout_s: float
     deployments = [d for d in apps[app].get("deployments") or [] if d.get("name") != DEPLOYMENT]
     deployments.append({"name": DEPLOYMENT, "user_config": {"traffic": full}})
     apps[app]["deployments"] = deployments
-    _apply(client, apps)
+    _apply(details, apps)
     _wait_running(app, timeout_s)
     return split.weights
 
@@ -424,7 +484,7 @@ def status(app: str | None = None) -> list[dict[str, Any]]:
     from ray import serve
 
     st = serve.status()
-    apps = _declared(_client())
+    apps = _declared(_running_details())
     out = []
     for name, a in st.applications.items():
         if app and name != app:

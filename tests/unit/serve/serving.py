@@ -25,9 +25,9 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "cond
 
 @contextlib.contextmanager
 def local_ray(fabric_home: Path, fast_path: bool = True, env: dict[str, str] | None = None) -> Iterator[None]:
-    """A local 2-CPU Ray with FABRIC_HOME and ``env`` set, and with ``fast_path`` the fast path's environment
-    (it must be there before Ray starts) with HAProxy's side ports free (other Serves may run on this machine).
-    Everything set is restored afterwards."""
+    """A local 2-CPU Ray (with its dashboard, on 127.0.0.1) with FABRIC_HOME and ``env`` set, and with
+    ``fast_path`` the fast path's environment (it must be there before Ray starts) with HAProxy's side ports
+    free (other Serves may run on this machine). Everything set is restored afterwards."""
     import ray
 
     extra = dict(env or {})
@@ -39,7 +39,12 @@ def local_ray(fabric_home: Path, fast_path: bool = True, env: dict[str, str] | N
     os.environ.update(extra)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from fabric.runtime import free_port
+
+    # the dashboard serves Serve's REST API, through which fabric deploys
+    ray.init(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(), log_to_driver=False
+    )
     try:
         yield
     finally:
