@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.export import run
 from fabric.runtime import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, export and check parity, return the exit code."""
-    return job_main(run, argv, prog="jobs/export.py")
+    return job_main(run, verbosity.from_argv(argv), prog="jobs/export.py")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.data import run
 from fabric.runtime import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main(run, argv, prog="jobs/ingest.py")
+    return job_main(run, verbosity.from_argv(argv), prog="jobs/ingest.py")
 
 
 if __name__ == "__main__":

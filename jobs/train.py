@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.runtime import job_main
 from fabric.train import run
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, train, return the exit code."""
-    return job_main(run, argv, prog="jobs/train.py")
+    return job_main(run, verbosity.from_argv(argv), prog="jobs/train.py")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.runtime import job_main
 from fabric.tune import run
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, run the search, return the exit code."""
-    return job_main(run, argv, prog="jobs/tune.py")
+    return job_main(run, verbosity.from_argv(argv), prog="jobs/tune.py")
 
 
 if __name__ == "__main__":

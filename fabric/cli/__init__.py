@@ -12,6 +12,7 @@ import re
 import sys
 
 from fabric import __version__
+from fabric.cli import verbosity
 from fabric.errors import ConfigError, FabricError, UsageError
 
 # subcommand -> (module, one-line help)
@@ -37,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": (
         "fabric.cli.generate",
         "batch generation: a prompts file through vLLM engines on Ray Data, to parquet, JSON lines or CSV",
+    ),
+    "predict": (
+        "fabric.cli.predict",
+        "batch scoring: a file or URI through a registered model (Ray Data actor pool) to parquet or CSV",
     ),
     "eval-llm": (
         "fabric.cli.eval_llm",
@@ -70,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser; each subcommand module adds its own arguments."""
     parser = _Parser(prog="fabric", description="The ML lifecycle as Ray workloads.")
     parser.add_argument("--version", action="version", version=f"fabric {__version__}")
+    verbosity.add_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
+        verbosity.add_flag(sp, default=argparse.SUPPRESS)  # -v before or after the subcommand
         importlib.import_module(module).add_arguments(sp)
     return parser
 
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    verbosity.configure(args.verbose, ray=args.command in verbosity.IN_PROCESS_RAY)
     module = importlib.import_module(COMMANDS[args.command][0])
     if extra:
         bad = [a for a in extra if not getattr(module, "ACCEPTS_OVERRIDES", False) or not _OVERRIDE.match(a)]
