@@ -1,7 +1,8 @@
 """`fabric status`: nodes with resources used and free, jobs, and Serve applications.
 
-Host readings (CPU, memory, GPU) are the psutil and pynvml samples each node's Ray agent reports to the
-dashboard; Ray's logical resources (what tasks and actors hold) come from the GCS.
+Host readings (CPU, memory, GPU) are Ray's own node metrics (``ray_node_*``), scraped from each node's metrics
+export port (the dashboard's copy of the same agent samples where that port does not answer from here); Ray's
+logical resources (what tasks and actors hold) come from the GCS.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from fabric import runtime
 from fabric.errors import ClusterError
+from fabric.monitor.resources import NodeReading, read_nodes
 
 GIB = 2**30
 
@@ -60,7 +62,47 @@ def _fmt_pair(used: float, total: float, scale: float = 1.0, unit: str = "") -> 
     return f"{used / scale:.1f}/{total / scale:.1f}{unit}"
 
 
-def node_rows(nodes: list[dict[str, Any]], usage: dict[str, dict[str, tuple[float, float]]] | None) -> list[tuple[str, ...]]:
+def host_readings(nodes: list[dict[str, Any]]) -> dict[str, NodeReading]:
+    """Node id -> its ``ray_node_*`` readings, for the alive nodes of the dashboard's node summary."""
+    records = [
+        {
+            "NodeID": r.get("nodeId", ""),
+            "Alive": r.get("state") == "ALIVE",
+            "NodeManagerAddress": r.get("nodeManagerAddress") or n.get("ip", "127.0.0.1"),
+            "MetricsExportPort": r.get("metricsExportPort"),
+        }
+        for n in nodes
+        if (r := n.get("raylet") or {})
+    ]
+    return {reading.node_id: reading for reading in read_nodes(records)}
+
+
+def _host_text(n: dict[str, Any], reading: NodeReading | None) -> tuple[str, str, str]:
+    """Host CPU, memory and GPUs of a node: Ray's node metrics, else the dashboard's summary of the same samples."""
+    if reading is not None and reading.complete:
+        gpus = ", ".join(
+            f"{g.name or 'gpu'} {g.utilization_percent or 0:.0f}% "
+            f"{(g.memory_used_bytes or 0) / GIB:.1f}/{(g.memory_total_bytes or 0) / GIB:.1f}GiB"
+            for g in reading.gpus
+        )
+        mem = _fmt_pair(reading.memory_used_bytes or 0.0, reading.memory_total_bytes or 0.0, GIB, " GiB")
+        return f"{reading.cpu_percent:.0f}%", mem, gpus or "-"
+    mem_summary = n.get("mem") or [0, 0, 0, 0]  # psutil.virtual_memory(): total, available, percent, used
+    gpu_summary = n.get("gpus") or []  # pynvml readings
+    gpu_text = ", ".join(
+        f"{g.get('name', 'gpu')} {g.get('utilizationGpu') or 0:.0f}% "
+        f"{(g.get('memoryUsed') or 0) / 1024:.1f}/{(g.get('memoryTotal') or 0) / 1024:.1f}GiB"
+        for g in gpu_summary
+    )
+    mem = _fmt_pair(mem_summary[0] - mem_summary[1], mem_summary[0], GIB, " GiB")
+    return f"{n.get('cpu', 0):.0f}%", mem, gpu_text or "-"
+
+
+def node_rows(
+    nodes: list[dict[str, Any]],
+    usage: dict[str, dict[str, tuple[float, float]]] | None,
+    readings: dict[str, NodeReading] | None = None,
+) -> list[tuple[str, ...]]:
     """One row per node: address, role, state, Ray CPU/GPU use, host CPU%, host memory, GPUs."""
     rows = [("NODE", "STATE", "RAY CPU used/total", "RAY GPU used/total", "HOST CPU", "HOST MEM used/total", "GPUS")]
     for n in nodes:
@@ -71,27 +113,9 @@ def node_rows(nodes: list[dict[str, Any]], usage: dict[str, dict[str, tuple[floa
         gpu_used = use.get("GPU", (None, total.get("GPU", 0.0)))[0]
         cpu = _fmt_pair(cpu_used, total.get("CPU", 0.0)) if cpu_used is not None else f"?/{total.get('CPU', 0.0):.1f}"
         gpu = _fmt_pair(gpu_used or 0.0, total["GPU"]) if total.get("GPU") else "-"
-        mem = n.get("mem") or [0, 0, 0, 0]  # psutil.virtual_memory(): total, available, percent, used
-        gpus = n.get("gpus") or []  # pynvml readings
-        gpu_text = (
-            ", ".join(
-                f"{g.get('name', 'gpu')} {g.get('utilizationGpu') or 0:.0f}% {(g.get('memoryUsed') or 0) / 1024:.1f}/{(g.get('memoryTotal') or 0) / 1024:.1f}GiB"
-                for g in gpus
-            )
-            or "-"
-        )
+        host_cpu, host_mem, gpu_text = _host_text(n, (readings or {}).get(raylet.get("nodeId", "")))
         role = " (head)" if raylet.get("isHeadNode") else ""
-        rows.append(
-            (
-                f"{n.get('ip', '?')}{role}",
-                raylet.get("state", "?"),
-                cpu,
-                gpu,
-                f"{n.get('cpu', 0):.0f}%",
-                _fmt_pair(mem[0] - mem[1], mem[0], GIB, " GiB"),
-                gpu_text,
-            )
-        )
+        rows.append((f"{n.get('ip', '?')}{role}", raylet.get("state", "?"), cpu, gpu, host_cpu, host_mem, gpu_text))
     return rows
 
 
@@ -133,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"(logical resource use unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
     alive = sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
     print(f"Cluster {url}  {alive} node(s) alive")
-    print(table(node_rows(nodes, usage)))
+    print(table(node_rows(nodes, usage, host_readings(nodes))))
     if usage:
         totals: dict[str, list[float]] = {}
         for res in usage.values():

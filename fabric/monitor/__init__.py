@@ -2,7 +2,8 @@
 
 Serving replicas feed it through ``MonitorClient(cfg.monitor).submit(rows, predictions)`` and read it
 through ``MonitorClient.drift_json()`` / ``report_html()``; ``run(cfg)`` starts it over ingestion's reference.
-Importing this package loads neither Ray nor Evidently.
+Node resources come from Ray's own ``ray_node_*`` metrics (``read_nodes``). Importing this package loads
+neither Ray nor Evidently.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from fabric.monitor.actor import MonitorActor, get_actor, start
 from fabric.monitor.client import MonitorClient, MonitorUnavailableError
 from fabric.monitor.monitor import DriftMonitor, load_reference, reference_spec
-from fabric.monitor.resources import ResourceSampler, start_samplers, stop_samplers
+from fabric.monitor.resources import NodeReading, read_nodes
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -25,16 +26,15 @@ __all__ = [
     "MonitorActor",
     "MonitorClient",
     "MonitorUnavailableError",
-    "ResourceSampler",
+    "NodeReading",
     "checkpoint_path",
     "get_actor",
     "load_reference",
+    "read_nodes",
     "reference_spec",
     "run",
     "start",
-    "start_samplers",
     "stop",
-    "stop_samplers",
 ]
 
 
@@ -47,8 +47,8 @@ def run(cfg: PipelineConfig) -> ActorHandle:
     """Start (or get) the named drift-monitor actor over ``<run_dir>/data/reference.parquet``.
 
     Connects to Ray (``cfg.cluster``), reads ingestion's reference sample and meta.json, starts the actor in
-    namespace ``fabric`` under ``cfg.monitor.actor_name`` (restartable, checkpointed to ``checkpoint_path``)
-    and, with ``cfg.monitor.resources``, a resource sampler on every node.
+    namespace ``fabric`` under ``cfg.monitor.actor_name`` (restartable, checkpointed to ``checkpoint_path``).
+    Node resources need nothing started: Ray's agents export them (:func:`read_nodes`).
 
     Returns:
         The actor's handle. With ``monitor.detached=false`` keep it: the actor ends when its last handle
@@ -58,24 +58,19 @@ def run(cfg: PipelineConfig) -> ActorHandle:
 
     connect(cfg.cluster)
     reference, meta = load_reference(cfg.run_dir)
-    handle = start(
+    return start(
         cfg.monitor,
         reference,
         **reference_spec(cfg, reference, meta),
         checkpoint_path=checkpoint_path(cfg),
         run_dir=cfg.run_dir,
     )
-    if cfg.monitor.resources:
-        start_samplers(cfg.monitor.resource_interval_s, detached=cfg.monitor.detached)
-    return handle
 
 
 def stop(cfg: PipelineConfig) -> bool:
-    """Stop the monitor actor (for good) and the resource samplers; False when no monitor was running."""
+    """Stop the monitor actor (for good); False when no monitor was running."""
     from fabric.monitor.actor import stop as stop_actor
     from fabric.runtime import connect
 
     connect(cfg.cluster)
-    stopped = stop_actor(cfg.monitor.actor_name)
-    stop_samplers()
-    return stopped
+    return stop_actor(cfg.monitor.actor_name)
