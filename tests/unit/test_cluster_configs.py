@@ -32,7 +32,8 @@ LAUNCHER = sorted((CLUSTER / "launcher").glob("*.yaml"))
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 DASHBOARD = CLUSTER / "observability" / "grafana-dashboard.json"
 IMAGE_ROOT = "/home/ray/fabric"  # where cluster/Dockerfile puts the project
-KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"}
+K8S_KINDS = {"PersistentVolumeClaim", "redis/Service", "redis/Deployment", "redis/PersistentVolumeClaim"}
+KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService", *K8S_KINDS}
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -243,13 +244,17 @@ def test_serve_app_args_are_validated_not_ignored() -> None:
 
 
 def _kuberay() -> dict[str, dict[str, Any]]:
+    """The KubeRay manifests by kind; redis.yaml's objects under ``redis/<kind>``."""
     out: dict[str, dict[str, Any]] = {}
     for path in KUBERAY:
         for doc in _docs(path):
-            assert doc["kind"] in KUBERAY_KINDS, f"{path.name}: unexpected kind {doc['kind']}"
-            assert doc["apiVersion"] == ("v1" if doc["kind"] == "PersistentVolumeClaim" else "ray.io/v1")
+            kind = doc["kind"]
+            key = f"redis/{kind}" if path.name == "redis.yaml" else kind
+            assert key in KUBERAY_KINDS, f"{path.name}: unexpected kind {kind}"
+            assert doc["apiVersion"] == {"Deployment": "apps/v1"}.get(kind, "v1" if key in K8S_KINDS else "ray.io/v1")
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]
-            out[doc["kind"]] = doc
+            assert key not in out, f"two {key} objects"
+            out[key] = doc
     assert set(out) == KUBERAY_KINDS
     return out
 
@@ -291,6 +296,33 @@ def test_kuberay_raycluster_has_the_required_fields_and_gpu_groups() -> None:
     }
     assert max(gpus.values()) >= 2 and any("vllm" in name and n >= 1 for name, n in gpus.items()), gpus
     _check_cluster_spec(docs["RayService"]["spec"]["rayClusterConfig"], claims)
+
+
+def test_kuberay_clusters_keep_the_gcs_in_the_redis_of_redis_yaml() -> None:
+    docs = _kuberay()
+    service, deployment = docs["redis/Service"], docs["redis/Deployment"]
+    port = service["spec"]["ports"][0]["port"]
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), "the Service reaches the pod"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (redis,) = pod["spec"]["containers"]
+    assert port in {p["containerPort"] for p in redis["ports"]} and service["spec"]["ports"][0]["targetPort"] == port
+    password = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"] if "valueFrom" in e}["REDIS_PASSWORD"]
+    assert "--requirepass" in " ".join(redis["command"]) and "--appendonly yes" in " ".join(redis["command"])
+    claim = docs["redis/PersistentVolumeClaim"]["metadata"]["name"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in redis["volumeMounts"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim and mounts["data"] == "/data"
+    header = (CLUSTER / "kuberay" / "redis.yaml").read_text()
+    assert f"kubectl create secret generic {password['name']} --from-literal={password['key']}=" in header
+    for spec in (docs["RayCluster"]["spec"], docs["RayService"]["spec"]["rayClusterConfig"]):
+        ft = spec["gcsFaultToleranceOptions"]  # KubeRay >= 1.3's GCS fault tolerance
+        assert ft["redisAddress"] == f"{service['metadata']['name']}:{port}"
+        assert ft["redisPassword"] == {"valueFrom": {"secretKeyRef": password}}
+        # KubeRay refuses these next to gcsFaultToleranceOptions (it sets them itself)
+        assert "redis-password" not in spec["headGroupSpec"].get("rayStartParams", {})
+        env = spec["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])
+        assert not {"RAY_REDIS_ADDRESS", "RAY_external_storage_namespace"} & {e["name"] for e in env}
 
 
 def test_kuberay_rayjob_runs_the_pipeline_on_the_raycluster() -> None:
@@ -400,11 +432,13 @@ def _vllm_exported() -> set[str]:
 
 
 def _known_metrics() -> tuple[set[str], set[str]]:
+    """fabric's metrics; Ray's (Serve's, its agents' node metrics) and vLLM's."""
     import ray
 
+    ray_dir = Path(ray.__file__).parent
     fabric = _exported(sorted((ROOT / "fabric").rglob("*.py")))
-    serve = _exported(sorted((Path(ray.__file__).parent / "serve").rglob("*.py"))) | _vllm_exported()
-    return fabric, serve
+    ray_sources = [*sorted((ray_dir / "serve").rglob("*.py")), ray_dir / "dashboard/modules/reporter/reporter_agent.py"]
+    return fabric, _exported(ray_sources) | _vllm_exported()
 
 
 def _exprs(dashboard: dict[str, Any]) -> list[str]:
@@ -417,14 +451,13 @@ def _exprs(dashboard: dict[str, Any]) -> list[str]:
 
 def test_metric_definitions_are_found() -> None:
     fabric, serve = _known_metrics()
-    # The scan must see fabric's monitor and sampler metrics and Serve's ingress histogram, or it proves nothing.
+    # The scan must see fabric's monitor metrics, Serve's ingress histogram and Ray's node metrics, or it proves
+    # nothing.
     assert {"ray_fabric_monitor_drift_share", "ray_fabric_monitor_dropped_samples_total"} <= fabric
-    assert {
-        "ray_fabric_node_cpu_percent",
-        "ray_fabric_serve_batch_size_bucket",
-        "ray_fabric_serve_responses_total",
-    } <= fabric
+    assert {"ray_fabric_serve_batch_size_bucket", "ray_fabric_serve_responses_total"} <= fabric
     assert {"ray_serve_http_request_latency_ms_bucket", "ray_serve_actual_batch_size_bucket"} <= serve
+    assert {"ray_node_cpu_utilization", "ray_node_mem_used", "ray_node_gram_used"} <= serve
+    assert not any(m.startswith("ray_fabric_node_") for m in fabric), "node resources are Ray's, not a sampler's"
 
 
 def test_dashboard_queries_only_metrics_that_exist() -> None:
@@ -441,9 +474,11 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
         "ray_fabric_monitor_feature_drift_score",
         "ray_fabric_monitor_dropped_samples_total",
         "ray_fabric_monitor_window_size",
-        "ray_fabric_node_cpu_percent",
-        "ray_fabric_node_memory_percent",
-        "ray_fabric_node_gpu_utilization_percent",
+        "ray_node_cpu_utilization",
+        "ray_node_mem_used",
+        "ray_node_mem_total",
+        "ray_node_gpus_utilization",
+        "ray_node_gram_used",
         "ray_vllm_time_to_first_token_seconds_bucket",
         "ray_vllm_request_time_per_output_token_seconds_bucket",
         "ray_vllm_num_requests_waiting",
