@@ -127,9 +127,8 @@ def check_model(path: str, model_args: dict[str, Any], input_dim: int, output_di
         with torch.no_grad():
             out = model(torch.zeros(2, input_dim))
     except Exception as e:
-        raise _problem(
-            "train.model", f"the module {path!r} builds fails on a [2, {input_dim}] float batch: {type(e).__name__}: {e}"
-        ) from e
+        what = f"fails on a [2, {input_dim}] float batch: {type(e).__name__}: {e}"
+        raise _problem("train.model", f"the module {path!r} builds {what}") from e
     shape = tuple(getattr(out, "shape", ()))
     if shape != (2, output_dim):
         raise _problem(

@@ -11,7 +11,8 @@ from fabric.config import PipelineConfig, dump_config, load_config, parse_overri
 from fabric.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
-SHIPPED = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+# jobs/configs and the examples users copy (jobs/examples/<example>/*.yaml)
+SHIPPED = sorted([*(ROOT / "jobs" / "configs").glob("*.yaml"), *(ROOT / "jobs" / "examples").rglob("*.yaml")])
 
 
 def _write(tmp_path: Path, data: object) -> Path:
@@ -27,7 +28,7 @@ def test_defaults_are_valid_and_laptop_sized() -> None:
     assert cfg.train.num_workers <= 2
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "jobs")))
 def test_every_shipped_config_validates_and_says_how_to_run_it(path: Path) -> None:
     load_config(path)
     first = path.read_text().splitlines()[0]

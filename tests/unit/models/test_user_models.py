@@ -60,7 +60,12 @@ def test_a_good_builder_is_built_and_checked_from_the_working_dir(user_module) -
         (GOOD, "{m}:missing", {}, r"has no attribute 'missing'"),
         ("build = 3\n", "{m}:build", {}, r"is a int, not a function"),
         (GOOD, "{m}:build", {"depth": 2}, r"cannot be called with \(input_dim=…, output_dim=…, depth=…\)"),
-        ("def build(input_dim, output_dim):\n    return 42\n", "{m}:build", {}, r"returned a int, not a torch\.nn\.Module"),
+        (
+            "def build(input_dim, output_dim):\n    return 42\n",
+            "{m}:build",
+            {},
+            r"returned a int, not a torch\.nn\.Module",
+        ),
         (
             "from torch import nn\ndef build(input_dim, output_dim):\n    return nn.Linear(input_dim, 7)\n",
             "{m}:build",
@@ -121,7 +126,9 @@ def test_the_artifact_carries_the_module_and_loads_in_another_directory(  # type
     assert json.loads(out.stdout)[0] == pytest.approx(loaded(torch.ones(1, 3))[0].tolist())
 
 
-def test_installed_code_is_not_copied_and_an_edit_changes_the_digest(user_module, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_installed_code_is_not_copied_and_an_edit_changes_the_digest(  # type: ignore[no-untyped-def]
+    user_module, tmp_path: Path
+) -> None:
     assert bundle_code("torch.nn:Linear", tmp_path) is None and code_digest("torch.nn:Linear") == ""
     name = user_module()
     before = code_digest(f"{name}:build")

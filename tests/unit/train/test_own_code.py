@@ -105,3 +105,25 @@ def test_the_artifact_of_an_own_module_carries_its_code(own: str, tmp_path: Path
     x = torch.randn(2, 4)
     torch.testing.assert_close(loaded(x), model.eval()(x))
     assert meta["builder"] == f"{own}:build"
+
+
+@pytest.mark.parametrize(
+    ("config", "dims"),
+    [("own_module/own_module.yaml", (13, 3)), ("own_module/own_module_smoke.yaml", (13, 3)),
+     ("own_loop/own_loop.yaml", (10, 1)), ("own_loop/own_loop_smoke.yaml", (10, 1))],
+)  # fmt: skip
+def test_the_shipped_examples_code_resolves_from_their_folder(
+    config: str, dims: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fabric.config import load_config
+    from fabric.models import check_loop, check_model
+
+    path = Path(__file__).resolve().parents[3] / "jobs" / "examples" / config
+    monkeypatch.chdir(path.parent)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    t = load_config(path).train
+    assert t.model != "mlp" or t.loop
+    if t.model != "mlp":
+        check_model(t.model, t.model_args, *dims)
+    if t.loop:
+        check_loop(t.loop)

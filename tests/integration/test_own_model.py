@@ -1,0 +1,170 @@
+"""The user's own PyTorch module and own training loop through the whole lifecycle, on a real local Ray,
+MLflow and Serve HTTP on 127.0.0.1, from the shipped examples (jobs/examples/own_module, own_loop).
+
+One Ray (Serve's fast path) for the module. The own module (wine, 3 classes): ingest, a 2-trial search over
+``model_args.width``, train, register, export with parity, serve; the served model answers an OIP v2 call and
+``mlflow.pyfunc.load_model("models:/<name>@champion")`` in a fresh process elsewhere (the user's module is not
+on its path: it travels in the model folder) predicts the same. The own loop (diabetes, regression): ingest,
+train with the user's ``train_func``, register; the registry's pyfunc predicts what the trained model does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from fabric import pipeline
+from fabric.config import load_config
+from fabric.runtime import free_port
+from tests.unit.serve.serving import local_ray
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "jobs" / "examples"
+
+PYFUNC = """
+import json, sys
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+print(json.dumps(model.predict(pd.read_parquet(sys.argv[3])).to_dict(orient="list")))
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("own-model")
+    with local_ray(root / "home", fast_path=True):
+        yield root
+
+
+def _pipeline(example: str, config: str, run_dir: Path, overrides: list[str]) -> pipeline.PipelineResult:
+    """Run the shipped example's config from its folder (the working dir its import paths resolve in)."""
+    folder = EXAMPLES / example
+    cwd, path = os.getcwd(), list(sys.path)
+    os.chdir(folder)
+    try:
+        cfg = load_config(folder / config, [f"run_dir={run_dir}", *overrides])
+        return pipeline.run(cfg)
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+
+
+def _raw_rows(run_dir: Path, n: int = 6) -> pd.DataFrame:
+    """Rows as a client sends them: raw feature columns of ingestion's reference sample."""
+    return pd.read_parquet(run_dir / "data" / "reference.parquet").drop(columns=["target"]).head(n)
+
+
+def _pyfunc(uri: str, model: str, rows: pd.DataFrame, cwd: Path) -> dict[str, list[Any]]:
+    """``mlflow.pyfunc.load_model(model).predict(rows)`` in a fresh process in ``cwd``."""
+    cwd.mkdir(exist_ok=True)
+    rows.to_parquet(cwd / "rows.parquet")  # the columns' types as they are (JSON would turn 365.0 into 365)
+    out = subprocess.run(
+        [sys.executable, "-c", PYFUNC, uri, model, str(cwd / "rows.parquet")],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},  # neither the repo's examples nor the test's path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def own_module(ray_serve: Path) -> tuple[Path, pipeline.PipelineResult]:
+    run_dir = ray_serve / "module-run"
+    overrides = [
+        "tune.num_samples=2",
+        "tune.epochs_per_trial=3",
+        "train.epochs=12",
+        "train.num_workers=2",
+        "serve.enabled=true",
+        f"serve.port={free_port()}",
+        "serve.replica_cpus=0",
+        "monitor.enabled=false",
+        "export.quantize=false",
+        "track.model_name=own-module-test",
+    ]
+    return run_dir, _pipeline("own_module", "own_module_smoke.yaml", run_dir, overrides)
+
+
+def test_own_module_is_searched_trained_and_its_model_json_names_it(
+    own_module: tuple[Path, pipeline.PipelineResult],
+) -> None:
+    run_dir, result = own_module
+    tuned = result.stages["tune"]
+    assert set(tuned.best_config) == {"lr", "model_args.width"}
+    trained = result.stages["train"]
+    spec = json.loads((trained.model_path / "model.json").read_text())
+    assert spec["builder"] == "my_models:build" and spec["num_classes"] == 3
+    # the search's width reached the trained module; the rest of model_args are the config's
+    assert spec["kwargs"] == {
+        "input_dim": 13, "output_dim": 3, "width": tuned.best_config["model_args.width"], "blocks": 1, "dropout": 0.0
+    }  # fmt: skip
+    assert (trained.model_path / "code" / "my_models.py").is_file()
+    assert trained.metrics["test_accuracy"] > 0.8 > trained.metrics["baseline_test_accuracy"]
+    registered = result.stages["register"]
+    assert registered.promoted and registered.champion_version == registered.version
+    exported = result.stages["export"]
+    assert exported.onnx_path.is_file() and exported.max_abs_diff <= exported.tolerance
+
+
+def test_own_module_served_and_from_the_registry_elsewhere_predict_the_same(
+    own_module: tuple[Path, pipeline.PipelineResult],
+) -> None:
+    run_dir, result = own_module
+    served = result.stages["serve"]
+    rows = _raw_rows(run_dir)
+    r = httpx.post(
+        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    assert probs.shape == (len(rows), 3)
+    registry = result.stages["register"]
+    pyfunc = _pyfunc(registry.tracking_uri, "models:/own-module-test@champion", rows, run_dir / "elsewhere")
+    np.testing.assert_allclose(np.stack([pyfunc[f"proba_{k}"] for k in range(3)], axis=1), probs, atol=1e-4)
+    assert pyfunc["prediction"] == probs.argmax(axis=1).tolist()
+
+
+def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(ray_serve: Path) -> None:
+    import torch
+
+    from fabric.data import load_preprocessor
+    from fabric.models import load_model
+
+    run_dir = ray_serve / "loop-run"
+    overrides = [
+        "train.epochs=6",
+        "train.num_workers=2",
+        "export.enabled=false",
+        "track.model_name=own-loop-test",
+    ]
+    result = _pipeline("own_loop", "own_loop_smoke.yaml", run_dir, overrides)
+    trained = result.stages["train"]
+    assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5, 6]
+    assert trained.history[-1]["world_size"] == 2 and trained.history[-1]["val_rmse"] < trained.history[0]["val_rmse"]
+    assert json.loads((trained.model_path / "model.json").read_text())["builder"] == "mlp"
+    registered = result.stages["register"]
+    assert registered.version
+    rows = _raw_rows(run_dir)
+    model, _ = load_model(trained.model_path)
+    x = load_preprocessor(run_dir / "data" / "preprocessor.json").transform(rows)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))[:, 0].numpy()
+    uri = f"models:/own-loop-test/{registered.version}"
+    pyfunc = _pyfunc(registered.tracking_uri, uri, rows, run_dir / "elsewhere")
+    np.testing.assert_allclose(pyfunc["prediction"], expected, rtol=1e-5, atol=1e-4)
