@@ -13,11 +13,13 @@ import os
 import urllib.error
 import urllib.request
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric import runtime
 from fabric.errors import ClusterError
-from fabric.monitor.resources import NodeReading, read_nodes
+
+if TYPE_CHECKING:
+    from fabric.monitor.resources import NodeReading
 
 GIB = 2**30
 
@@ -64,6 +66,8 @@ def _fmt_pair(used: float, total: float, scale: float = 1.0, unit: str = "") -> 
 
 def host_readings(nodes: list[dict[str, Any]]) -> dict[str, NodeReading]:
     """Node id -> its ``ray_node_*`` readings, for the alive nodes of the dashboard's node summary."""
+    from fabric.monitor.resources import read_nodes
+
     records = [
         {
             "NodeID": r.get("nodeId", ""),
