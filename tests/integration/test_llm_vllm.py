@@ -112,6 +112,19 @@ def test_every_route_but_probes_needs_the_key(vllm_app: dict[str, Any]) -> None:
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_docs_load_offline_without_the_key(vllm_app: dict[str, Any]) -> None:  # noqa: F811
+    """vLLM's /docs page loads Swagger UI from a CDN; fabric's serves it from the app, and a browser needs no key."""
+    from tests.unit.serve.test_docs_offline import _EXTERNAL, loaded_urls
+
+    url = vllm_app["url"]
+    page = httpx.get(url + "/docs", timeout=10)
+    assert page.status_code == 200 and not _EXTERNAL.findall(page.text), _EXTERNAL.findall(page.text)
+    assets = [u for u in loaded_urls(page.text) if not u.startswith("data:")]
+    assert any(u.endswith("swagger-ui-bundle.js") for u in assets)
+    for asset in assets:
+        assert httpx.get(url + asset, timeout=10).status_code == 200, asset
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client: Any, vllm_app: dict[str, Any]) -> None:
     # lm-evaluation-harness' loglikelihood request: the prompt echoed with each token's logprob, one new token
     prompt = "the cat sat on a mat"

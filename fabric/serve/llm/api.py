@@ -48,6 +48,7 @@ from fabric.serve.llm.protocol import (
     from_validation_errors,
 )
 from fabric.serve.llm.serving import OpenAIServing
+from fabric.serve.docs import ASSETS_PATH
 from fabric.serve.protocol import ProtocolError
 
 Scope = MutableMapping[str, Any]
@@ -75,7 +76,7 @@ class RequireKey:
     """
 
     OPEN = frozenset({"/health", "/ping", "/version", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
-    OPEN_PREFIXES = ("/monitor/drift", "/monitor/report")
+    OPEN_PREFIXES = ("/monitor/drift", "/monitor/report", ASSETS_PATH + "/")
 
     def __init__(self, app: Any, key: str) -> None:
         self.app = app
@@ -225,10 +226,13 @@ def _request_id(request: Request) -> str:
 
 
 def add_routes(app: FastAPI, stats: Callable[[], dict[str, Any]], monitor: Any) -> None:
-    """fabric's routes on an OpenAI app (either engine's): ``/stats`` and the drift monitor's."""
+    """fabric's routes on an OpenAI app (either engine's): ``/stats``, the drift monitor's, and ``/docs`` with
+    Swagger UI served by the app itself (FastAPI's and vLLM's default pages load it from a CDN)."""
+    from fabric.serve.docs import offline_docs
     from fabric.serve.monitor_hook import NoMonitor
 
     hook = monitor or NoMonitor()
+    offline_docs(app)
     app.add_exception_handler(Exception, last_resort)
     app.middleware_stack = None  # vLLM's build_app built its stack already: rebuilt with the handler on first call
 
