@@ -12,6 +12,7 @@ from fabric.config.train import PARAM_GROUPS
 
 # train.* fields a search may vary (the rest shape the run, not the model); besides these, entries of the
 # mapping fields in PARAM_GROUPS by a dotted key (model_args.width, xgboost.max_depth).
+TREE_GROUPS = ("xgboost", "lightgbm")
 TUNABLE = ("lr", "hidden_size", "num_layers", "dropout", "batch_size", "weight_decay", "num_boost_round")
 
 
@@ -39,7 +40,8 @@ class Param(Section):
 
 
 class Scheduler(Section):
-    """ASHA early stopping: trials are cut at rungs grace_period * reduction_factor^k."""
+    """ASHA early stopping: trials are cut at rungs grace_period * reduction_factor^k (epochs; for trees boosting
+    rounds, the first rung at least a tenth of the rounds)."""
 
     type: Literal["asha", "none"] = "asha"
     grace_period: int = Field(default=1, ge=1)
@@ -62,15 +64,19 @@ class TuneConfig(Section):
     """Total number of trials."""
     max_concurrent_trials: int = Field(default=2, ge=1)
     epochs_per_trial: int = Field(default=6, ge=1)
-    """Maximum epochs a trial may run (ASHA's max_t)."""
+    """Maximum epochs a trial may run (ASHA's max_t). Tree trials boost ``train.num_boost_round`` rounds (or the
+    searched ``num_boost_round``) instead, one report per round."""
     workers_per_trial: int = Field(default=1, ge=1)
-    """Ray Train workers of each trial (DDP inside a trial); trials run side by side up to max_concurrent_trials."""
+    """Ray Train workers of each trial (DDP inside a trial); trials run side by side up to max_concurrent_trials.
+    A tree trial is one process boosting with this many threads."""
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     seed: int = 0
     search_space: dict[str, Param] = Field(default_factory=_default_space)
     """Keys are train.* fields (lr, hidden_size, dropout, batch_size, weight_decay, num_boost_round) or entries
-    of train's mappings by a dotted key (``model_args.width``, ``xgboost.max_depth``, ``lightgbm.num_leaves``)."""
+    of train's mappings by a dotted key (``model_args.width``, ``xgboost.max_depth``, ``lightgbm.num_leaves``).
+    A tree search (``train.framework`` xgboost or lightgbm) left with this default MLP space searches a
+    default tree space instead (``fabric.tune.TREE_SPACES``)."""
     scheduler: Scheduler = Field(default_factory=Scheduler)
 
     @field_validator("search_space")
@@ -86,7 +92,9 @@ class TuneConfig(Section):
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> TuneConfig:
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.epochs_per_trial:
+        # A tree search's rungs count boosting rounds (up to train.num_boost_round), not epochs.
+        trees = any(k == "num_boost_round" or k.partition(".")[0] in TREE_GROUPS for k in self.search_space)
+        if self.scheduler.type == "asha" and not trees and self.scheduler.grace_period > self.epochs_per_trial:
             raise ValueError(
                 f"scheduler.grace_period ({self.scheduler.grace_period}) must be <= epochs_per_trial ({self.epochs_per_trial})"
             )

@@ -153,6 +153,7 @@ def log_model(
     config = {"model_loader": model_loader, "preprocessor_loader": preprocessor_loader}
     with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(uri) as mlflow:
         staged = stage_model_folder(Path(model_dir), data, Path(tmp))
+        framework = str(json.loads((staged / "model.json").read_text()).get("framework", "torch"))
         local = FabricModel().load(staged, model_loader, preprocessor_loader)
         example = input_example(data, local)
         signature = None
@@ -171,8 +172,10 @@ def log_model(
                 signature=signature,
                 input_example=example.head(2) if example is not None else None,
                 registered_model_name=cfg.track.model_name,
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(framework),
             )
+            if framework in NATIVE_FLAVOURS:
+                log_native(mlflow, staged, framework)
     version = str(info.registered_model_version)
     _client(uri).set_registered_model_alias(cfg.track.model_name, CANDIDATE, version)
     return version
@@ -201,12 +204,35 @@ def input_example(data: Path, model: FabricModel) -> pd.DataFrame | None:
     return pd.DataFrame(x[:5], columns=names).astype("float32")
 
 
-def _requirements() -> list[str]:
+def log_native(mlflow: Any, folder: Path, framework: str) -> None:
+    """Log a tree model folder's booster with its library's own MLflow flavour too (artifact ``<framework>``
+    of the run), for users who load it with ``mlflow.xgboost`` / ``mlflow.lightgbm``; the registered model
+    stays fabric's pyfunc."""
+    from fabric.tracking._pyfunc import load_entry
+
+    spec = json.loads((folder / "model.json").read_text())
+    booster = load_entry("fabric.models.trees:load_booster")(framework, folder / spec["booster_file"])
+    flavour = getattr(mlflow, framework)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if framework == "xgboost":
+            flavour.log_model(booster, name=framework, model_format="ubj", pip_requirements=_requirements(framework))
+        else:
+            flavour.log_model(booster, name=framework, pip_requirements=_requirements(framework))
+
+
+NATIVE_FLAVOURS = ("xgboost", "lightgbm")
+"""Tree frameworks whose boosters are also logged with MLflow's own flavour."""
+
+
+def _requirements(framework: str = "torch") -> list[str]:
     """Pin what the served model imports (MLflow's own inference would miss the lazy imports)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for dist in ("mlflow", "torch", "numpy", "pandas", "pyarrow", "scikit-learn"):
+    # xgboost's CPU-only wheel (the gbdt extra's) is the distribution xgboost-cpu; whichever is installed is pinned
+    trees = {"xgboost": ("xgboost", "xgboost-cpu"), "lightgbm": ("lightgbm",)}.get(framework, ())
+    for dist in ("mlflow", "torch", "numpy", "pandas", "pyarrow", "scikit-learn", *trees):
         try:
             out.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:
