@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,6 +221,12 @@ class LocalHead:
     """Variables set for the head's processes beyond the token mode and PATH (e.g. Serve's fast path)."""
     local_only: bool = False
     """A development head (no node address given): every port on 127.0.0.1, no other node can join."""
+    redis: str | None = None
+    """GCS fault tolerance: the external Redis (``host:port``) the GCS keeps the cluster's state in."""
+    storage_namespace: str | None = None
+    """The key namespace of this head's state in that Redis (one per `fabric up`)."""
+    supervisor_pid: int | None = None
+    """The process that restarts the GCS when it dies (:mod:`fabric.supervisor`), with ``redis``."""
 
 
 def _state_file() -> Path:
@@ -434,6 +441,7 @@ def start_head(
     node_ip: str | None = None,
     resources: dict[str, float] | None = None,
     env: dict[str, str] | None = None,
+    redis: str | None = None,
     timeout_s: float = 60.0,
 ) -> tuple[LocalHead, bool]:
     """Start a local Ray head with token auth, dashboard and job API on 127.0.0.1.
@@ -448,13 +456,17 @@ def start_head(
             interface). None: a development head, which binds every port to 127.0.0.1 (LOOPBACK_ENV).
         resources: custom resources the head declares, e.g. ``{"head_node": 1}``.
         env: extra environment variables for the head's processes (read by Ray when they start).
+        redis: ``host:port`` of a Redis: GCS fault tolerance. The GCS keeps the cluster's state there (under a
+            namespace of its own; REDIS_PASSWORD, when set, is Redis's password) and a supervisor process
+            restarts the GCS when it dies (see :mod:`fabric.supervisor`).
         timeout_s: how long to wait for the job API.
 
     Returns:
         The head and whether it was started now (False: it was already running).
 
     Raises:
-        UsageError: ``node_ip`` is not an address of this machine, or ``resources`` is malformed.
+        UsageError: ``node_ip`` is not an address of this machine, ``resources`` is malformed, or no Redis
+            answers at ``redis``.
         ClusterError: Ray failed to start or its job API did not come up.
     """
     head = running_head()
@@ -463,6 +475,8 @@ def start_head(
     local_only = node_ip is None
     node_ip = check_node_ip(node_ip or "127.0.0.1")
     resources = check_resources(resources or {})
+    if redis is not None:
+        redis = check_redis(redis)
     location = ensure_token()
     home = fabric_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -495,6 +509,14 @@ def start_head(
     proc_env = {**os.environ, **extra, "RAY_AUTH_MODE": "token", "PATH": path}
     if local_only:
         proc_env.update(LOOPBACK_ENV)
+    namespace = None
+    if redis is not None:
+        # Ray's GCS fault tolerance (``ray start`` reads these): the GCS stores its tables in this Redis under
+        # the namespace, and a GCS started again with the same ones reloads them.
+        namespace = f"fabric-{port}-{uuid.uuid4().hex[:12]}"
+        proc_env.update({"RAY_REDIS_ADDRESS": redis, "RAY_external_storage_namespace": namespace})
+        if os.environ.get("REDIS_PASSWORD"):
+            cmd.append(f"--redis-password={os.environ['REDIS_PASSWORD']}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -509,6 +531,8 @@ def start_head(
         resources=resources,
         env=extra,
         local_only=local_only,
+        redis=redis,
+        storage_namespace=namespace,
     )
     deadline = time.monotonic() + timeout_s
     # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard.
@@ -517,8 +541,44 @@ def start_head(
             stop_processes(head_processes(temp_dir, port))
             raise ClusterError(f"the job API on {head.dashboard_url} was not ready within {timeout_s:.0f}s")
         time.sleep(0.5)
+    if redis is not None:
+        head.supervisor_pid = _start_supervisor(temp_dir)
     _state_file().write_text(json.dumps(asdict(head), indent=2))
     return head, True
+
+
+def check_redis(address: str, timeout_s: float = 5.0) -> str:
+    """``address`` (``host:port``, a ``redis://`` prefix allowed) when a Redis answers there; UsageError otherwise."""
+    import socket
+
+    address = address.removeprefix("redis://")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--redis: expected HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError as e:
+        raise UsageError(f"--redis: no Redis answers at {address} ({e})") from None
+    if not reply.startswith((b"+PONG", b"-NOAUTH")):  # -NOAUTH: one with a password (REDIS_PASSWORD)
+        raise UsageError(f"--redis: {address} answered {reply[:40]!r}, not as a Redis")
+    return address
+
+
+def _start_supervisor(temp_dir: str) -> int:
+    """Start :mod:`fabric.supervisor` for the head in ``temp_dir``, detached; its log is
+    ``<FABRIC_HOME>/gcs-supervisor.log``."""
+    log_path = fabric_home() / "gcs-supervisor.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fabric.supervisor", f"--temp-dir={temp_dir}"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    return proc.pid
 
 
 def stop_processes(procs: list[psutil.Process], grace_s: float = 10.0) -> int:
@@ -540,12 +600,24 @@ def stop_processes(procs: list[psutil.Process], grace_s: float = 10.0) -> int:
     return len(procs)
 
 
+def _cmdline(proc: psutil.Process) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
 def stop_head() -> int:
     """Stop the head `fabric up` started (only its processes); returns how many processes stopped."""
     head = read_head()
     if head is None:
         return 0
     count = 0
+    # First the GCS supervisor, which would otherwise start the GCS again as the head stops.
+    supervisor = [p for p in head_processes(head.temp_dir) if "fabric.supervisor" in " ".join(_cmdline(p))]
+    count += stop_processes(supervisor)
     # Workers can be forked while we stop the parents: sweep until nothing of ours is left.
     for _ in range(5):
         procs = head_processes(head.temp_dir, gcs_port(head))

@@ -25,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resources", help='custom resources the head declares, as JSON, e.g. \'{"head_node": 1}\'')
     p.add_argument("--object-store-memory", type=int, help="object store size in bytes")
     p.add_argument(
+        "--redis",
+        metavar="HOST:PORT",
+        help="GCS fault tolerance: keep the cluster's state in this Redis (REDIS_PASSWORD: its password) and "
+        "restart the GCS when it dies; Serve's replicas keep answering meanwhile",
+    )
+    p.add_argument(
         "--no-serve-fast-path",
         action="store_true",
         help="leave Serve's HAProxy ingress and direct data plane off on this head",
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         node_ip=args.node_ip,
         resources=resources,
         env=env,
+        redis=args.redis,
     )
     if started:
         print("Ray head started.")
@@ -108,6 +115,13 @@ def run(args: argparse.Namespace) -> int:
     port = url.rsplit(":", 1)[1]
     fast = " ".join(f"{k}={v}" for k, v in sorted(head.env.items())) or "off"
     declared = json.dumps(head.resources) if head.resources else "none"
+    if head.redis:
+        ft = (
+            f"on: state in Redis {head.redis} (namespace {head.storage_namespace}); a supervisor (pid "
+            f"{head.supervisor_pid}, log {runtime.fabric_home() / 'gcs-supervisor.log'}) restarts the GCS if it dies"
+        )
+    else:
+        ft = "off (`fabric up --redis HOST:PORT` turns it on)"
     listening = runtime.head_listeners(head)
     gcs_note = ""
     if head.local_only:
@@ -132,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
   auth token       {head.token_location}
   resources        {declared}
   serve fast path  {fast}
+  gcs fault tol.   {ft}
 
 Listening now (the head's processes, read from the system):
 {listening_lines(listening)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from fabric.runtime import (
     DEFAULT_EXCLUDES,
     LocalHead,
     check_node_ip,
+    check_redis,
     check_resources,
     check_working_dir,
     job_main,
@@ -189,3 +192,44 @@ def test_listeners_and_what_up_prints_about_them() -> None:
     mixed = listening_lines([("127.0.0.1", 8275, "dashboard"), ("::", 6390, "gcs_server")])
     assert ":: (every interface) 6390 gcs_server" in mixed and "reachable from other machines on: ::" in mixed
     assert "every port is on loopback" not in mixed
+
+
+def _answering(reply: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A one-connection TCP server on 127.0.0.1 that answers ``reply`` to whatever it reads."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_redis_address_is_checked_by_asking_it() -> None:
+    from fabric.runtime import free_port
+
+    for reply, ok in ((b"+PONG\r\n", True), (b"-NOAUTH Authentication required.\r\n", True), (b"HTTP/1.1 400", False)):
+        server, thread = _answering(reply)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        try:
+            if ok:
+                assert check_redis(f"redis://{address}") == address
+            else:
+                with pytest.raises(UsageError, match="not as a Redis"):
+                    check_redis(address)
+        finally:
+            thread.join(timeout=10)
+            server.close()
+    with pytest.raises(UsageError, match="no Redis answers at 127.0.0.1:"):
+        check_redis(f"127.0.0.1:{free_port()}")
+    with pytest.raises(UsageError, match="expected HOST:PORT"):
+        check_redis("localhost")
+
+
+def test_a_head_recorded_before_fault_tolerance_existed_still_loads() -> None:
+    head = LocalHead(gcs_address="127.0.0.1:6379", dashboard_url="u", temp_dir="t", token_location="x", started_at=0)
+    assert head.redis is None and head.supervisor_pid is None
