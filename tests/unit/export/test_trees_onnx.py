@@ -82,3 +82,23 @@ def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
     x, _ = _data("classification", 3, rows=50)
     with pytest.raises(ParityError):
         check_parity(module, sess, x, 1e-4)
+
+
+@pytest.mark.parametrize("framework", ["xgboost", "lightgbm"])
+def test_both_serving_engines_run_a_tree_folder_alike(tmp_path: Path, framework: str) -> None:
+    """The ONNX engine on ``onnx_for`` (exported once, beside the model) and the torch engine on the wrapper."""
+    from fabric.export import onnx_for
+    from fabric.serve.engines import OnnxEngine, TorchEngine
+
+    folder = tree_folder(tmp_path, framework, "classification", 3)
+    onnx_path = onnx_for(folder)
+    assert onnx_path == folder / "model.onnx" and onnx_for(folder) == onnx_path  # the second call reuses it
+    engines = [OnnxEngine(onnx_path, len(FEATURES)), TorchEngine(folder, len(FEATURES))]
+    x, _ = _data("classification", 3, rows=64)
+    outs = []
+    for engine in engines:
+        engine.start()
+        engine.check_health()
+        outs.append(engine.predict(x))
+        engine.shutdown()
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
