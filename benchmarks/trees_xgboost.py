@@ -142,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'':<34}{'wall_s':>9}{'boost_s':>9}{'val_mlogloss':>14}{'val_accuracy':>14}"
     print(header)
     print("-" * len(header))
-    for name, r in ((f"plain xgboost.train ({args.workers} threads)", plain), (f"fabric Ray Train ({args.workers} workers)", ours)):
+    for name, r in (
+        (f"plain xgboost.train ({args.workers} threads)", plain),
+        (f"fabric Ray Train ({args.workers} workers)", ours),
+    ):
         print(f"{name:<34}{r['wall_s']:>9.2f}{r['boost_s']:>9.2f}{r['val_mlogloss']:>14.4f}{r['val_accuracy']:>14.4f}")
     print(
-        f"\nfabric / plain: wall {ours['wall_s'] / plain['wall_s']:.2f}x, boosting {ours['boost_s'] / plain['boost_s']:.2f}x "
+        f"\nfabric / plain: wall {ours['wall_s'] / plain['wall_s']:.2f}x, "
+        f"boosting {ours['boost_s'] / plain['boost_s']:.2f}x "
         f"(goal <= 1.3x); val_mlogloss difference {ours['val_mlogloss'] - plain['val_mlogloss']:+.4f}"
     )
     return 0

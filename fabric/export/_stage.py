@@ -148,7 +148,7 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     )
 
     if cfg.export.quantize and framework != "torch":
-        print(f"export: int8 quantization skipped: it applies to torch models' weights, not {framework} trees", flush=True)
+        print(f"export: int8 quantization skipped: it applies to torch models, not {framework} trees", flush=True)
     elif cfg.export.quantize:
         int8_path = quantize(onnx_path, out / "model.int8.onnx")
         int8_out = ort_outputs(session(int8_path), x)

@@ -88,7 +88,9 @@ class TreeModel(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
-def load_trees(folder: str | Path, spec: dict[str, Any], device: str | torch.device = "cpu") -> tuple[TreeModel, dict[str, Any]]:
+def load_trees(
+    folder: str | Path, spec: dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[TreeModel, dict[str, Any]]:
     """Load a tree model folder (``model.json`` + booster file) as a :class:`TreeModel` in eval mode.
 
     Args:

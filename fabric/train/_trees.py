@@ -152,7 +152,8 @@ class _Rounds:
         self.history.append(row)
         every = max(1, self.total // 10)
         if self.say and self.rank == 0 and (row["epoch"] % every == 0 or row["epoch"] in (1, self.total)):
-            shown = " ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy", "val_rmse") if k in row)
+            keys = ("train_loss", "val_loss", "val_accuracy", "val_rmse")
+            shown = " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
             print(f"round {row['epoch']}/{self.total}  {shown}", file=sys.__stdout__, flush=True)
         return row
 
@@ -377,7 +378,9 @@ def build_tree_trainer(cfg: PipelineConfig, name: str, storage: Path, use_gpu: b
     return Trainer(
         tree_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, placement_strategy=t.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=use_gpu, placement_strategy=t.placement_strategy
+        ),
         datasets=_datasets(Path(config["data_dir"])),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
@@ -461,7 +464,8 @@ def run(cfg: PipelineConfig) -> TrainResult:
         trainer = build_tree_trainer(cfg, name, storage, use_gpu)
         before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
         resume = f"; resuming the interrupted run from its checkpoint of round {before}" if before else ""
-        stop = f", early stopping after {t.early_stopping_rounds} rounds without progress on val" if t.early_stopping_rounds else ""
+        patience = t.early_stopping_rounds
+        stop = f", early stopping after {patience} rounds without progress on val" if patience else ""
         print(
             f"training {t.framework} on {t.num_workers} worker(s) for up to {t.num_boost_round} rounds{stop}; "
             f"run key {key}, checkpoints every {t.checkpoint_every} round(s) under {storage / name}{resume}",

@@ -154,7 +154,9 @@ def test_lightgbm_regression_trains_registers_exports_and_serves(lifecycle: dict
     np.testing.assert_allclose(served, _champion(cfg, rows)["prediction"].to_numpy(), rtol=1e-5)
 
 
-def test_a_rerun_has_nothing_to_do_and_registers_nothing(lifecycle: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_rerun_has_nothing_to_do_and_registers_nothing(
+    lifecycle: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     from fabric import pipeline
 
     cfg, first = lifecycle["xgb"]

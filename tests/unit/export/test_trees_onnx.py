@@ -64,7 +64,8 @@ def test_tree_onnx_matches_the_booster(tmp_path: Path, framework: str, task: str
     if task == "classification":
         # log-probabilities: softmax gives the booster's own probabilities back
         p = torch.softmax(torch.from_numpy(ours), dim=1).numpy()
-        raw = module.booster.predict(xgboost.DMatrix(x, feature_names=FEATURES)) if framework == "xgboost" else module.booster.predict(x)
+        booster = module.booster
+        raw = booster.predict(xgboost.DMatrix(x, feature_names=FEATURES) if framework == "xgboost" else x)
         raw = np.stack([1 - raw, raw], axis=1) if raw.ndim == 1 else raw
         assert np.allclose(p, raw, atol=1e-5)
         assert (p.argmax(1) == y).mean() > 0.8

@@ -60,7 +60,8 @@ def test_a_tree_model_registers_with_its_native_flavour_too(tmp_path: Path, fram
         np.testing.assert_allclose(served["proba_1"].to_numpy(), p1, atol=1e-6)
         np.testing.assert_array_equal(served["prediction"].to_numpy(), (p1 > 0.5).astype(int))
     else:
-        np.testing.assert_allclose(served["prediction"].to_numpy(), booster.predict(x), rtol=1e-6)  # type: ignore[attr-defined]
+        expected = booster.predict(x)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(served["prediction"].to_numpy(), expected, rtol=1e-6)
 
     native = getattr(mlflow, framework).load_model(f"runs:/{result.run_id}/{framework}")
     if framework == "xgboost":
@@ -69,6 +70,6 @@ def test_a_tree_model_registers_with_its_native_flavour_too(tmp_path: Path, fram
         np.testing.assert_allclose(native.predict(xgboost.DMatrix(x)), p1, atol=1e-6)
     else:
         np.testing.assert_allclose(native.predict(x), booster.predict(x), rtol=1e-6)  # type: ignore[attr-defined]
-    requirements = Path(mlflow.artifacts.download_artifacts(f"models:/trees-{framework}/1/requirements.txt")).read_text()
-    assert framework in requirements
+    requirements = Path(mlflow.artifacts.download_artifacts(f"models:/trees-{framework}/1/requirements.txt"))
+    assert framework in requirements.read_text()
     assert isinstance(served, pd.DataFrame)

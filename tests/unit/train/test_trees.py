@@ -68,11 +68,11 @@ def test_tree_search_space_defaults_and_checks() -> None:
     assert search_space(load_config(None, ["train.framework=lightgbm"])) == TREE_SPACES["lightgbm"]
     mlp = load_config(None, [])
     assert search_space(mlp) == mlp.tune.search_space
-    own = load_config(None, ["train.framework=xgboost", "tune.search_space={num_boost_round: {type: int, low: 10, high: 50}}"])
+    rounds = "tune.search_space={num_boost_round: {type: int, low: 10, high: 50}}"
+    own = load_config(None, ["train.framework=xgboost", rounds])
     assert set(search_space(own)) == {"num_boost_round"}
-    wrong = load_config(
-        None, ["train.framework=xgboost", "tune.search_space={lr: {type: uniform, low: 0.1, high: 0.2}, lightgbm.num_leaves: {type: int, low: 3, high: 9}}"]
-    )
+    space = "{lr: {type: uniform, low: 0.1, high: 0.2}, lightgbm.num_leaves: {type: int, low: 3, high: 9}}"
+    wrong = load_config(None, ["train.framework=xgboost", f"tune.search_space={space}"])
     with pytest.raises(ConfigError) as e:
         search_space(wrong)
     assert [p.path for p in e.value.problems] == ["tune.search_space.lightgbm.num_leaves", "tune.search_space.lr"]
