@@ -5,7 +5,8 @@ One Ray (Serve's fast path) for the module. The own module (wine, 3 classes): in
 ``model_args.width``, train, register, export with parity, serve; the served model answers an OIP v2 call and
 ``mlflow.pyfunc.load_model("models:/<name>@champion")`` in a fresh process elsewhere (the user's module is not
 on its path: it travels in the model folder) predicts the same. The own loop (diabetes, regression): ingest,
-train with the user's ``train_func``, register; the registry's pyfunc predicts what the trained model does.
+a one-trial search and the training run the user's ``train_func``, register; the registry's pyfunc predicts
+what the trained model does.
 """
 
 from __future__ import annotations
@@ -148,13 +149,21 @@ def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(ray_serv
 
     run_dir = ray_serve / "loop-run"
     overrides = [
+        "tune.enabled=true",  # one trial: the user's loop in a Tune trial's process
+        "tune.num_samples=1",
+        "tune.epochs_per_trial=2",
+        "tune.scheduler.type=none",
+        "tune.search_space={hidden_size: {type: choice, values: [16, 32]}}",
         "train.epochs=6",
         "train.num_workers=2",
         "export.enabled=false",
         "track.model_name=own-loop-test",
     ]
     result = _pipeline("own_loop", "own_loop_smoke.yaml", run_dir, overrides)
+    tuned = result.stages["tune"]
+    assert tuned.num_trials == 1 and tuned.best_metrics["val_rmse"] > 0
     trained = result.stages["train"]
+    assert json.loads((trained.model_path / "model.json").read_text())["kwargs"]["hidden_size"] in (16, 32)
     assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5, 6]
     assert trained.history[-1]["world_size"] == 2 and trained.history[-1]["val_rmse"] < trained.history[0]["val_rmse"]
     assert json.loads((trained.model_path / "model.json").read_text())["builder"] == "mlp"
