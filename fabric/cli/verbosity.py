@@ -38,6 +38,8 @@ BENIGN = (
 )
 # Loggers with console handlers of their own (ray.train and ray.tune propagate to "ray"); file handlers keep all.
 _LOGGERS = ("ray", "ray.data", "ray.serve", "mlflow")
+# Read by the libraries when they start (a variable the user set wins).
+_QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING"}
 _saved: dict[str, Any] = {}
 
 
@@ -72,10 +74,13 @@ def configure(verbose: bool, ray: bool = True) -> None:
     if verbose:
         _restore()
         return
-    if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # read when mlflow is imported
-        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
-        _saved.setdefault("env:MLFLOW_LOGGING_LEVEL", None)
-    if ray and importlib.util.find_spec("ray") is not None:
+    if not ray:
+        return
+    for name, value in _QUIET_ENV.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            _saved[f"env:{name}"] = None
+    if importlib.util.find_spec("ray") is not None:
         _quiet_ray()
 
 
@@ -164,6 +169,7 @@ def _restore() -> None:
             handler.removeFilter(_FILTER)
     if "warnings" in _saved:
         warnings.filters[:] = _saved["warnings"]
-    if "env:MLFLOW_LOGGING_LEVEL" in _saved:
-        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+    for key in _saved:
+        if key.startswith("env:"):
+            os.environ.pop(key.removeprefix("env:"), None)
     _saved.clear()
