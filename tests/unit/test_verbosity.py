@@ -40,7 +40,8 @@ def test_the_cli_takes_v_before_or_after_the_command(argv: list[str], verbose: b
 
 
 def test_jobs_take_v_anywhere_and_pass_the_rest_on() -> None:
-    assert verbosity.from_argv(["--config", "x.yaml", "-v", "train.epochs=2"]) == ["--config", "x.yaml", "train.epochs=2"]
+    rest = verbosity.from_argv(["--config", "x.yaml", "-v", "train.epochs=2"])
+    assert rest == ["--config", "x.yaml", "train.epochs=2"]
     assert verbosity.is_verbose()
     assert verbosity.from_argv(["--config", "x.yaml"]) == ["--config", "x.yaml"]
     assert not verbosity.is_verbose()

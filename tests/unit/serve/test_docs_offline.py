@@ -30,10 +30,9 @@ def loaded_urls(page: str) -> list[str]:
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """The tabular app as a replica serves it (the inference fast path over FastAPI)."""
     folder = make_model(tmp_path_factory.mktemp("models") / "clf", seed=0)
+    run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(
-        None,
-        ["serve.model_name=m", "monitor.enabled=false", f"run_dir={tmp_path_factory.mktemp('run')}",
-         f"serve.model_uri={folder}"],
+        None, ["serve.model_name=m", "monitor.enabled=false", f"run_dir={run_dir}", f"serve.model_uri={folder}"]
     )
     with TestClient(make_asgi(build_service(cfg), cfg.serve.max_body_bytes)) as c:
         yield c
