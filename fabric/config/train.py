@@ -99,6 +99,11 @@ class TrainConfig(WorkerGroupConfig):
     @model_validator(mode="after")
     def _framework_fits(self) -> TrainConfig:
         if self.framework == "torch":
+            if self.model == "mlp" and self.model_args:
+                raise ValueError(
+                    "model_args are the arguments of an own train.model ('package.module:function'); "
+                    "fabric's mlp takes hidden_size, num_layers and dropout"
+                )
             if self.loop is not None and self.strategy != "ddp":
                 raise ValueError("an own train.loop runs with strategy ddp (DeepSpeed runs fabric's loop only)")
             return self

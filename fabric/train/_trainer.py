@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.config import PipelineConfig, TrainConfig, WorkerGroupConfig
-from fabric.errors import FabricError, require
+from fabric.errors import ConfigError, ConfigProblem, FabricError, require
 from fabric.models import check_loop, check_model, code_digest, code_root, load_model
 from fabric.runtime import connect
 from fabric.tracking import beats, digest_splits, fit_baseline, run_key, score
@@ -76,9 +76,13 @@ def check_code(cfg: PipelineConfig, meta: dict[str, Any] | None = None) -> list[
 
     Raises:
         ConfigError: naming ``train.model`` or ``train.loop``: not found, not callable, wrong signature, not
-            an ``nn.Module``, wrong output shape.
+            an ``nn.Module``, wrong output shape; or ``tune.search_space``: ``model_args.*`` keys for the MLP.
     """
     t = cfg.train
+    searched = sorted(k for k in cfg.tune.search_space if k.startswith("model_args."))
+    if t.framework == "torch" and t.model == "mlp" and searched and cfg.tune.enabled:
+        problem = f"{', '.join(searched)} vary an own train.model's arguments; train.model is fabric's mlp"
+        raise ConfigError([ConfigProblem("tune.search_space", problem)])
     if t.framework != "torch" or not _user_paths(t):
         return []
     meta = meta if meta is not None else read_meta(data_dir(cfg.run_dir))

@@ -85,11 +85,19 @@ def test_a_wrong_builder_or_loop_fails_before_any_work(own: str, tmp_path: Path)
     with pytest.raises(ConfigError, match=r"train\.loop: module 'nope_\w+' .* not found"):
         check_code(_cfg(tmp_path, loop=f"nope_{own}:loop"))
     assert check_code(_cfg(tmp_path)) == []  # fabric's MLP and loop: nothing to check
+    space = {"model_args.width": {"type": "choice", "values": [2, 3]}}
+    searched = PipelineConfig.model_validate({"run_dir": str(tmp_path / "runs"), "tune": {"search_space": space}})
+    with pytest.raises(ConfigError, match=r"tune\.search_space: model_args\.width vary an own train\.model's"):
+        check_code(searched)
 
 
-def test_an_own_loop_runs_ddp_only() -> None:
-    with pytest.raises(Exception, match="an own train.loop runs with strategy ddp"):
-        PipelineConfig.model_validate({"train": {"loop": "a.b:c", "strategy": "deepspeed"}})
+def test_an_own_loop_runs_ddp_only_and_model_args_need_an_own_model() -> None:
+    from fabric.config import load_config
+
+    with pytest.raises(ConfigError, match="an own train.loop runs with strategy ddp"):
+        load_config(None, ["train.loop=a.b:c", "train.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match="model_args are the arguments of an own train.model"):
+        load_config(None, ["train.model_args={width: 3}"])
 
 
 def test_the_artifact_of_an_own_module_carries_its_code(own: str, tmp_path: Path) -> None:
