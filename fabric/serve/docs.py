@@ -46,18 +46,20 @@ def swagger_assets() -> Path | None:
 
 
 def offline_docs(app: FastAPI, assets: Path | None = None) -> None:
-    """Replace ``app``'s ``/docs`` and ``/redoc`` with pages that need no other host.
+    """Replace ``app``'s ``/docs`` and ``/redoc`` with pages that need no other host (none without an OpenAPI document).
 
     Args:
         app: a FastAPI app with its OpenAPI document at ``app.openapi_url``.
         assets: a folder with ``swagger-ui-bundle.js`` and ``swagger-ui.css``; default :func:`swagger_assets`.
     """
+    if app.openapi_url is None:  # no OpenAPI document: the app's docs are switched off (vLLM's --disable-fastapi-docs)
+        return
     docs_url = app.docs_url or "/docs"
     oauth_url = app.swagger_ui_oauth2_redirect_url or f"{docs_url}/oauth2-redirect"
     replaced = {docs_url, oauth_url, app.redoc_url or "/redoc"}
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     folder = assets or swagger_assets()
-    openapi_url = app.openapi_url or "/openapi.json"
+    openapi_url = app.openapi_url
 
     if folder is not None:
         app.mount(ASSETS_PATH, StaticFiles(directory=str(folder)), name="docs-assets")

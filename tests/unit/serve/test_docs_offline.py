@@ -89,3 +89,9 @@ def test_a_given_assets_folder_replaces_the_cdn_on_any_fastapi_app(tmp_path: Pat
     assert "cdn.jsdelivr.net" not in page and "fastapi.tiangolo.com" not in page
     assert c.get("/docs/assets/swagger-ui.css").text == "/* swagger-ui.css */"
     assert [getattr(r, "path", None) for r in app.routes].count("/docs") == 1
+
+
+def test_an_app_without_an_openapi_document_keeps_its_docs_off() -> None:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    offline_docs(app)
+    assert TestClient(app).get("/docs").status_code == 404
