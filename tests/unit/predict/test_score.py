@@ -54,7 +54,8 @@ def _rows() -> pd.DataFrame:
 
 
 def test_checks_name_each_bad_row_column_and_reason() -> None:
-    findings = {(f.column, f.why.split(" (")[0]): np.flatnonzero(f.mask).tolist() for f in check_frame(_rows(), _rules())}
+    found = check_frame(_rows(), _rules())
+    findings = {(f.column, f.why.split(" (")[0]): np.flatnonzero(f.mask).tolist() for f in found}
     assert findings == {
         ("age", "null, and the training data had none in this column"): [1],
         ("age", "not a number"): [2],
@@ -109,7 +110,8 @@ def test_bad_rows_found_deep_in_a_file_by_row_number(tmp_path: Path, fmt: str) -
         df.to_json(path, orient="records", lines=True)
     found = _file_bad_rows(pafs.LocalFileSystem(), str(path), fmt, _rules(), limit=5)
     assert found.rows == 2 and not found.errors
-    assert [(e["row"], e["column"], e["id"]) for e in found.examples] == [(150_001, "age", 150_000), (190_001, "city", 190_000)]
+    rows = [(e["row"], e["column"], e["id"]) for e in found.examples]
+    assert rows == [(150_001, "age", 150_000), (190_001, "city", 190_000)]
 
 
 def test_output_format_and_staging(tmp_path: Path) -> None:
@@ -164,7 +166,10 @@ def _model(folder: Path, task: str = "classification", classes: list[str] | None
 
 def test_scorer_batch_matches_the_model_and_keeps_ids(tmp_path: Path) -> None:
     model = _model(tmp_path / "m", classes=["low", "mid", "high"])
-    rows = [{"id": "a", "age": 30, "income": 10.0, "city": "oslo"}, {"id": "b", "age": 55, "income": None, "city": None}]
+    rows = [
+        {"id": "a", "age": 30, "income": 10.0, "city": "oslo"},
+        {"id": "b", "age": 55, "income": None, "city": None},
+    ]
     rules = InputRules(columns=("age", "income", "city"), keep=("id",), numeric=frozenset({"age", "income"}))
     scorer = Scorer(model, rules, threads=1, limit=5)  # nullable None: nulls are filled as in training
     out = scorer(pa.Table.from_pylist(rows)).to_pandas()
