@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from fabric import evaluate
+from fabric.cli import verbosity
 from fabric.config import PipelineConfig
 from fabric.runtime import job_main
 from fabric.serve.llm import deploy
@@ -21,7 +22,7 @@ def eval_llm(cfg: PipelineConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, evaluate, return the exit code."""
-    return job_main(eval_llm, argv, prog="jobs/eval_llm.py")
+    return job_main(eval_llm, verbosity.from_argv(argv), prog="jobs/eval_llm.py")
 
 
 if __name__ == "__main__":

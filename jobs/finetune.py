@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.pipeline import finetune
 from fabric.runtime import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, fine-tune, return the exit code."""
-    return job_main(finetune, argv, prog="jobs/finetune.py")
+    return job_main(finetune, verbosity.from_argv(argv), prog="jobs/finetune.py")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.config import PipelineConfig
 from fabric.predict import generate
 from fabric.runtime import connect, job_main
@@ -23,7 +24,7 @@ def batch_generate(cfg: PipelineConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, generate, return the exit code."""
-    return job_main(batch_generate, argv, prog="jobs/generate.py")
+    return job_main(batch_generate, verbosity.from_argv(argv), prog="jobs/generate.py")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 
+from fabric.cli import verbosity
 from fabric.runtime import job_main
 from fabric.serve.llm import run
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse --config and overrides, deploy the app, return the exit code."""
-    return job_main(run, argv, prog="jobs/serve_llm.py")
+    return job_main(run, verbosity.from_argv(argv), prog="jobs/serve_llm.py")
 
 
 if __name__ == "__main__":
