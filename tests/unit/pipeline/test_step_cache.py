@@ -47,3 +47,10 @@ def test_keys_follow_their_sections_and_inputs() -> None:
     assert stage_key("ingest", base, source="d1") == stage_key("ingest", quantized, source="d1")
     assert stage_key("ingest", base, source="d1") != stage_key("ingest", base, source="d2")
     assert stage_key("tune", base, data="s1") != stage_key("tune", base, data="s2")
+
+
+def test_the_cli_names_the_cached_stages() -> None:
+    from fabric.cli import run as run_cli
+    from fabric.pipeline import CACHED_STAGES
+
+    assert run_cli._STAGES == CACHED_STAGES
