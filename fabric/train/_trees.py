@@ -134,11 +134,14 @@ class _Rounds:
     """The run's per-round history: renames each round's metrics (the callbacks' ``results_postprocessing_fn``),
     numbers it, and prints a line every tenth of the run on rank 0."""
 
-    def __init__(self, history: list[dict[str, Any]], total: int, rank: int, say: bool) -> None:
+    def __init__(
+        self, history: list[dict[str, Any]], total: int, rank: int, say: bool, crash: dict[str, Any] | None = None
+    ) -> None:
         self.history = history
         self.total = total
         self.rank = rank
         self.say = say
+        self.crash = crash
         self.began = time.perf_counter()
 
     @property
@@ -146,6 +149,8 @@ class _Rounds:
         return int(self.history[-1]["epoch"]) if self.history else 0
 
     def add(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if self.crash:
+            _maybe_crash(self.crash, self.done + 1, self.rank)
         now = time.perf_counter()
         row: dict[str, Any] = {"epoch": self.done + 1, **fabric_metrics(raw), "round_s": now - self.began}
         self.began = now
@@ -156,6 +161,20 @@ class _Rounds:
             shown = " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
             print(f"round {row['epoch']}/{self.total}  {shown}", file=sys.__stdout__, flush=True)
         return row
+
+
+def _maybe_crash(spec: dict[str, Any], round_: int, rank: int) -> None:
+    """Fault injection for recovery tests: exit this worker process once, when it reports round
+    ``spec["round"]`` on rank ``spec["rank"]``; the file ``spec["marker"]`` makes it happen once across restarts."""
+    marker = Path(spec["marker"])
+    if round_ != spec["round"] or rank != spec.get("rank", 0) or marker.exists():
+        return
+    import ray.train
+
+    # Let Ray Train register the checkpoints reported so far first, so that the restart resumes from the last.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    marker.write_text(f"worker rank {rank} exited at round {round_}\n")
+    os._exit(1)  # like a killed process: no exception, no cleanup
 
 
 def _reporter(framework: str, tune: bool, rounds: _Rounds, frequency: int) -> Any:
@@ -213,7 +232,7 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
     Args:
         config: :func:`tree_config` plus the trial's hyperparameters. Keys: framework, data_dir, task,
             feature_names, num_classes, target, params, num_boost_round, early_stopping_rounds, seed,
-            threads, checkpoint_every, session.
+            threads, checkpoint_every, session, fault_injection (tests only: ``{"round", "rank", "marker"}``).
     """
     tune = config.get("session") == "tune"
     framework, task = config["framework"], config["task"]
@@ -238,7 +257,7 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             history = read_history(Path(folder))
             start_model = _read_booster(framework, Path(folder) / booster_file)
-    rounds = _Rounds(history, total, rank, say=not tune)
+    rounds = _Rounds(history, total, rank, say=not tune, crash=config.get("fault_injection"))
     remaining = total - rounds.done
     if rank == 0 and not tune and rounds.done:
         print(f"resumed from the checkpoint of round {rounds.done} of {total}", file=sys.__stdout__, flush=True)
@@ -359,13 +378,16 @@ def _datasets(folder: Path) -> dict[str, Any]:
     return out
 
 
-def build_tree_trainer(cfg: PipelineConfig, name: str, storage: Path, use_gpu: bool) -> Any:
+def build_tree_trainer(
+    cfg: PipelineConfig, name: str, storage: Path, use_gpu: bool, overrides: dict[str, Any] | None = None
+) -> Any:
     """An XGBoostTrainer / LightGBMTrainer running :func:`tree_loop_per_worker` on ``train.num_workers``
-    workers; ``train`` is split between them, ``val`` goes whole to each."""
+    workers; ``train`` is split between them, ``val`` goes whole to each. ``overrides`` go into the workers'
+    config last."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
     t = cfg.train
-    config = tree_config(cfg)
+    config = {**tree_config(cfg), **(overrides or {})}
     if t.framework == "xgboost":
         from ray.train.xgboost import XGBoostTrainer as Trainer
 
@@ -423,11 +445,15 @@ def to_artifact(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def run(cfg: PipelineConfig) -> TrainResult:
+def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg.train``'s XGBoost or LightGBM model with Ray Train and write the model folder.
 
     The run key, the run folder, "nothing to do" on a rerun and resuming an interrupted run are the torch
     path's (``fabric.train.run``); the summary compares the model with the trivial baseline on ``test``.
+
+    Args:
+        cfg: the pipeline config; the ingestion stage must have written ``<run_dir>/data``.
+        loop_overrides: keys merged into the workers' config (``fault_injection`` in tests).
     """
     from fabric.runtime import connect
     from fabric.train._trainer import (
@@ -461,7 +487,7 @@ def run(cfg: PipelineConfig) -> TrainResult:
     else:
         use_gpu = resolve_use_gpu(t.use_gpu)
         _warn_if_short(t.num_workers, use_gpu and t.framework == "xgboost")
-        trainer = build_tree_trainer(cfg, name, storage, use_gpu)
+        trainer = build_tree_trainer(cfg, name, storage, use_gpu, loop_overrides)
         before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
         resume = f"; resuming the interrupted run from its checkpoint of round {before}" if before else ""
         patience = t.early_stopping_rounds

@@ -167,3 +167,20 @@ def test_a_rerun_has_nothing_to_do_and_registers_nothing(
     assert registered.registered is False and registered.version == first.stages["register"].version
     out = capsys.readouterr().out
     assert "training: nothing to do" in out and "nothing new to register" in out
+
+
+def test_a_worker_lost_mid_run_resumes_from_the_last_checkpoint(lifecycle: dict[str, Any], tmp_path: Path) -> None:
+    from fabric.train._trees import run
+
+    cfg, _ = lifecycle["lgb"]
+    t = cfg.train.model_copy(update={"num_boost_round": 12, "checkpoint_every": 4, "early_stopping_rounds": None})
+    marker = tmp_path / "crashed"
+    result = run(
+        cfg.model_copy(update={"train": t}),
+        loop_overrides={"fault_injection": {"round": 7, "rank": 1, "marker": str(marker)}},
+    )
+    assert marker.read_text().startswith("worker rank 1 exited at round 7")
+    # rounds 1-4 come from the checkpoint the restart resumed from, 5-12 were boosted after it
+    assert [int(r["epoch"]) for r in result.history] == list(range(1, 13))
+    assert result.trained_epochs == 12 and result.metrics["best_iteration"] == 12
+    assert json.loads((result.model_path / "model.json").read_text())["num_boost_round"] == 12
