@@ -11,6 +11,7 @@ import contextlib
 import fnmatch
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -226,7 +227,7 @@ class LocalHead:
     storage_namespace: str | None = None
     """The key namespace of this head's state in that Redis (one per `fabric up`)."""
     supervisor_pid: int | None = None
-    """The process that restarts the GCS when it dies (:mod:`fabric.supervisor`), with ``redis``."""
+    """The process that restarts the GCS when it dies (:func:`supervise_gcs`), with ``redis``."""
 
 
 def _state_file() -> Path:
@@ -458,7 +459,7 @@ def start_head(
         env: extra environment variables for the head's processes (read by Ray when they start).
         redis: ``host:port`` of a Redis: GCS fault tolerance. The GCS keeps the cluster's state there (under a
             namespace of its own; REDIS_PASSWORD, when set, is Redis's password) and a supervisor process
-            restarts the GCS when it dies (see :mod:`fabric.supervisor`).
+            restarts the GCS when it dies (:func:`supervise_gcs`).
         timeout_s: how long to wait for the job API.
 
     Returns:
@@ -567,12 +568,12 @@ def check_redis(address: str, timeout_s: float = 5.0) -> str:
 
 
 def _start_supervisor(temp_dir: str) -> int:
-    """Start :mod:`fabric.supervisor` for the head in ``temp_dir``, detached; its log is
+    """Start the GCS supervisor (:func:`supervise_gcs`) for the head in ``temp_dir``, detached; its log is
     ``<FABRIC_HOME>/gcs-supervisor.log``."""
     log_path = fabric_home() / "gcs-supervisor.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fabric.supervisor", f"--temp-dir={temp_dir}"],
+            [sys.executable, "-m", "fabric.runtime", "supervise-gcs", f"--temp-dir={temp_dir}"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -616,7 +617,7 @@ def stop_head() -> int:
         return 0
     count = 0
     # First the GCS supervisor, which would otherwise start the GCS again as the head stops.
-    supervisor = [p for p in head_processes(head.temp_dir) if "fabric.supervisor" in " ".join(_cmdline(p))]
+    supervisor = [p for p in head_processes(head.temp_dir) if "supervise-gcs" in _cmdline(p)]
     count += stop_processes(supervisor)
     # Workers can be forked while we stop the parents: sweep until nothing of ours is left.
     for _ in range(5):
@@ -626,6 +627,125 @@ def stop_head() -> int:
         count += stop_processes(procs)
     _state_file().unlink(missing_ok=True)
     return count
+
+
+# --------------------------------------------------------------------------- the GCS supervisor (`fabric up --redis`)
+#
+# With an external Redis a restarted GCS reloads the cluster's state from it, and the raylets, actors and Serve
+# replicas, which keep running meanwhile, reconnect to it. On Kubernetes KubeRay restarts the head container; on
+# a machine of one's own nothing restarts a dead ``gcs_server``, so `fabric up --redis` starts
+# ``python -m fabric.runtime supervise-gcs --temp-dir DIR`` beside the head. It watches the head's
+# ``gcs_server`` and, when that is gone while the head's raylet still runs, starts it again with the exact
+# command line, environment and working directory it had (Ray's GCS takes everything, its log files included,
+# from its arguments). It exits when the head's raylet is gone (`fabric down` stops it first; `ray stop`).
+
+_supervisor_log = logging.getLogger("fabric.runtime.supervisor")
+
+# A head being stopped loses its GCS a moment before its raylet: wait this long before deciding the GCS died
+# alone (and restarting it).
+GCS_SETTLE_S = 1.0
+
+
+@dataclass
+class GcsLaunch:
+    """How the GCS was started: what a restart repeats."""
+
+    cmdline: list[str]
+    env: dict[str, str]
+    cwd: str
+
+
+def head_process(temp_dir: str, name: str) -> psutil.Process | None:
+    """The live process called ``name`` (``gcs_server``, ``raylet``) of the head whose temp dir is ``temp_dir``."""
+    import psutil
+
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        info = proc.info
+        if info.get("name") != name or info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        if any(temp_dir in part for part in info.get("cmdline") or []):
+            return proc
+    return None
+
+
+def _launch_of(proc: psutil.Process) -> GcsLaunch:
+    """The command line, environment and working directory of a running process."""
+    return GcsLaunch(cmdline=proc.cmdline(), env=proc.environ(), cwd=proc.cwd())
+
+
+def _restart_gcs(launch: GcsLaunch) -> int:
+    """Start the GCS again, detached, as it was started; returns its pid."""
+    proc = subprocess.Popen(
+        launch.cmdline,
+        env=launch.env,
+        cwd=launch.cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # the GCS writes its own log files (--stdout_filepath, --stderr_filepath)
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc.pid
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """True while ``proc`` runs (a dead child of this process, a zombie until reaped, is reaped and not alive)."""
+    import psutil
+
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.is_running()
+        proc.wait(timeout=0)  # reaps it when it is our child (a GCS this supervisor restarted)
+    except (psutil.Error, psutil.TimeoutExpired):
+        pass
+    return False
+
+
+def supervise_gcs(temp_dir: str, interval_s: float = 0.5) -> int:
+    """Watch the head's GCS until its raylet is gone; returns how many times the GCS was restarted."""
+    import psutil
+
+    raylet = head_process(temp_dir, "raylet")
+    gcs = head_process(temp_dir, "gcs_server")
+    if raylet is None or gcs is None:
+        _supervisor_log.error("no running head with temp dir %s (raylet %s, gcs_server %s)", temp_dir, raylet, gcs)
+        return 0
+    launch = _launch_of(gcs)
+    restarts = 0
+    while _alive(raylet):
+        if not _alive(gcs):
+            time.sleep(GCS_SETTLE_S)
+            if not _alive(raylet):
+                break
+            found = head_process(temp_dir, "gcs_server")  # someone else may have started it meanwhile
+            if found is None:
+                pid = _restart_gcs(launch)
+                restarts += 1
+                _supervisor_log.warning(
+                    "the GCS of %s died; restarted it with its command line (pid %d)", temp_dir, pid
+                )
+                found = psutil.Process(pid)
+            gcs = found
+        time.sleep(interval_s)
+    _supervisor_log.info(
+        "the head's raylet is gone (the head was stopped): exiting after %d GCS restart(s)", restarts
+    )
+    return restarts
+
+
+def supervisor_main(argv: list[str] | None = None) -> int:
+    """``python -m fabric.runtime supervise-gcs --temp-dir DIR``: run :func:`supervise_gcs`, logging to stderr."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m fabric.runtime", description="restart a `fabric up` head's dead GCS"
+    )
+    p.add_argument("command", choices=["supervise-gcs"])
+    p.add_argument("--temp-dir", required=True, help="the head's Ray temp dir (on each head process's command line)")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between checks (default %(default)s)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    supervise_gcs(args.temp_dir, args.interval)
+    return 0
 
 
 # --------------------------------------------------------------------------- jobs
@@ -742,3 +862,7 @@ def job_main(stage: Callable[[PipelineConfig], object], argv: list[str] | None =
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(supervisor_main())

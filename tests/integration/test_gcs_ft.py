@@ -29,7 +29,7 @@ import pytest
 
 from fabric import runtime
 from fabric.config import load_config
-from fabric.supervisor import head_process
+from fabric.runtime import head_process
 from tests.conftest import ROOT
 from tests.unit.serve.models import RAW_COLUMNS, make_model
 

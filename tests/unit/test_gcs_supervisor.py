@@ -1,6 +1,6 @@
-"""fabric.supervisor on real processes: stand-ins for a head's ``raylet`` and ``gcs_server`` (copies of
-``sleep`` under those names, inside the head's temp dir, so that the temp dir is on their command lines as it
-is on a Ray head's)."""
+"""The GCS supervisor of `fabric up --redis` (``python -m fabric.runtime supervise-gcs``) on real processes:
+stand-ins for a head's ``raylet`` and ``gcs_server`` (copies of ``sleep`` under those names, inside the head's
+temp dir, so that the temp dir is on their command lines as it is on a Ray head's)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fabric.supervisor import head_process
+from fabric.runtime import head_process
 
 SLEEP = shutil.which("sleep")
 
@@ -53,7 +53,7 @@ def temp_dir(tmp_path: Path) -> Iterator[str]:
 
 def _supervisor(temp_dir: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "fabric.supervisor", f"--temp-dir={temp_dir}", "--interval=0.1"],
+        [sys.executable, "-m", "fabric.runtime", "supervise-gcs", f"--temp-dir={temp_dir}", "--interval=0.1"],
         stderr=subprocess.PIPE,
         text=True,
     )
