@@ -25,8 +25,9 @@ class PredictConfig(Section):
     """Registry version of ``track.model_name`` to score with; None: ``alias``."""
     alias: str | None = None
     """Registry alias to score with; None (and no ``version``): ``champion``."""
-    batch_size: int = Field(default=4096, ge=1)
-    """Rows per batch handed to the model."""
+    batch_size: int = Field(default=16384, ge=1)
+    """Rows per batch handed to the model (each call also checks and preprocesses them: large batches amortise
+    the per-call cost)."""
     concurrency: int | None = Field(default=None, ge=1)
     """Scoring actors (each holds one ONNX Runtime session); None: one per CPU the cluster has."""
     keep_columns: list[str] = Field(default_factory=list)
