@@ -291,7 +291,6 @@ def monitor_overrides(name: str) -> list[str]:
         "monitor.enabled=true",
         f"monitor.actor_name=bench-monitor-{name}",
         "monitor.detached=false",
-        "monitor.resources=false",
     ]
 
 

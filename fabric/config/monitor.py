@@ -86,10 +86,6 @@ class MonitorConfig(Section):
     """Ray Job API address (``http://head:8265``); None: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or the local head."""
     retrain_cooldown_s: float = Field(default=3600.0, ge=0)
     """Fewest seconds between two retraining jobs."""
-    resources: bool = True
-    """Start a resource sampler (CPU, memory, GPU) on every node alongside the monitor."""
-    resource_interval_s: float = Field(default=10.0, gt=0)
-    """Seconds between resource samples."""
 
     @field_validator("stattest")
     @classmethod

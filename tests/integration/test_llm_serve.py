@@ -50,7 +50,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 "llm.serve.fast_path=false",
                 "llm.serve.batch_wait_s=0.05",
                 "monitor.min_samples=5",
-                "monitor.resources=false",
                 "monitor.detached=false",
             ],
         )

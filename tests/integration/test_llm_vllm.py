@@ -64,7 +64,6 @@ def vllm_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             "llm.serve.replica_cpus=0",  # the 2 CPUs stay for fabric generate's engine and Ray Data
             f"llm.serve.vllm={json.dumps(vllm)}",
             "monitor.min_samples=5",
-            "monitor.resources=false",
             "monitor.detached=false",
             *TINY_LLAMA,
         ]

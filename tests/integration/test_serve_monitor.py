@@ -75,7 +75,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 "monitor.enabled=true",
                 f"monitor.actor_name={MONITOR}",
                 "monitor.detached=false",
-                "monitor.resources=false",
                 f"monitor.window_size={WINDOW}",
                 "monitor.min_samples=50",
                 "monitor.interval_s=3600",  # computed on demand only (GET /monitor/drift?refresh=true)
@@ -353,7 +352,6 @@ def test_the_pipelines_serve_stages_start_the_monitor_and_serve_correct_predicti
             "serve.replica_cpus=0",
             "monitor.actor_name=test-pipeline-monitor",
             "monitor.detached=false",
-            "monitor.resources=false",
         ],
     )
     result = serve_stages(cfg)
