@@ -29,7 +29,7 @@ import numpy as np
 
 from fabric.errors import FabricError, require
 from fabric.models import read_spec, write_spec
-from fabric.models.trees import BOOSTER_FILES
+from fabric.models.trees import BOOSTER_FILES, load_booster
 from fabric.train._checkpoint import read_history, write_history
 from fabric.train._data import data_dir, local_shard, read_meta, read_split
 
@@ -256,13 +256,13 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             history = read_history(Path(folder))
-            start_model = _read_booster(framework, Path(folder) / booster_file)
+            start_model = load_booster(framework, Path(folder) / booster_file)
+    x, y = _arrays(config, "train", tune)
+    xv, yv = _arrays(config, "val", tune)
     rounds = _Rounds(history, total, rank, say=not tune, crash=config.get("fault_injection"))
     remaining = total - rounds.done
     if rank == 0 and not tune and rounds.done:
         print(f"resumed from the checkpoint of round {rounds.done} of {total}", file=sys.__stdout__, flush=True)
-    x, y = _arrays(config, "train", tune)
-    xv, yv = _arrays(config, "val", tune)
     report = _reporter(framework, tune, rounds, 0 if tune else int(config.get("checkpoint_every") or 0))
     stop = config.get("early_stopping_rounds")
     if framework == "xgboost":
@@ -323,12 +323,6 @@ def _report_final(metrics: dict[str, Any], folder: str | None) -> None:
 
     checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
     ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name="final" if checkpoint else None)
-
-
-def _read_booster(framework: str, path: Path) -> Any:
-    from fabric.models.trees import load_booster
-
-    return load_booster(framework, path)
 
 
 def tree_config(cfg: PipelineConfig) -> dict[str, Any]:
