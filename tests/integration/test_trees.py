@@ -64,7 +64,6 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             "monitor.enabled=true",
             f"monitor.actor_name={MONITOR}",
             "monitor.detached=false",
-            "monitor.resources=false",
         )
         lgb = _cfg(
             root,
