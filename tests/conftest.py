@@ -43,8 +43,28 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# Modules that start `ray start --head` heads (fixed ports such as Ray's client server's 10001, `fabric up`'s state):
+# under pytest-xdist they run one after another on one worker.
+HEAD_MODULES = frozenset(
+    {"test_cli_cluster", "test_submit_config", "test_two_node", "test_gcs_ft", "test_node_metrics"}
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before pytest-xdist starts its workers (`make test` runs two): create Ray's token once, so that two workers
+    never generate it at the same moment and one never replaces the token the other's cluster started with."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and getattr(config.option, "numprocesses", None):
+        from fabric.runtime import ensure_token
+
+        ensure_token()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu`-marked tests where no CUDA GPU is present, saying why."""
+    """Skip `gpu`-marked tests where no CUDA GPU is present, saying why; group tests for pytest-xdist's
+    ``--dist loadgroup``: a module's tests on one worker (they share its Ray), the head-starting modules together."""
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ray-heads" if module in HEAD_MODULES else module))
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
