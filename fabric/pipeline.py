@@ -141,6 +141,14 @@ def _source_digest(source: str) -> str:
     return digest_json(source) if source.startswith(BUILTIN_PREFIX) else digest_source(source)
 
 
+def _code_digests(cfg: PipelineConfig) -> dict[str, str]:
+    """Digests of the user's own model builder and loop (``train.model``, ``train.loop``): an edit re-runs the search."""
+    from fabric.models import code_digest
+
+    paths = [p for p in (cfg.train.model if cfg.train.model != "mlp" else None, cfg.train.loop) if p]
+    return {f"code:{p}": code_digest(p) for p in paths}
+
+
 def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ()) -> PipelineResult:
     """Run every stage the config enables, in lifecycle order, on the current Ray.
 
@@ -168,7 +176,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
     _cached_stage(result, steps, "ingest", key, lambda: [data_dir / "meta.json"], IngestResult, lambda: data.run(cfg))
     splits = digest_splits(data_dir)
     if cfg.tune.enabled:
-        key = stage_key("tune", cfg, data=splits)
+        key = stage_key("tune", cfg, data=splits, **_code_digests(cfg))
         best = _cached_stage(
             result,
             steps,

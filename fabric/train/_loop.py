@@ -368,6 +368,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "resumed_from_epoch": start - 1,
         }
         history.append(metrics)
+        if rank == 0:  # before the report: Tune stops a trial inside its last report, taking the line along
+            _say(epoch_line(metrics, epochs))
         if epoch % every and epoch != epochs:  # no checkpoint this epoch: metrics only
             session.report(metrics, None, "")
         else:
@@ -376,5 +378,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if wrote and rank == 0:
                     write_history(Path(tmp), history)
                 session.report(metrics, tmp if wrote else None, f"epoch_{epoch:04d}")
-        if rank == 0:
-            _say(epoch_line(metrics, epochs))

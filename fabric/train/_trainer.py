@@ -326,7 +326,7 @@ def _versus_baseline(cfg: PipelineConfig, model_path: Path) -> dict[str, float]:
         out.update({f"baseline_{split}_{k}": v for k, v in baseline.scores(y).items()})
         if split == "test":
             with torch.no_grad():
-                outputs = model(torch.from_numpy(x)).numpy()
+                outputs = model(torch.from_numpy(x.copy())).numpy()  # a writable copy: torch warns on read-only arrays
             out.update({f"test_{k}": v for k, v in score(outputs, y, task).items()})
     return out
 
