@@ -13,6 +13,7 @@ class ExportConfig(Section):
     enabled: bool = True
     opset: int = Field(default=18, ge=13)
     tolerance: float = Field(default=1e-4, gt=0)
-    """Largest allowed absolute difference between torch and ONNX Runtime outputs."""
+    """Largest allowed absolute difference between the model's outputs (torch, or the XGBoost / LightGBM
+    booster) and ONNX Runtime's; for tree regression relative to the values' scale (float32 sums)."""
     quantize: bool = False
     """Also write a dynamic int8 model and report its accuracy change."""

@@ -116,15 +116,22 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
+    opset = cfg.export.opset
     if framework == "torch":
-        onnx_path = export_onnx(module, input_dim, out / "model.onnx", cfg.export.opset)
+        onnx_path = export_onnx(module, input_dim, out / "model.onnx", opset)
     else:
-        from fabric.export._trees import export_trees
+        from fabric.export._trees import MAX_CONVERTER_OPSET, export_trees
 
-        onnx_path = export_trees(folder, out / "model.onnx", cfg.export.opset)
+        onnx_path = export_trees(folder, out / "model.onnx", opset)
+        opset = min(opset, MAX_CONVERTER_OPSET)
     sess = session(onnx_path)
     x, y, parity_data = _features(cfg, meta, input_dim, cfg.seed)
-    diff = check_parity(module, sess, x, cfg.export.tolerance, str(onnx_path))
+    if framework == "torch":
+        diff = check_parity(module, sess, x, cfg.export.tolerance, str(onnx_path))
+    else:
+        from fabric.export._trees import check_tree_parity
+
+        diff = check_tree_parity(module, sess, x, cfg.export.tolerance, task, str(onnx_path))
     fp32_out = ort_outputs(sess, x)
     metric, _ = headline(task)
     result = ExportResult(
@@ -142,7 +149,7 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     if y is not None:
         result.metrics["fp32"] = score(fp32_out, y, task)
     print(
-        f"export: {onnx_path} (opset {cfg.export.opset}, {result.providers[0]}); parity vs {framework} on "
+        f"export: {onnx_path} (opset {opset}, {result.providers[0]}); parity vs {framework} on "
         f"{len(x)} rows ({parity_data}): max abs diff {diff:.3g} <= tolerance {cfg.export.tolerance:g}",
         flush=True,
     )
@@ -166,6 +173,6 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
 
     result.sizes = {p.name: p.stat().st_size for p in (onnx_path, result.int8_path) if p is not None}
     report = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    report.update(opset=cfg.export.opset, task=task, framework=framework, seconds=round(time.perf_counter() - start, 3))
+    report.update(opset=opset, task=task, framework=framework, seconds=round(time.perf_counter() - start, 3))
     result.report_path.write_text(json.dumps(report, indent=2))
     return result

@@ -73,6 +73,30 @@ def convert(booster: Any, framework: str, task: str, n_features: int, opset: int
     return model
 
 
+def check_tree_parity(
+    module: Any, sess: Any, features: Any, tolerance: float, task: str, path: str | None = None
+) -> float:
+    """The largest difference between the booster (through its module) and ONNX Runtime on ``features``:
+    absolute for log-probabilities; for regression relative to the values' scale (``max(1, max |value|)``),
+    since ONNX Runtime's tree ensemble adds the leaves in float32 and a large target's float32 step alone
+    can exceed an absolute tolerance.
+
+    Raises:
+        ParityError: the difference is above ``tolerance``.
+    """
+    import numpy as np
+
+    from fabric.export._onnx import ParityError, max_abs_diff, ort_outputs, torch_outputs
+
+    ours, theirs = torch_outputs(module, features), ort_outputs(sess, features)
+    diff = max_abs_diff(ours, theirs)
+    if task == "regression" and ours.size:
+        diff /= max(1.0, float(np.max(np.abs(ours))))
+    if not diff <= tolerance:  # NaN fails too
+        raise ParityError(diff, tolerance, len(features), path)
+    return diff
+
+
 def export_trees(folder: str | Path, path: str | Path, opset: int = 18) -> Path:
     """Write the ONNX model of the tree model folder ``folder`` (``model.json`` + booster file) to ``path``.
 

@@ -21,18 +21,19 @@ FEATURES = [f"col_{i}" for i in range(5)]
 CASES = [("classification", 2), ("classification", 3), ("regression", None)]
 
 
-def _data(task: str, k: int | None, rows: int = 400) -> tuple[np.ndarray, np.ndarray]:
+def _data(task: str, k: int | None, rows: int = 400, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, len(FEATURES))).astype(np.float32)
     if task == "regression":
-        return x, (50 * x[:, 0] + 20 * x[:, 1] ** 2 + 150).astype(np.float32)
+        return x, (scale * (50 * x[:, 0] + 20 * x[:, 1] ** 2 + 150)).astype(np.float32)
     edges = [0.0] if k == 2 else [-0.5, 0.5]
     return x, np.digitize(x[:, 0] + 0.5 * x[:, 1], edges).astype(np.int64)
 
 
-def tree_folder(tmp: Path, framework: str, task: str, k: int | None, rounds: int = 15) -> Path:
-    """A model folder as the training stage writes it, from a booster trained here."""
-    x, y = _data(task, k)
+def tree_folder(tmp: Path, framework: str, task: str, k: int | None, rounds: int = 15, scale: float = 1.0) -> Path:
+    """A model folder as the training stage writes it, from a booster trained here (regression targets
+    around ``150 * scale``)."""
+    x, y = _data(task, k, scale=scale)
     params = library_params(framework, task, k, {"max_depth": 3} if framework == "xgboost" else {"num_leaves": 7}, 0, 1)
     folder = tmp / f"{framework}-{task}-{k}"
     folder.mkdir()
@@ -72,6 +73,22 @@ def test_tree_onnx_matches_the_booster(tmp_path: Path, framework: str, task: str
         assert ours.max() <= 0 and ours.min() >= np.log(EPS) - 1e-3
     else:
         assert np.sqrt(((ours[:, 0] - y) ** 2).mean()) < y.std()
+
+
+@pytest.mark.parametrize("framework", ["xgboost", "lightgbm"])
+def test_tree_regression_parity_is_relative_to_the_values_scale(tmp_path: Path, framework: str) -> None:
+    """House-price-sized targets: float32 sums in ONNX Runtime differ by more than 1e-4 in absolute terms."""
+    from fabric.export._trees import check_tree_parity
+
+    folder = tree_folder(tmp_path, framework, "regression", None, scale=5000.0)
+    module, _ = load_model(folder)
+    sess = session(export_folder(folder, tmp_path / "m.onnx"))
+    x, _ = _data("regression", None, rows=300)
+    assert check_tree_parity(module, sess, x, 1e-4, "regression") <= 1e-4
+    with pytest.raises(ParityError):  # a model that is off by a hundredth of its scale still fails
+        drifted = type(module)(module.booster, module.framework, "regression")
+        drifted.predict_numpy = lambda v: module.predict_numpy(v) * 1.01  # type: ignore[method-assign]
+        check_tree_parity(drifted, sess, x, 1e-4, "regression")
 
 
 def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
