@@ -39,7 +39,8 @@ BENIGN = (
 # Loggers with console handlers of their own (ray.train and ray.tune propagate to "ray"); file handlers keep all.
 _LOGGERS = ("ray", "ray.data", "ray.serve", "mlflow")
 # Read by the libraries when they start (a variable the user set wins).
-_QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING"}
+# MLflow's INFO lines; Tune's header and status tables (with tune's verbose=0 in quiet mode, see fabric.tune).
+_QUIET_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_AIR_NEW_OUTPUT": "0"}
 _saved: dict[str, Any] = {}
 
 

@@ -13,6 +13,7 @@ same config on the same data registers nothing new.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -163,7 +164,10 @@ def log_model(
                 signature = infer_signature(example, local.predict(None, example))
         else:
             print("registry: no raw sample (data/reference.parquet) to infer the input signature from", flush=True)
-        with mlflow.start_run(run_id=run_id):
+        # MLflow prints "Successfully registered model …" / "Created version …" to stderr itself; fabric's registry
+        # line says the same, so they show only with -v (FABRIC_VERBOSE=1) or outside fabric's entry points.
+        quiet = os.environ.get("FABRIC_VERBOSE") == "0"
+        with mlflow.start_run(run_id=run_id), redirect_stderr(io.StringIO()) if quiet else nullcontext():
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=_mlflow_model.__file__,  # models from code: nothing pickled

@@ -269,7 +269,7 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     if cfg.train.framework != "torch":
         from fabric.train._trees import run as run_trees
 
-        return run_trees(cfg)
+        return run_trees(cfg, loop_overrides=loop_overrides)
     check_code(cfg)  # the user's module and loop fail here, before Ray starts anything
     connect(cfg.cluster)
     storage = train_dir(cfg)

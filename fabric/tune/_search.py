@@ -4,6 +4,7 @@ for gradient-boosted trees an XGBoost / LightGBM training in the trial's process
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,10 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Pa
         if t.scheduler.type == "asha"
         else FIFOScheduler()
     )
+    if _quiet():
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created …"
     return tune.Tuner(
         trainable,
         param_space=build_param_space(space),
@@ -200,8 +205,15 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Pa
             num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage), verbose=1),
+        # Quiet (fabric's default, FABRIC_VERBOSE=0): no status tables; the trials' epoch lines and the results
+        # table at the end say how the search went. -v brings Tune's tables back.
+        run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage), verbose=0 if _quiet() else 1),
     )
+
+
+def _quiet() -> bool:
+    """fabric's entry points run quiet unless given -v (``FABRIC_VERBOSE``, see ``fabric.cli.verbosity``)."""
+    return os.environ.get("FABRIC_VERBOSE") == "0"
 
 
 def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
