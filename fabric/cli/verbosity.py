@@ -25,7 +25,9 @@ from typing import Any
 
 ENV = "FABRIC_VERBOSE"
 # Commands that start Ray work in this process (the others only talk to Ray's REST API or read a config).
-IN_PROCESS_RAY = frozenset({"run", "tune", "serve", "monitor", "finetune", "serve-llm", "generate", "eval-llm"})
+IN_PROCESS_RAY = frozenset(
+    {"run", "tune", "serve", "monitor", "finetune", "serve-llm", "generate", "eval-llm", "predict"}
+)
 HELP = "show Ray's own logs too: worker and actor logs, Ray Data progress, Tune's tables, library warnings"
 # Warnings Ray prints on runs that are healthy (quiet mode drops them; -v shows them).
 BENIGN = (

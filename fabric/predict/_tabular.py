@@ -614,7 +614,9 @@ def score(
         )
     text_columns = tuple(c.name for c in pre.columns if not isinstance(c, NumericColumn)) if pre else ()
     n, share, threads = pool_size(p.concurrency, int(ray.cluster_resources().get("CPU", 1)))
-    with DataContext.current(data_context(source)):
+    context = data_context(source)
+    context.enable_progress_bars = True  # Ray Data's bar of the scoring: shown also when fabric runs quiet
+    with DataContext.current(context):
         ds = read(source, text_columns)
         scored = ds.map_batches(
             Scorer,
