@@ -133,14 +133,6 @@ def stage_key(stage: str, cfg: PipelineConfig, **inputs: str) -> str:
     return run_key({**settings, "fabric": __version__}, dict(inputs))
 
 
-def _source_digest(source: str) -> str:
-    """The content digest of ``data.source`` (a builtin dataset digests as its name and fabric's version)."""
-    from fabric.config.data import BUILTIN_PREFIX
-    from fabric.tracking import digest_json, digest_source
-
-    return digest_json(source) if source.startswith(BUILTIN_PREFIX) else digest_source(source)
-
-
 def _code_digests(cfg: PipelineConfig) -> dict[str, str]:
     """Digests of the user's own model builder and loop (``train.model``, ``train.loop``): an edit re-runs the search."""
     from fabric.models import code_digest
@@ -160,7 +152,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
     from fabric import data, export, tracking, train, tune
     from fabric.data import IngestResult
     from fabric.export import ExportResult
-    from fabric.tracking import digest_splits
+    from fabric.tracking import digest_splits, source_digest
     from fabric.tune import TuneResult
 
     if cfg.serve.enabled:
@@ -172,7 +164,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
     result = PipelineResult()
     steps = StepCache(Path(cfg.run_dir).expanduser().resolve(), cache, tuple(force))
     data_dir = steps.run_dir / "data"
-    key = stage_key("ingest", cfg, source=_source_digest(cfg.data.source))
+    key = stage_key("ingest", cfg, source=source_digest(cfg.data.source))
     _cached_stage(result, steps, "ingest", key, lambda: [data_dir / "meta.json"], IngestResult, lambda: data.run(cfg))
     splits = digest_splits(data_dir)
     if cfg.tune.enabled:

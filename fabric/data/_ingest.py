@@ -33,6 +33,7 @@ from fabric.data._readers import Source, data_context, diagnose, read, read_erro
 from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
 from fabric.runtime import connect
+from fabric.tracking import source_digest, split_digests
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -400,6 +401,9 @@ def run(cfg: PipelineConfig) -> IngestResult:
         "scaling": data.scaling,
         "split": {"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed},
         "source": source.describe(),
+        # lineage: what the registry records with each model version (the splits' digests are cached beside)
+        "source_uri": data.source if ":" in data.source else str(Path(data.source).expanduser().resolve()),
+        "source_digest": source_digest(data.source),
         "files": {
             "splits": {s: s for s in SPLITS},
             "preprocessor": "preprocessor.json",
@@ -409,6 +413,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
     }
     # Written last: its presence means the whole stage finished.
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    split_digests(out_dir)  # each split's content digest, cached for training's run key and the registry
 
     result = IngestResult(
         out_dir=out_dir,

@@ -6,7 +6,14 @@ it is created and names the extra that installs it when missing.
 """
 
 from fabric.tracking._baseline import Baseline, beats, fit_baseline
-from fabric.tracking._lineage import digest_json, digest_source, digest_splits, run_key
+from fabric.tracking._lineage import (
+    digest_json,
+    digest_source,
+    digest_splits,
+    run_key,
+    source_digest,
+    split_digests,
+)
 from fabric.tracking._lm import AdapterRegistration, log_finetune, registered_adapter
 from fabric.tracking._loggers import (
     MetricLogger,
@@ -57,6 +64,8 @@ __all__ = [
     "digest_json",
     "digest_source",
     "digest_splits",
+    "source_digest",
+    "split_digests",
     "fit_baseline",
     "headline",
     "is_rank_zero",

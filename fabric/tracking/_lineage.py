@@ -30,44 +30,63 @@ def run_key(settings: dict[str, Any], inputs: dict[str, str]) -> str:
 
 
 def digest_splits(folder: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
-    """Content digest of an ingestion output's parquet splits: the rows, not the files.
+    """Content digest of an ingestion output's parquet splits together (see :func:`split_digests`)."""
+    return digest_json(split_digests(folder, splits))
+
+
+def split_digests(folder: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, str]:
+    """Content digest of each parquet split of an ingestion output: the rows, not the files.
 
     Ray Data names its files afresh and may order rows differently on every write, so each row is hashed
     on its own and the row hashes are combined in an order-free way (their count, sum and xor, 64-bit),
     streamed batch by batch so a split never has to fit in memory, with the column names and types. The
-    result is cached in the folder next to ``meta.json`` (ingestion rewrites the folder as a whole).
+    digests are cached in the folder next to ``meta.json`` (ingestion rewrites the folder as a whole and
+    writes ``meta.json`` last), so the training, registry and pipeline stages read each split once.
     """
+    meta = folder / "meta.json"
+    stamp = f"{meta.stat().st_mtime_ns}:{meta.stat().st_size}" if meta.is_file() else None
+    cache = folder / _DIGEST_CACHE
+    known: dict[str, str] = {}
+    if stamp and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+        except ValueError:
+            cached = {}
+        if cached.get("meta") == stamp and isinstance(cached.get("splits"), dict):
+            known = dict(cached["splits"])
+    missing = [s for s in splits if s not in known]
+    for split in missing:
+        known[split] = _digest_split(folder / split)
+    if stamp and missing:
+        cache.write_text(json.dumps({"meta": stamp, "splits": known}))
+    return {s: known[s] for s in splits}
+
+
+def _digest_split(path: Path) -> str:
     import numpy as np
     import pandas as pd
     import pyarrow.dataset as pads
 
-    meta = folder / "meta.json"
-    stamp = f"{meta.stat().st_mtime_ns}:{meta.stat().st_size}" if meta.is_file() else None
-    cache = folder / _DIGEST_CACHE
-    if stamp and cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("meta") == stamp and cached.get("splits") == list(splits):
-            return str(cached["digest"])
-    h = hashlib.sha256()
-    for split in splits:
-        path = folder / split
-        if not path.exists():
-            h.update(f"{split}:absent;".encode())
-            continue
-        data = pads.dataset(path, format="parquet")
-        names = sorted(data.schema.names)
-        rows = total = xor = 0
-        for batch in data.to_batches(columns=names):
-            hashes = pd.util.hash_pandas_object(batch.to_pandas(), index=False).to_numpy()
-            rows += len(hashes)
-            total = (total + int(hashes.sum(dtype=np.uint64))) % (1 << 64)
-            xor ^= int(np.bitwise_xor.reduce(hashes)) if len(hashes) else 0
-        columns = [(n, str(data.schema.field(n).type)) for n in names]
-        h.update(f"{split}:{columns};{rows};{total};{xor};".encode())
-    digest = h.hexdigest()
-    if stamp:
-        cache.write_text(json.dumps({"meta": stamp, "splits": list(splits), "digest": digest}))
-    return digest
+    if not path.exists():
+        return digest_json("absent")
+    data = pads.dataset(path, format="parquet")
+    names = sorted(data.schema.names)
+    rows = total = xor = 0
+    for batch in data.to_batches(columns=names):
+        hashes = pd.util.hash_pandas_object(batch.to_pandas(), index=False).to_numpy()
+        rows += len(hashes)
+        total = (total + int(hashes.sum(dtype=np.uint64))) % (1 << 64)
+        xor ^= int(np.bitwise_xor.reduce(hashes)) if len(hashes) else 0
+    columns = [(n, str(data.schema.field(n).type)) for n in names]
+    return hashlib.sha256(f"{columns};{rows};{total};{xor}".encode()).hexdigest()
+
+
+def source_digest(location: str) -> str:
+    """The content digest of a ``data.source``: :func:`digest_source` of a path or URI; a ``builtin:<name>``
+    dataset (shipped by an installed package) digests as its name."""
+    from fabric.config.data import BUILTIN_PREFIX
+
+    return digest_json(location) if location.startswith(BUILTIN_PREFIX) else digest_source(location)
 
 
 def digest_source(path: str | None) -> str:

@@ -185,6 +185,52 @@ def log_model(
     return version
 
 
+LINEAGE_TAG = "fabric.data"
+"""Model-version tags ``fabric.data.source``, ``fabric.data.source_digest``, ``fabric.data.<split>_digest``."""
+
+
+def log_lineage(uri: str, run_id: str, data: Path) -> dict[str, str]:
+    """Record which data made the run's model: the ingested source and each split as MLflow dataset inputs of
+    run ``run_id`` (source URI, content digest, schema), and return them as model-version tags.
+
+    Returns:
+        ``{}`` when the data folder predates lineage (no ``source_digest`` in its ``meta.json``).
+    """
+    import pyarrow.dataset as pads
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types.utils import _infer_schema
+
+    from fabric.tracking._lineage import split_digests
+
+    meta = json.loads((data / "meta.json").read_text()) if (data / "meta.json").is_file() else {}
+    if not meta.get("source_digest"):
+        return {}
+    location = str(meta["source_uri"])
+    if location.startswith("builtin:"):
+        source: Any = CodeDatasetSource(tags={"builtin": location.removeprefix("builtin:")})
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "resolving a dataset source by URI is deprecated"-style notices
+            source = resolve_dataset_source(location)
+    splits = [s for s in ("train", "val", "test") if (data / s).exists()]
+    digests = split_digests(data, tuple(splits))
+    tags = {f"{LINEAGE_TAG}.source": location, f"{LINEAGE_TAG}.source_digest": str(meta["source_digest"])}
+    with using_tracking_uri(uri) as mlflow, mlflow.start_run(run_id=run_id):
+        mlflow.log_input(MetaDataset(source, name="source", digest=str(meta["source_digest"])[:36]), context="source")
+        for split in splits:
+            sample = pads.dataset(data / split, format="parquet").head(1).to_pandas()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "integer column" hints: the label column
+                schema = _infer_schema(sample)
+            dataset = MetaDataset(source, name=split, digest=digests[split][:36], schema=schema)
+            context = {"train": "training", "val": "validation", "test": "testing"}[split]
+            mlflow.log_input(dataset, context=context)
+            tags[f"{LINEAGE_TAG}.{split}_digest"] = digests[split]
+    return tags
+
+
 def input_example(data: Path, model: FabricModel) -> pd.DataFrame | None:
     """A few rows of what a client sends: raw columns from ingestion's ``reference.parquet`` when the model
     carries a preprocessor, else the model's feature columns from the test split. None when neither is there.
@@ -418,8 +464,9 @@ def run(
             model_loader=model_loader or DEFAULT_MODEL_LOADER,
             preprocessor_loader=preprocessor_loader or DEFAULT_PREPROCESSOR_LOADER,
         )
-        if key:
-            _client(uri).set_model_version_tag(name, version, RUN_KEY_TAG, key)
+        lineage = log_lineage(uri, mlf.run_id, data_dir(cfg.run_dir))  # type: ignore[arg-type]
+        for tag, value in {**lineage, **({RUN_KEY_TAG: key} if key else {})}.items():
+            _client(uri).set_model_version_tag(name, version, tag, value)
         outcome = promote(cfg, version)
         decision, numbers, champion = outcome.decision, outcome.numbers, outcome.champion_version
         summary = {**{f"final.{k}": v for k, v in final.items()}, **numbers}

@@ -38,12 +38,31 @@ def _ran(out: str) -> dict[str, bool]:
     }
 
 
+def _assert_lineage(uri: str, data: Path) -> None:
+    """The registered version names the data that made it; its run lists the source and splits as dataset inputs."""
+    from mlflow import MlflowClient
+
+    from fabric.tracking import source_digest, split_digests
+
+    client = MlflowClient(uri)
+    version = client.get_model_version("sc", "1")
+    digests = split_digests(data)
+    assert version.tags["fabric.data.source"] == "builtin:wine"
+    assert version.tags["fabric.data.source_digest"] == source_digest("builtin:wine")
+    assert {s: version.tags[f"fabric.data.{s}_digest"] for s in digests} == digests
+    inputs = client.get_run(version.run_id).inputs.dataset_inputs
+    logged = {i.dataset.name: (i.dataset.digest, [t.value for t in i.tags]) for i in inputs}
+    assert logged["train"] == (digests["train"][:36], ["training"]) and logged["test"][1] == ["testing"]
+    assert "label" in inputs[-1].dataset.schema  # each split's columns, as MLflow's schema
+
+
 def test_repeated_runs_skip_what_did_not_change(
     ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = pipeline.run(_cfg(tmp_path))
     assert _ran(capsys.readouterr().out) == {"ingest": True, "tune": True, "export": True}
     assert first.stages["register"].version == "1"
+    _assert_lineage(first.stages["register"].tracking_uri, tmp_path / "data")
 
     again = pipeline.run(_cfg(tmp_path))
     out = capsys.readouterr().out
