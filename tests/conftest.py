@@ -15,6 +15,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Keep Ray from spamming test output with its dedup notices and progress bars.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Under pytest-xdist each worker keeps its Ray sessions (and Ray's "current cluster" file, which a plain
+# `ray.init()` would otherwise attach to) in a temp dir of its own, so two workers' clusters never meet.
+if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
 @pytest.fixture(scope="session")
