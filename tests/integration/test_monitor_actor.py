@@ -24,7 +24,7 @@ def monitor(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     ckpt = tmp_path_factory.mktemp("monitor") / "state.pkl"
     cfg = MonitorConfig(
         actor_name="test-drift-monitor", window_size=300, interval_s=3600, checkpoint_interval_s=0.5,
-        detached=False, resources=False,
+        detached=False,
     )  # fmt: skip
     handle = start(cfg, make_frame(N_REF, seed=0), target="target", task="classification", checkpoint_path=ckpt)
     yield cfg, handle, ckpt
@@ -146,7 +146,7 @@ from fabric.config import MonitorConfig
 from fabric.monitor import start
 from tests.unit.monitor._data import make_frame
 ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)
-cfg = MonitorConfig(actor_name="test-orphan-monitor", detached=True, resources=False)
+cfg = MonitorConfig(actor_name="test-orphan-monitor", detached=True)
 # 3000 rows: well over Ray's 100 KiB inline limit, so a constructor argument would live in the object store
 start(cfg, make_frame(3000, seed=0), target="target", checkpoint_path={str(ckpt)!r})
 """
