@@ -142,12 +142,11 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False, **init_kwargs}
+    kwargs: dict[str, Any] = {"log_to_driver": True, **init_kwargs}
     address = os.environ.get("RAY_ADDRESS") or (cluster.address if cluster else None)
     if address:
         # An existing cluster: send the token. (A new local Ray turns token auth on by itself.)
         use_token_auth()
-        kwargs.pop("include_dashboard", None)
         with init_context(address):
             ray.init(address=address, **kwargs)
         return
@@ -156,6 +155,10 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
             value = getattr(cluster, key)
             if value is not None:
                 kwargs.setdefault(key, value)
+    if "include_dashboard" not in init_kwargs:
+        # A new local Ray gets its dashboard on loopback (a free port: never another Ray's 8265): Serve's REST API,
+        # which deploys fabric's apps, lives there, and so do Ray's own pages for a developer.
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     with loopback_ray():
         ray.init(**kwargs)
 

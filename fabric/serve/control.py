@@ -110,11 +110,8 @@ def connect(cfg: PipelineConfig) -> bool:
         os.environ.update(env)
         if env:
             os.environ.update(haproxy_ports_env())
-        # Serve's REST API (how apps are deployed here) lives in the dashboard.
-        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": runtime.free_port()}
-        runtime.connect(cfg.cluster, **dashboard)
-    else:
-        runtime.connect(cfg.cluster)
+    # A new local Ray gets its dashboard on loopback (runtime.connect): Serve's REST API, how apps are deployed here.
+    runtime.connect(cfg.cluster)
     return bool(env) and not address
 
 
