@@ -139,6 +139,10 @@ def dashboard_url() -> str:
     return url if "://" in url else f"http://{url}"
 
 
+DASHBOARD_START_S = 60.0
+"""How long a refused connection to the dashboard counts as "still starting"."""
+
+
 def _rest(method: str, body: dict[str, Any] | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
     """One call to Serve's REST API (``/api/serve/applications/``) on the dashboard; its JSON answer."""
     from fabric import runtime
@@ -148,14 +152,21 @@ def _rest(method: str, body: dict[str, Any] | None = None, timeout_s: float = 12
     req = urllib.request.Request(
         url, data=data, method=method, headers={**runtime.auth_headers(), "Content-Type": "application/json"}
     )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            text = resp.read()
-    except urllib.error.HTTPError as e:
-        reason = e.read().decode(errors="replace").strip()[-2000:]
-        raise ClusterError(f"Serve's REST API ({method} {url}) answered {e.code}: {reason}") from None
-    except OSError as e:
-        raise ClusterError(f"Serve's REST API at {url} did not answer ({getattr(e, 'reason', e)})") from None
+    # The dashboard's HTTP server comes up a moment after ray.init() returns (seconds on a busy machine).
+    deadline = time.monotonic() + DASHBOARD_START_S
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                text = resp.read()
+            break
+        except urllib.error.HTTPError as e:
+            reason = e.read().decode(errors="replace").strip()[-2000:]
+            raise ClusterError(f"Serve's REST API ({method} {url}) answered {e.code}: {reason}") from None
+        except OSError as e:
+            if isinstance(getattr(e, "reason", e), ConnectionRefusedError) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            raise ClusterError(f"Serve's REST API at {url} did not answer ({getattr(e, 'reason', e)})") from None
     return json.loads(text) if text.strip() else {}
 
 
