@@ -13,6 +13,7 @@ run is cheap, and a changed input re-runs exactly the stages downstream of it.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import os
@@ -24,6 +25,8 @@ from typing import Any, TypeVar
 
 from fabric.config import PipelineConfig, with_params
 from fabric.runtime import connect
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -40,7 +43,7 @@ class PipelineResult:
 
 
 def _stage(result: PipelineResult, name: str, fn: Callable[[], T]) -> T:
-    print(f"\n== {name}", flush=True)
+    log.info(f"\n== {name}")
     start = time.perf_counter()
     out = fn()
     result.seconds[name] = time.perf_counter() - start
@@ -113,7 +116,7 @@ def _cached_stage(
     """Run stage ``name`` unless the cache holds it under ``key`` with ``outputs`` unchanged; record it after."""
     hit = cache.get(name, key, _stamp(*outputs()), kind)
     if hit is not None:
-        print(f"\n== {name}: cached (key {key}; {cache._path(name)})", flush=True)
+        log.info(f"\n== {name}: cached (key {key}; {cache._path(name)})")
         result.seconds[name] = 0.0
         result.stages[name] = hit
         return hit
@@ -183,10 +186,9 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
     trained = _stage(result, "train", lambda: train.run(cfg))
     registered = _stage(result, "register", lambda: tracking.run(cfg, trained))
     if registered is not None and not registered.champion_version:
-        print(
+        log.info(
             f"\n{registered.model_name} has no {tracking.CHAMPION} to export or serve: v{registered.version} "
-            "does not beat the trivial baseline (see the registry line above)",
-            flush=True,
+            "does not beat the trivial baseline (see the registry line above)"
         )
         return _done(cfg, result)
     if cfg.export.enabled:
@@ -210,7 +212,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
 def _done(cfg: PipelineConfig, result: PipelineResult) -> PipelineResult:
     """Say how long each stage took, and return the result."""
     summary = ", ".join(f"{n} {s:.0f}s" for n, s in result.seconds.items())
-    print(f"\n== pipeline {cfg.name} done ({summary}); outputs under {cfg.run_dir}/", flush=True)
+    log.info(f"\n== pipeline {cfg.name} done ({summary}); outputs under {cfg.run_dir}/")
     return result
 
 
@@ -228,7 +230,7 @@ def serve_stages(cfg: PipelineConfig, result: PipelineResult | None = None) -> P
 
         _stage(result, "monitor", lambda: monitor.run(cfg))
     elif cfg.monitor.enabled:
-        print(f"no reference sample under {cfg.run_dir}/data: the drift monitor is not started", flush=True)
+        log.info(f"no reference sample under {cfg.run_dir}/data: the drift monitor is not started")
     _stage(result, "serve", lambda: serve.run(cfg))
     return result
 
@@ -260,5 +262,5 @@ def finetune(cfg: PipelineConfig) -> Any:
             from fabric.serve.llm import deploy
 
             url = deploy(cfg)
-        print(evaluate.run(cfg, url).report(), flush=True)
+        log.info(evaluate.run(cfg, url).report())
     return result

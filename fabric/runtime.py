@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import psutil
     from ray.job_submission import JobSubmissionClient
 
-    from fabric.config import ClusterConfig, PipelineConfig
+    from fabric.config import ClusterConfig
 
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_GCS_PORT = 6379
@@ -746,7 +746,9 @@ def supervisor_main(argv: list[str] | None = None) -> int:
     p.add_argument("--temp-dir", required=True, help="the head's Ray temp dir (on each head process's command line)")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between checks (default %(default)s)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("fabric").handlers = [handler]  # a daemon's log: timestamps, on stderr
     supervise_gcs(args.temp_dir, args.interval)
     return 0
 
@@ -830,41 +832,6 @@ def check_working_dir(root: Path, excludes: list[str], limit: int = UPLOAD_LIMIT
             f"largest entries: {listing}. Exclude them with --exclude NAME or read large data from a URI"
         )
     return total
-
-
-# --------------------------------------------------------------------------- job entrypoints
-
-
-def job_main(stage: Callable[[PipelineConfig], object], argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run one stage from the command line: ``--config PATH [section.field=value ...]``.
-
-    Used by every ``jobs/*.py`` file, so a job behaves the same under ``python``, ``ray job submit``
-    and ``fabric submit``. A config problem exits 2 with one line per problem; a FabricError raised by
-    the stage exits 1 with its message; neither prints a traceback.
-    """
-    import argparse
-
-    from fabric.config import load_config
-    from fabric.errors import ConfigError, FabricError
-
-    parser = argparse.ArgumentParser(prog=prog, description=(stage.__doc__ or "").strip().split("\n")[0] or None)
-    parser.add_argument("--config", help="pipeline YAML (default: the built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_workers=2")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        stage(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FabricError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

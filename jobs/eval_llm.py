@@ -11,7 +11,7 @@ import sys
 from fabric import evaluate
 from fabric.cli import verbosity
 from fabric.config import PipelineConfig
-from fabric.runtime import job_main
+from fabric.cli.stage import job_main
 from fabric.serve.llm import deploy
 
 

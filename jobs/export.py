@@ -9,7 +9,7 @@ import sys
 
 from fabric.cli import verbosity
 from fabric.export import run
-from fabric.runtime import job_main
+from fabric.cli.stage import job_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import sys
 
 from fabric.cli import verbosity
 from fabric.pipeline import finetune
-from fabric.runtime import job_main
+from fabric.cli.stage import job_main
 
 
 def main(argv: list[str] | None = None) -> int:

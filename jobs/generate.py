@@ -11,7 +11,8 @@ import sys
 from fabric.cli import verbosity
 from fabric.config import PipelineConfig
 from fabric.predict import generate
-from fabric.runtime import connect, job_main
+from fabric.cli.stage import job_main
+from fabric.runtime import connect
 from fabric.serve.llm.app import resolved
 
 

@@ -10,7 +10,7 @@ import sys
 
 from fabric.cli import verbosity
 from fabric.data import run
-from fabric.runtime import job_main
+from fabric.cli.stage import job_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,14 @@ import sys
 from fabric.cli import verbosity
 from fabric.config import PipelineConfig
 from fabric.predict import score
-from fabric.runtime import connect, job_main
+from fabric.cli.stage import job_main
+from fabric.runtime import connect
 
 
 def batch_score(cfg: PipelineConfig) -> None:
     """Score ``predict.input`` with ``track.model_name``'s model into ``predict.output``."""
     connect(cfg.cluster)
-    print(score(cfg).summary(), flush=True)
+    score(cfg)  # logs its summary line
 
 
 def main(argv: list[str] | None = None) -> int:

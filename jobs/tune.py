@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from fabric.cli import verbosity
-from fabric.runtime import job_main
+from fabric.cli.stage import job_main
 from fabric.tune import run
 
 

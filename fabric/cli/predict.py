@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, score, print one line: rows, output, model and version."""
+    """Validate and score; the scoring logs one line: rows, output, model and version."""
     from fabric.cli import config_and_overrides
     from fabric.config import load_config
     from fabric.errors import DataValidationError, UsageError
@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     config, overrides = config_and_overrides(args)
     cfg = load_config(config, overrides)
     try:
-        result = score(cfg, args.input, args.output, args.version, args.alias)
+        score(cfg, args.input, args.output, args.version, args.alias)
     except DataValidationError as e:  # the input given is bad: bad input, like a bad argument
         raise UsageError(str(e)) from None
-    print(result.summary(), flush=True)
     return 0

@@ -15,6 +15,7 @@ the object store as a whole (so data larger than the object store goes through):
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import pickle
@@ -34,6 +35,8 @@ from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
 from fabric.runtime import connect
 from fabric.tracking import source_digest, split_digests
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -451,7 +454,7 @@ def _print_summary(r: IngestResult, plan: Plan, sample_rows: int, seconds: float
         "            train/ val/ test/ (parquet), meta.json, preprocessor.json,",
         f"            reference.parquet ({sample_rows:,} raw training rows), reference_stats.json",
     ]
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- reading the outputs back

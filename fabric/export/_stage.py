@@ -3,6 +3,7 @@ model (torch models only), numbers in export.json."""
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from fabric.errors import FabricError, MissingExtraError
 from fabric.export._onnx import check_parity, export_onnx, ort_outputs, quantize, session
 from fabric.tracking import CHAMPION, alias_version, data_dir, headline, read_split, resolve_model, score, tracking_uri
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
@@ -62,7 +65,7 @@ def _features(cfg: PipelineConfig, meta: dict[str, Any], input_dim: int, seed: i
         x, y, _ = read_split(data_dir(cfg.run_dir), "test", meta.get("feature_names") or None)
         return x, y, "test split"
     except FabricError as e:
-        print(f"export: {e}; checking parity on {PARITY_RANDOM_ROWS} random rows instead", flush=True)
+        log.info(f"export: {e}; checking parity on {PARITY_RANDOM_ROWS} random rows instead")
         rng = np.random.default_rng(seed)
         return rng.standard_normal((PARITY_RANDOM_ROWS, input_dim), dtype=np.float32), None, "random rows"
 
@@ -148,14 +151,13 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     )
     if y is not None:
         result.metrics["fp32"] = score(fp32_out, y, task)
-    print(
+    log.info(
         f"export: {onnx_path} (opset {opset}, {result.providers[0]}); parity vs {framework} on "
-        f"{len(x)} rows ({parity_data}): max abs diff {diff:.3g} <= tolerance {cfg.export.tolerance:g}",
-        flush=True,
+        f"{len(x)} rows ({parity_data}): max abs diff {diff:.3g} <= tolerance {cfg.export.tolerance:g}"
     )
 
     if cfg.export.quantize and framework != "torch":
-        print(f"export: int8 quantization skipped: it applies to torch models, not {framework} trees", flush=True)
+        log.info(f"export: int8 quantization skipped: it applies to torch models, not {framework} trees")
     elif cfg.export.quantize:
         int8_path = quantize(onnx_path, out / "model.int8.onnx")
         int8_out = ort_outputs(session(int8_path), x)
@@ -169,7 +171,7 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
                 f"; test {metric} {result.metrics['fp32'][metric]:.4f} (fp32) -> "
                 f"{result.metrics['int8'][metric]:.4f} (int8), change {result.int8_change:+.4f}"
             )
-        print(line, flush=True)
+        log.info(line)
 
     result.sizes = {p.name: p.stat().st_size for p in (onnx_path, result.int8_path) if p is not None}
     report = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}

@@ -12,7 +12,10 @@ Importing this package loads neither Ray nor torch nor onnxruntime.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -39,10 +42,9 @@ def run(cfg: PipelineConfig) -> ServeResult:
     from fabric.serve.control import deploy as _deploy
 
     result = _deploy(cfg)
-    print(
+    log.info(
         f"serve: {result.app_name} at {result.url} (model {result.model_name}, traffic {result.traffic}, "
-        f"fast path {'on' if result.fast_path else 'off'})",
-        flush=True,
+        f"fast path {'on' if result.fast_path else 'off'})"
     )
     return result
 
@@ -81,7 +83,7 @@ def serve_forever(app: str = "fabric", poll_s: float = 2.0, delete_on_stop: bool
             time.sleep(poll_s)
         return False
     except KeyboardInterrupt:
-        print(f"stopping {app}", flush=True)
+        log.info(f"stopping {app}")
         if delete_on_stop:
             _delete(app)
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, tracking_uri
 from fabric.tracking._rank import on_rank_zero
 from fabric.tracking._registry import CANDIDATE, RUN_KEY_TAG, _client, version_of_run
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
@@ -90,7 +93,7 @@ def log_finetune(
     finally:
         for lg in loggers:
             lg.finish(status)  # type: ignore[arg-type]
-    print(f"registry: {name} v{version} ({CANDIDATE}): the LoRA adapter of run {mlf.run_id}", flush=True)
+    log.info(f"registry: {name} v{version} ({CANDIDATE}): the LoRA adapter of run {mlf.run_id}")
     return AdapterRegistration(name, version, str(mlf.run_id), uri, f"models:/{name}/{version}")
 
 
@@ -102,9 +105,8 @@ def registered_adapter(cfg: PipelineConfig, run_key: str) -> AdapterRegistration
     mv = version_of_run(_client(uri), name, run_key)
     if mv is None:
         return None
-    print(
-        f"registry: {name}: nothing new to register: v{mv.version} holds this fine-tuning (run key {run_key})",
-        flush=True,
+    log.info(
+        f"registry: {name}: nothing new to register: v{mv.version} holds this fine-tuning (run key {run_key})"
     )
     return AdapterRegistration(name, str(mv.version), str(mv.run_id), uri, f"models:/{name}/{mv.version}")
 

@@ -13,6 +13,7 @@ same config on the same data registers nothing new.
 
 from __future__ import annotations
 
+import logging
 import io
 import json
 import os
@@ -32,6 +33,8 @@ from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, quiet_m
 from fabric.tracking._predict import data_dir, per_row_loss, read_split, score
 from fabric.tracking._promotion import Decision, compare, decide
 from fabric.tracking._rank import on_rank_zero
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -163,7 +166,7 @@ def log_model(
                 warnings.simplefilter("ignore", UserWarning)  # "integer column" hints
                 signature = infer_signature(example, local.predict(None, example))
         else:
-            print("registry: no raw sample (data/reference.parquet) to infer the input signature from", flush=True)
+            log.info("registry: no raw sample (data/reference.parquet) to infer the input signature from")
         # MLflow prints "Successfully registered model …" / "Created version …" to stderr itself; fabric's registry
         # line says the same, so they show only with -v (FABRIC_VERBOSE=1) or outside fabric's entry points.
         quiet = os.environ.get("FABRIC_VERBOSE") == "0"
@@ -486,7 +489,7 @@ def run(
             lg.finish(status)  # type: ignore[arg-type]
     remains = f"{CHAMPION} remains v{champion}" if champion else f"no {CHAMPION} yet"
     verdict = f"-> {CHAMPION}" if decision.promote else f"stays {CANDIDATE}; {remains}"
-    print(f"registry: {name} v{version} {decision.label} ({verdict}): {decision.reason}", flush=True)
+    log.info(f"registry: {name} v{version} {decision.label} ({verdict}): {decision.reason}")
     return RegistryResult(
         model_name=name,
         version=version,
@@ -511,7 +514,7 @@ def _already_registered(uri: str, name: str, key: str, mv: Any) -> RegistryResul
         f"registered by run {mv.run_id}"
     )
     state = f"{CHAMPION} is v{champion}" if champion else f"no {CHAMPION} yet"
-    print(f"registry: {name}: {reason}; {state}", flush=True)
+    log.info(f"registry: {name}: {reason}; {state}")
     return RegistryResult(
         model_name=name,
         version=str(mv.version),

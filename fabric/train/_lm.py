@@ -16,6 +16,7 @@ registers nothing, an interrupted one resumes, and changed settings or data fine
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import shutil
@@ -47,6 +48,8 @@ from fabric.train._trainer import (
     resolve_use_gpu,
     worker_group_trainer,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -86,7 +89,7 @@ def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerB
         return load_tokenizer(model.path, field="llm.model.path")
     texts = (row["prompt"] + row["completion"] for row in splits.train.iter_rows())
     tokenizer = train_tokenizer(texts, model.vocab_size)
-    print(f"trained a byte-level BPE tokenizer of {len(tokenizer)} tokens on the training records", flush=True)
+    log.info(f"trained a byte-level BPE tokenizer of {len(tokenizer)} tokens on the training records")
     return tokenizer
 
 
@@ -174,10 +177,9 @@ def _unchanged(cfg: PipelineConfig, out: Path, key: str) -> FinetuneResult | Non
     folders = [out / "base", out / "adapter", *([merged] if merged else [])]
     if metrics.get("run_key") != key or not all(d.is_dir() for d in folders):
         return None
-    print(
+    log.info(
         f"fine-tuning: nothing to do: run {run_path} trained all {f.epochs} epoch(s) of this config on this data "
-        f"(run key {key}) and its outputs are under {out}",
-        flush=True,
+        f"(run key {key}) and its outputs are under {out}"
     )
     checkpoint_dir, history = previous
     # Registers the adapter only if an earlier attempt stopped before it did (else says it is there).
@@ -220,9 +222,8 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         return unchanged
 
     splits = read_text_records(cfg.llm.data, cfg.seed)
-    print(
-        f"text: {splits.train_records} training and {splits.heldout_records} held-out records from {splits.source}",
-        flush=True,
+    log.info(
+        f"text: {splits.train_records} training and {splits.heldout_records} held-out records from {splits.source}"
     )
     tokenizer = _tokenizer(cfg.llm.model, splits)
     base_dir = _base(cfg, tokenizer, out / "base")
@@ -234,18 +235,17 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     if previous is not None and before >= f.epochs:
         checkpoint_dir, history = previous
         done = f"fine-tuning: run {storage / name} trained all {f.epochs} epoch(s) already; writing its outputs"
-        print(done, flush=True)
+        log.info(done)
     else:
         use_gpu = resolve_use_gpu(f.use_gpu)
         _warn_if_short(f.num_workers, use_gpu)
         loop_config = {**_loop_config(cfg, base_dir), **(loop_overrides or {})}
         trainer = worker_group_trainer(lm_loop_per_worker, loop_config, f, datasets, name=name, storage=storage)
         resume = f"; resuming the interrupted run from its checkpoint of epoch {before}" if before else ""
-        print(
+        log.info(
             f"fine-tuning a LoRA adapter (r={cfg.llm.lora.r}) with {how} on {f.num_workers} "
             f"{'GPU' if use_gpu else 'CPU'} worker(s) for {f.epochs} epoch(s); run key {key}, checkpoints every "
-            f"{f.checkpoint_every} epoch(s) under {storage / name}{resume}",
-            flush=True,
+            f"{f.checkpoint_every} epoch(s) under {storage / name}{resume}"
         )
         _, checkpoint_dir, history = fit(trainer, "fine-tuning", f.max_failures, storage / name)
     last = history[-1]
@@ -282,9 +282,8 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         )
     summary = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / "metrics.json"], run_key=key)
-    print(
+    log.info(
         f"fine-tuned: held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}; "
-        f"adapter: {adapter_dir}" + (f"; merged: {merged_dir}" if merged_dir else ""),
-        flush=True,
+        f"adapter: {adapter_dir}" + (f"; merged: {merged_dir}" if merged_dir else "")
     )
     return FinetuneResult(out, base_dir, adapter_dir, merged_dir, metrics, history, checkpoint_dir, registration)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +20,8 @@ from fabric.models._user import add_to_path
 from fabric.train._checkpoint import DS_TAG, load_ddp, read_history, save_ddp, write_history
 from fabric.train._data import collate, iter_local, local_shard
 from fabric.train._metrics import EpochSums, compute_loss, epoch_line
+
+log = logging.getLogger(__name__)
 
 # Hyperparameters the Tune stage varies per trial (through train_loop_config); the rest comes from
 # `loop_config(cfg)`.
@@ -275,9 +277,9 @@ class _Session:
 
 
 def _say(line: str) -> None:
-    # The worker's real stdout (which Ray forwards to the driver): Ray Train's print patch would
-    # both log and echo a plain print, showing every line twice.
-    print(line, file=sys.__stdout__, flush=True)
+    # Through fabric's logger, on the worker's stdout (which Ray forwards to the driver): Ray Train's print
+    # patch would both log and echo a plain print, showing every line twice.
+    log.info(line)
 
 
 def _maybe_crash(config: dict[str, Any], epoch: int, rank: int) -> None:

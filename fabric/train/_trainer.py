@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from fabric.tracking import read_split as read_labelled
 from fabric.train._checkpoint import read_history, to_artifact
 from fabric.train._data import SPLITS, data_dir, read_meta, read_split
 from fabric.train._loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 OPERATIONAL = {"max_failures", "placement_strategy", "checkpoint_every", "keep_checkpoints"}
 """Worker-group settings that say how a run is carried out, not what it computes: left out of its key."""
@@ -280,10 +283,9 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
     if previous is not None and before >= t.epochs:
         checkpoint_dir, history = previous
-        print(
+        log.info(
             f"training: nothing to do: run {storage / name} trained all {t.epochs} epoch(s) of this config "
-            f"on this data (run key {key}); using its model",
-            flush=True,
+            f"on this data (run key {key}); using its model"
         )
         trained = 0
     else:
@@ -292,16 +294,15 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         trainer = build_trainer(cfg, loop_overrides, name)
         how = f"DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "DDP"
         resume = f"; resuming the interrupted run from its checkpoint of epoch {before}" if before else ""
-        print(
+        log.info(
             f"training {how} on {t.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) for {t.epochs} epoch(s); "
-            f"run key {key}, checkpoints every {t.checkpoint_every} epoch(s) under {storage / name}{resume}",
-            flush=True,
+            f"run key {key}, checkpoints every {t.checkpoint_every} epoch(s) under {storage / name}{resume}"
         )
         _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / name)
         trained = int(history[-1]["epoch"]) - before
     model_path = to_artifact(checkpoint_dir, storage / "model")
     metrics = {**history[-1], **_versus_baseline(cfg, model_path)} if history else {}
-    print(f"trained: {_summary(metrics)}; model: {model_path}", flush=True)
+    log.info(f"trained: {_summary(metrics)}; model: {model_path}")
     return TrainResult(checkpoint_dir, metrics, history, model_path, run_key=key, trained_epochs=trained)
 
 
@@ -338,10 +339,9 @@ def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
     have = ray.cluster_resources()
     for resource in ("CPU", "GPU") if use_gpu else ("CPU",):
         if have.get(resource, 0) < num_workers:
-            print(
-                f"warning: {num_workers} workers need {num_workers} {resource}s and the cluster has "
-                f"{have.get(resource, 0):g} now; training waits until they are added (lower train.num_workers?)",
-                flush=True,
+            log.warning(
+                f"{num_workers} workers need {num_workers} {resource}s and the cluster has "
+                f"{have.get(resource, 0):g} now; training waits until they are added (lower train.num_workers?)"
             )
 
 

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +31,8 @@ from fabric.models import read_spec, write_spec
 from fabric.models.trees import BOOSTER_FILES, load_booster
 from fabric.train._checkpoint import read_history, write_history
 from fabric.train._data import data_dir, local_shard, read_meta, read_split
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
@@ -159,7 +160,7 @@ class _Rounds:
         if self.say and self.rank == 0 and (row["epoch"] % every == 0 or row["epoch"] in (1, self.total)):
             keys = ("train_loss", "val_loss", "val_accuracy", "val_rmse")
             shown = " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
-            print(f"round {row['epoch']}/{self.total}  {shown}", file=sys.__stdout__, flush=True)
+            log.info(f"round {row['epoch']}/{self.total}  {shown}")
         return row
 
 
@@ -262,7 +263,7 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
     rounds = _Rounds(history, total, rank, say=not tune, crash=config.get("fault_injection"))
     remaining = total - rounds.done
     if rank == 0 and not tune and rounds.done:
-        print(f"resumed from the checkpoint of round {rounds.done} of {total}", file=sys.__stdout__, flush=True)
+        log.info(f"resumed from the checkpoint of round {rounds.done} of {total}")
     report = _reporter(framework, tune, rounds, 0 if tune else int(config.get("checkpoint_every") or 0))
     stop = config.get("early_stopping_rounds")
     if framework == "xgboost":
@@ -472,10 +473,9 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     previous = last_checkpoint(storage / name)
     if previous is not None and finished(previous[0]):
         checkpoint_dir, history = previous
-        print(
+        log.info(
             f"training: nothing to do: run {storage / name} boosted this {t.framework} config on this data "
-            f"(run key {key}); using its model",
-            flush=True,
+            f"(run key {key}); using its model"
         )
         trained = 0
     else:
@@ -486,10 +486,9 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         resume = f"; resuming the interrupted run from its checkpoint of round {before}" if before else ""
         patience = t.early_stopping_rounds
         stop = f", early stopping after {patience} rounds without progress on val" if patience else ""
-        print(
+        log.info(
             f"training {t.framework} on {t.num_workers} worker(s) for up to {t.num_boost_round} rounds{stop}; "
-            f"run key {key}, checkpoints every {t.checkpoint_every} round(s) under {storage / name}{resume}",
-            flush=True,
+            f"run key {key}, checkpoints every {t.checkpoint_every} round(s) under {storage / name}{resume}"
         )
         with _frequent_reports():
             _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / name)
@@ -502,7 +501,7 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
     row = next((r for r in history if int(r["epoch"]) == best), history[-1] if history else {})
     metrics = {**row, "best_iteration": best, "rounds": len(history), **_versus_baseline(cfg, model_path)}
     if history and best < len(history):
-        print(f"early stopping: best round {best} of {len(history)} boosted", flush=True)
-    print(f"trained: {_summary(metrics)}; model: {model_path}", flush=True)
+        log.info(f"early stopping: best round {best} of {len(history)} boosted")
+    log.info(f"trained: {_summary(metrics)}; model: {model_path}")
     return TrainResult(checkpoint_dir, metrics, history, model_path, run_key=key, trained_epochs=trained)
 

@@ -25,7 +25,7 @@ run's model is registered, exported, served and monitored like fabric's own. Eve
 
 from __future__ import annotations
 
-import sys
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +39,8 @@ from fabric.models import build_from_spec
 from fabric.train._checkpoint import load_ddp, read_history, save_ddp, write_history
 from fabric.train._loop import DEFAULTS, _Batches, _Session, spec_from_config, with_trial_params
 from fabric.train._metrics import EpochSums, compute_loss
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Session", "start"]
 
@@ -165,9 +167,9 @@ class Session:
             self._session.report(metrics, tmp if wrote else None, f"epoch_{epoch:04d}")
 
     def say(self, line: str) -> None:
-        """Print ``line`` once (on rank 0), to the worker's real stdout (which Ray forwards to the driver)."""
+        """Say ``line`` once (on rank 0) through fabric's logger: the worker's stdout, which Ray forwards to the driver."""
         if self.rank == 0:
-            print(line, file=sys.__stdout__, flush=True)
+            log.info(line)
 
     def _check(self, module: nn.Module) -> None:
         expected = {k: tuple(v.shape) for k, v in build_from_spec(self.spec).state_dict().items()}

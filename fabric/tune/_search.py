@@ -3,6 +3,7 @@ for gradient-boosted trees an XGBoost / LightGBM training in the trial's process
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from fabric.config import Param, PipelineConfig
 from fabric.config.tune import _default_space
 from fabric.errors import ConfigError, ConfigProblem, FabricError
 from fabric.runtime import connect
+
+log = logging.getLogger(__name__)
 
 TREE_SPACES: dict[str, dict[str, Param]] = {
     "xgboost": {
@@ -179,7 +182,7 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Pa
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise FabricError(f"no interrupted search to resume at {path}; run without --resume first")
-        print(f"Resuming the search at {path}", flush=True)
+        log.info(f"Resuming the search at {path}")
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
     scheduler = (
         ASHAScheduler(
@@ -239,12 +242,12 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
         first = next(r.error for r in grid if r.error)
         if grid.num_errors == len(grid):
             raise FabricError(f"every trial of the search failed; first error: {first}")
-        print(f"warning: {grid.num_errors} of {len(grid)} trials failed; first error: {first}", flush=True)
+        log.warning(f"{grid.num_errors} of {len(grid)} trials failed; first error: {first}")
     table = results_table(grid, space, cfg.tune.metric, cfg.tune.mode, states)
     table_path = out / "results.csv"
     table.to_csv(table_path, index=False)
     plot_path = learning_curves_png(grid, cfg.tune.metric, out / "learning_curves.png")
-    print(table.to_string(index=False), flush=True)
+    log.info(table.to_string(index=False))
     if unfinished or len(states) < cfg.tune.num_samples:
         raise FabricError(
             f"the search was interrupted after {len(states) - len(unfinished)} of {cfg.tune.num_samples} trials "
@@ -261,6 +264,6 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
         row = dict(best.metrics or {})
     best_metrics = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     (out / "best_config.json").write_text(json.dumps({"config": best_config, "metrics": best_metrics}, indent=2))
-    print(f"best {cfg.tune.metric}: {best_metrics.get(cfg.tune.metric)} with {best_config}", flush=True)
-    print(f"results: {table_path}  curves: {plot_path}", flush=True)
+    log.info(f"best {cfg.tune.metric}: {best_metrics.get(cfg.tune.metric)} with {best_config}")
+    log.info(f"results: {table_path}  curves: {plot_path}")
     return TuneResult(best_config, best_metrics, len(grid), out, table_path, plot_path)

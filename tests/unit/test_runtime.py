@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric.cli.stage import job_main
 from fabric.errors import UsageError
 from fabric.runtime import (
     DEFAULT_EXCLUDES,
@@ -16,7 +17,6 @@ from fabric.runtime import (
     check_redis,
     check_resources,
     check_working_dir,
-    job_main,
     join_command,
     walk_working_dir,
 )

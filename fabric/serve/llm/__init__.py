@@ -148,10 +148,10 @@ def run(cfg: PipelineConfig) -> str:
     """Deploy ``cfg``'s OpenAI app (see :func:`deploy`) and print where it answers; returns the base URL."""
     url = deploy(cfg)
     s = cfg.llm.serve
-    print(f"serve-llm: {s.app_name} at {url}/v1 (OpenAI API)", flush=True)
+    log.info(f"serve-llm: {s.app_name} at {url}/v1 (OpenAI API)")
     for route in ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions", "GET /health", "GET /docs"):
         method, path = route.split()
-        print(f"  {method} {url}{path}", flush=True)
+        log.info(f"  {method} {url}{path}")
     if s.api_key_env:
-        print(f"  API key: Authorization: Bearer ${s.api_key_env}", flush=True)
+        log.info(f"  API key: Authorization: Bearer ${s.api_key_env}")
     return url
