@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from fabric.data._preprocess import NumericColumn, Preprocessor, category_keys, json_value, numeric_values
-from fabric.errors import DataValidationError, FabricError, UsageError, require
+from fabric.data._preprocess import NumericColumn, Preprocessor, category_keys, json_value
+from fabric.errors import DataValidationError, UsageError, require
+from fabric.predict._columns import ArrowColumn, Column, PandasColumn, features
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -162,38 +163,40 @@ def _bound(v: float | None, open_end: str) -> str:
 
 def check_frame(df: pd.DataFrame, rules: InputRules) -> list[Finding]:
     """Check raw rows against ``rules``; an empty list when every row passes."""
+    return check_columns({str(c): PandasColumn(df[c]) for c in df.columns}, len(df), rules)
+
+
+def check_columns(columns: dict[str, Column], n: int, rules: InputRules) -> list[Finding]:
+    """Check the ``n`` rows whose columns are ``columns`` (pandas or pyarrow views) against ``rules``."""
     out: list[Finding] = []
 
     def flag(column: str, mask: np.ndarray, why: str) -> None:
         if mask.any():
             out.append(Finding(column, why, mask))
 
-    present = set(df.columns)
     for c in rules.not_null:
-        if c in present:
-            flag(c, df[c].isna().to_numpy(), "null (data.expectations.not_null)")
+        if c in columns:
+            flag(c, columns[c].isna(), "null (data.expectations.not_null)")
     if rules.nullable is not None:
         for c in rules.columns:
-            if c in present and c not in rules.nullable and c not in rules.not_null:
+            if c in columns and c not in rules.nullable and c not in rules.not_null:
                 why = "null, and the training data had none in this column (predict.impute_nulls=true fills it)"
-                flag(c, df[c].isna().to_numpy(), why)
-    numbers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+                flag(c, columns[c].isna(), why)
     for c in rules.columns:
-        if c in present and c in rules.numeric:
-            numbers[c] = numeric_values(df[c])
-            flag(c, numbers[c][1], "not a number (the column is numeric in training)")
+        if c in columns and c in rules.numeric:
+            flag(c, columns[c].numbers[1], "not a number (the column is numeric in training)")
     for c, lo, hi in rules.ranges:
-        if c in present:
-            x, other = numbers.get(c) or numeric_values(df[c])
+        if c in columns:
+            x, other = columns[c].numbers
             with np.errstate(invalid="ignore"):
                 outside = (x < (lo if lo is not None else -np.inf)) | (x > (hi if hi is not None else np.inf))
-            if c not in numbers:
-                outside |= other
+            if c not in rules.numeric or c not in rules.columns:
+                outside = outside | other
             flag(c, outside, f"outside [{_bound(lo, '-inf')}, {_bound(hi, 'inf')}] (data.expectations.ranges)")
     for c, allowed in rules.allowed:
-        if c in present:
-            k = category_keys(df[c])
-            bad = pd.notna(k) & ~pd.Series(k, dtype=object).isin(allowed).to_numpy()
+        if c in columns:
+            col = columns[c]
+            bad = ~col.isna() & (col.codes(sorted(allowed)) < 0)
             flag(c, bad, f"not in data.expectations.allowed {sorted(allowed)}")
     return out
 
@@ -346,32 +349,49 @@ class Scorer:
             path.write_bytes(model.onnx)
             self.session = session(path, threads=threads)
         self.input = self.session.get_inputs()[0].name
+        self._repeated: tuple[pa.Array, pa.Array] | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Check, preprocess and score one batch, all on its pyarrow columns (pandas only to report bad rows)."""
         import pyarrow as pa
 
-        from fabric.tracking import predictions_frame
+        from fabric.tracking._predict import point_predictions, probabilities
 
-        df = batch.to_pandas()
-        findings = check_frame(df, self.rules)
+        n = batch.num_rows
+        names = set(batch.column_names)
+        columns: dict[str, Column] = {c: ArrowColumn(batch.column(c)) for c in self.rules.checked if c in names}
+        findings = check_columns(columns, n, self.rules)
         if findings:
+            df = batch.to_pandas()
             raise BadRows().add(df, findings, self.rules.keep, self.limit).error("a batch of the input", None)
         if self.pre is not None:
-            x = self.pre.transform(df)
+            x = features(self.pre, columns, n)
         else:
-            x = df[self.model.feature_names].to_numpy(np.float32)
-        out = self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        frame = predictions_frame(np.asarray(out), self.model.task)  # type: ignore[arg-type]
+            x = np.column_stack([columns[c].float32() for c in self.model.feature_names])
+        out = np.asarray(self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0])
         cols: dict[str, Any] = {c: batch.column(c) for c in self.rules.keep}
-        cols["prediction"] = pa.array(frame["prediction"].to_numpy())
+        if self.model.task == "classification":
+            proba = probabilities(out)
+            prediction = proba.argmax(axis=1)
+        else:
+            proba, prediction = None, point_predictions(out, "regression")
+        cols["prediction"] = pa.array(prediction)
         if self.model.class_names is not None:
-            cols["label"] = pa.array(np.asarray(self.model.class_names, dtype=object)[frame["prediction"].to_numpy()])
-        for c in frame.columns[1:]:
-            cols[c] = pa.array(frame[c].to_numpy())
-        n = len(df)
-        cols["model_name"] = pa.array([self.model.name] * n, pa.string())
-        cols["model_version"] = pa.array([self.model.version] * n, pa.string())
+            cols["label"] = pa.array(self.model.class_names, pa.string()).take(pa.array(prediction))
+        if proba is not None:
+            for k, p in enumerate(np.ascontiguousarray(proba.T)):
+                cols[f"proba_{k}"] = pa.array(p)
+        cols["model_name"], cols["model_version"] = self._constants(n)
         return pa.table(cols)
+
+    def _constants(self, n: int) -> tuple[pa.Array, pa.Array]:
+        """The model's name and version repeated ``n`` times (kept for the next batch of the same size)."""
+        import pyarrow as pa
+
+        if self._repeated is None or len(self._repeated[0]) != n:
+            zeros = pa.array(np.zeros(n, dtype=np.int32))
+            self._repeated = tuple(pa.array([v], pa.string()).take(zeros) for v in (self.model.name, self.model.version))
+        return self._repeated
 
 
 # --------------------------------------------------------------------------- the output
