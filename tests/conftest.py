@@ -64,6 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ensure_token()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu`-marked tests where no CUDA GPU is present, saying why; group tests for pytest-xdist's
     ``--dist loadgroup``: a module's tests on one worker (they share its Ray), the head-starting modules together."""
