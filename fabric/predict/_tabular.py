@@ -1,21 +1,21 @@
 """Batch scoring of tabular rows: a file or URI through a registered model's ONNX graph on Ray Data, to files.
 
-One streaming pass: Ray Data reads the input (the ingestion stage's readers), an actor pool checks every
-batch against the model's input schema and the config's data expectations, applies the saved preprocessing
-and runs one ONNX Runtime session per actor, and Ray Data writes the predictions into a hidden staging
-folder beside the output, renamed into place only when the whole input has been scored. The model is
-framework-independent here: every fabric model folder has ``model.json``, usually ``preprocessor.json``, and
-an ONNX export (``fabric.export.onnx_for``) with input ``features`` and output ``output`` (logits or values).
+One streaming pass: Ray Data reads the input (the ingestion stage's readers) and hands each block to a scoring
+task, which checks it batch by batch against the model's input schema and the config's data expectations (on
+pyarrow columns), applies the saved preprocessing, runs an ONNX Runtime session and writes the predictions as
+one file into a hidden staging folder beside the output, renamed into place only when the whole input has been
+scored. Predictions never pass through the object store. Each Ray worker process keeps the run's session, built
+on its first block, so later blocks (and, on a running cluster, the worker's warm imports) cost no start. The
+model is framework-independent here: every fabric model folder has ``model.json``, usually ``preprocessor.json``,
+and an ONNX export (``fabric.export.onnx_for``) with input ``features`` and output ``output`` (logits or values).
 
 A batch that fails its checks stops the run; the input is then re-read file by file (Ray tasks, streaming)
-to report the bad rows by file and row number, and nothing is written.
-"""
+to report the bad rows by file and row number, and nothing is written."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -75,17 +75,14 @@ def output_format(path: str, setting: str = "auto") -> str:
     return "csv" if path.rstrip("/").lower().endswith(".csv") else "parquet"
 
 
-def pool_size(concurrency: int | None, cpus: int) -> tuple[int, float, int]:
-    """Actors, the CPUs each reserves, and ONNX Runtime threads per actor, for a cluster of ``cpus`` CPUs.
+def task_size(concurrency: int | None, cpus: int) -> tuple[int, int]:
+    """Scoring tasks at a time, and the CPUs (ONNX Runtime threads) each takes, on a cluster of ``cpus`` CPUs.
 
-    The actors reserve all but a quarter of the CPUs (at least one), so that Ray Data's read and write tasks
-    always find a CPU beside them: a pool holding every CPU would wait forever for its input.
+    Tasks, unlike actors, hand their CPUs back after each block, so the reads always find one in between.
     """
     cpus = max(1, cpus)
     n = concurrency or cpus
-    free = cpus - max(1, cpus // 4)
-    share = math.floor(100 * min(1.0, free / n)) / 100 if free > 0 else 0.0
-    return n, share, max(1, cpus // n)
+    return n, max(1, cpus // n)
 
 
 # --------------------------------------------------------------------------- input checks (pure)
@@ -335,7 +332,7 @@ def load_model(cfg: PipelineConfig, version: int | None = None, alias: str | Non
 
 
 class Scorer:
-    """A Ray Data actor: one ONNX Runtime session; checks, preprocesses and scores one batch per call."""
+    """One ONNX Runtime session with the model's checks and preprocessing: scores batches, writes blocks."""
 
     def __init__(self, model: ScoringModel, rules: InputRules, threads: int, limit: int) -> None:
         import tempfile
@@ -351,7 +348,21 @@ class Scorer:
         self.input = self.session.get_inputs()[0].name
         self._repeated: tuple[pa.Array, pa.Array] | None = None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def write(self, block: pa.Table, staging: Staging, batch_size: int) -> pa.Table:
+        """Score ``block`` batch by batch into one new file in ``staging``; returns its ``file`` and ``rows``."""
+        import pyarrow as pa
+
+        if block.num_rows == 0:
+            return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+        writer = staging.writer()
+        try:
+            for start in range(0, block.num_rows, batch_size):
+                writer.write(self.score(block.slice(start, batch_size)))
+        finally:
+            writer.close()
+        return pa.table({"file": [writer.path], "rows": [block.num_rows]})
+
+    def score(self, batch: pa.Table) -> pa.Table:
         """Check, preprocess and score one batch, all on its pyarrow columns (pandas only to report bad rows)."""
         import pyarrow as pa
 
@@ -390,11 +401,69 @@ class Scorer:
 
         if self._repeated is None or len(self._repeated[0]) != n:
             zeros = pa.array(np.zeros(n, dtype=np.int32))
-            self._repeated = tuple(pa.array([v], pa.string()).take(zeros) for v in (self.model.name, self.model.version))
+            name, version = (pa.array([v], pa.string()).take(zeros) for v in (self.model.name, self.model.version))
+            self._repeated = (name, version)
         return self._repeated
 
 
 # --------------------------------------------------------------------------- the output
+
+
+_SCORERS: dict[str, Scorer] = {}
+"""This process's scorer of the latest run (a Ray worker keeps it: later blocks and runs skip the session's start)."""
+
+
+def score_block(block: pa.Table, *, key: str, scorer: Any, staging: Staging, batch_size: int) -> pa.Table:
+    """A Ray Data task: score and write one block with this process's scorer ``key`` (built from ``scorer``,
+    the keyword arguments of :class:`Scorer` or an object reference to them, when the process has none)."""
+    found = _SCORERS.get(key)
+    if found is None:
+        import ray
+
+        kwargs = ray.get(scorer) if isinstance(scorer, ray.ObjectRef) else scorer
+        _SCORERS.clear()  # one model's session per process
+        found = _SCORERS[key] = Scorer(**kwargs)
+    return found.write(block, staging, batch_size)
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Where the scoring actors write their files (picklable: the filesystem, the folder and the format)."""
+
+    fs: Any
+    folder: str
+    format: str
+
+    def writer(self) -> FileWriter:
+        """A writer of one new file (a unique name) in the folder."""
+        return FileWriter(self, f"{self.folder}/part-{uuid.uuid4().hex}.{'csv' if self.format == 'csv' else 'parquet'}")
+
+
+class FileWriter:
+    """Tables of one schema appended to one parquet file (a row group each) or CSV file (one header)."""
+
+    def __init__(self, staging: Staging, path: str) -> None:
+        self.staging, self.path = staging, path
+        self._writer: Any = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            if self.staging.format == "csv":
+                import pyarrow.csv as pacsv
+
+                self._stream = self.staging.fs.open_output_stream(self.path)
+                self._writer = pacsv.CSVWriter(self._stream, table.schema)
+            else:
+                import pyarrow.parquet as pq
+
+                self._writer = pq.ParquetWriter(self.path, table.schema, filesystem=self.staging.fs)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            if self.staging.format == "csv":
+                self._stream.close()
 
 
 class Output:
@@ -424,19 +493,12 @@ class Output:
         infos = self.fs.get_file_info(pafs.FileSelector(self.staging, recursive=True, allow_not_found=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
-    def count_rows(self, fmt: str) -> int:
-        """Rows in the staged files (parquet footers; CSV streamed)."""
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
-
-        total = 0
+    def keep_only(self, written: set[str]) -> None:
+        """Delete staged files the run did not report (a retried block's first, partial attempt)."""
         for f in self.files():
-            if fmt == "parquet":
-                total += pq.ParquetFile(self.fs.open_input_file(f)).metadata.num_rows
-            else:
-                with self.fs.open_input_stream(f) as stream:
-                    total += sum(b.num_rows for b in pacsv.open_csv(stream))
-        return total
+            if f not in written:
+                log.debug("predict: dropping %s (not reported by the run)", f)
+                self.fs.delete_file(f)
 
     def publish(self, overwrite: bool) -> None:
         """Move the staged folder into place (replacing an existing output only when ``overwrite``)."""
@@ -600,7 +662,7 @@ def score(
             why); nothing is written.
     """
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from fabric.data._readers import data_context, read, resolve
     from fabric.runtime import connect
@@ -633,26 +695,29 @@ def score(
             column=missing[0],
         )
     text_columns = tuple(c.name for c in pre.columns if not isinstance(c, NumericColumn)) if pre else ()
-    n, share, threads = pool_size(p.concurrency, int(ray.cluster_resources().get("CPU", 1)))
+    n, threads = task_size(p.concurrency, int(ray.cluster_resources().get("CPU", 1)))
     context = data_context(source)
     context.enable_progress_bars = True  # Ray Data's bar of the scoring: shown also when fabric runs quiet
+    scorer = ray.put({"model": model, "rules": rules, "threads": threads, "limit": p.max_reported})
     with DataContext.current(context):
         ds = read(source, text_columns)
         scored = ds.map_batches(
-            Scorer,
-            fn_constructor_kwargs={"model": model, "rules": rules, "threads": threads, "limit": p.max_reported},
-            batch_size=p.batch_size,
+            score_block,
+            fn_kwargs={"key": uuid.uuid4().hex, "scorer": scorer, "batch_size": p.batch_size,
+                       "staging": Staging(target.fs, target.staging, fmt)},
+            batch_size=None,  # a block per task (blocks are sized to stream): one file each, scored batch by batch
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=n),
-            num_cpus=share,
-        )
+            concurrency=n,
+            num_cpus=threads,
+        )  # fmt: skip
         try:
-            write = scored.write_parquet if fmt == "parquet" else scored.write_csv
-            # Files of at least a batch: larger minimums hold finished blocks in the object store until enough
-            # arrive, which spills when the store is small (1e6 rows through an 80 MiB store: 4x slower).
-            write(target.staging, filesystem=target.fs, min_rows_per_file=p.batch_size)
-            rows = target.count_rows(fmt)
+            target.fs.create_dir(target.staging)
+            written: dict[str, int] = {}
+            for part in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+                written.update(zip(part.column("file").to_pylist(), part.column("rows").to_pylist(), strict=True))
+            rows = sum(written.values())
             if rows:
+                target.keep_only(set(written))
                 target.publish(p.overwrite)
         except Exception as e:
             target.discard()

@@ -29,7 +29,9 @@ from fabric.predict._tabular import (
     input_rules,
     missing_columns,
     output_format,
-    pool_size,
+    Staging,
+    score_block,
+    task_size,
 )
 from tests.unit.serve.models import PREPROCESSOR, encode, make_model, reference, softmax
 
@@ -124,14 +126,15 @@ def test_output_format_and_staging(tmp_path: Path) -> None:
     staging.mkdir()
     pd.DataFrame({"a": [1, 2, 3]}).to_parquet(staging / "part-0.parquet")
     pd.DataFrame({"a": [4]}).to_parquet(staging / "part-1.parquet")
-    assert out.count_rows("parquet") == 4 and not out.exists()
+    pd.DataFrame({"a": [5]}).to_parquet(staging / "part-2.parquet")  # a retried block's first attempt
+    out.keep_only({str(staging / "part-0.parquet"), str(staging / "part-1.parquet")})
+    assert not out.exists()
     out.publish(overwrite=False)
     assert out.exists() and not staging.exists() and len(pd.read_parquet(tmp_path / "scored.parquet")) == 4
 
     again = Output(str(tmp_path / "scored.parquet"))
     Path(again.staging).mkdir()
     pd.DataFrame({"a": [9]}).to_csv(Path(again.staging) / "p.csv", index=False)
-    assert again.count_rows("csv") == 1
     with pytest.raises(UsageError, match="appeared while scoring"):
         again.publish(overwrite=False)
     again.publish(overwrite=True)
@@ -142,11 +145,11 @@ def test_output_format_and_staging(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scored.parquet"]
 
 
-def test_pool_leaves_cpus_for_reads_and_writes() -> None:
-    assert pool_size(None, 2) == (2, 0.5, 1)
-    assert pool_size(None, 1) == (1, 0.0, 1)
-    assert pool_size(None, 16) == (16, 0.75, 1)
-    assert pool_size(4, 16) == (4, 1.0, 4)
+def test_tasks_share_the_cpus() -> None:
+    assert task_size(None, 2) == (2, 1)
+    assert task_size(None, 1) == (1, 1)
+    assert task_size(4, 16) == (4, 4)
+    assert task_size(4, 2) == (4, 1)
 
 
 def _model(folder: Path, task: str = "classification", classes: list[str] | None = None) -> ScoringModel:
@@ -172,7 +175,7 @@ def test_scorer_batch_matches_the_model_and_keeps_ids(tmp_path: Path) -> None:
     ]
     rules = InputRules(columns=("age", "income", "city"), keep=("id",), numeric=frozenset({"age", "income"}))
     scorer = Scorer(model, rules, threads=1, limit=5)  # nullable None: nulls are filled as in training
-    out = scorer(pa.Table.from_pylist(rows)).to_pandas()
+    out = scorer.score(pa.Table.from_pylist(rows)).to_pandas()
     want = softmax(reference(tmp_path / "m", encode(rows)))
     assert list(out.columns) == [
         "id", "prediction", "label", "proba_0", "proba_1", "proba_2", "model_name", "model_version"
@@ -188,11 +191,11 @@ def test_scorer_regression_and_bad_batch(tmp_path: Path) -> None:
     model = _model(tmp_path / "r", task="regression")
     scorer = Scorer(model, _rules(), threads=1, limit=5)
     rows = [{"id": 1, "age": 30, "income": 10.0, "city": "oslo"}]
-    out = scorer(pa.Table.from_pylist(rows)).to_pandas()
+    out = scorer.score(pa.Table.from_pylist(rows)).to_pandas()
     assert list(out.columns) == ["id", "prediction", "model_name", "model_version"]
     assert out["prediction"].iloc[0] == pytest.approx(float(reference(tmp_path / "r", encode(rows))[0, 0]), abs=1e-5)
     with pytest.raises(DataValidationError, match="'age', 1 row"):
-        scorer(pa.Table.from_pylist([*rows, {"id": 2, "age": None, "income": 1.0, "city": "oslo"}]))
+        scorer.score(pa.Table.from_pylist([*rows, {"id": 2, "age": None, "income": 1.0, "city": "oslo"}]))
 
 
 def test_predict_config_rejects_two_selectors_and_clashing_columns() -> None:
@@ -223,3 +226,29 @@ def test_cli_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert e.value.code == 2
     assert main(["predict", "--input", "x.csv", "--output", str(tmp_path / "o"), "--version", "0"]) == 2
     assert "--version must be 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_block_becomes_one_file_of_batches(tmp_path: Path, fmt: str) -> None:
+    model = _model(tmp_path / "m", classes=["low", "mid", "high"])
+    rules = InputRules(columns=("age", "income", "city"), keep=("id",), numeric=frozenset({"age", "income"}))
+    kwargs = {"model": model, "rules": rules, "threads": 1, "limit": 5}
+    rows = [{"id": i, "age": 20 + i, "income": float(i), "city": ["oslo", "paris", None][i % 3]} for i in range(7)]
+    block = pa.Table.from_pylist(rows)
+    staging = Staging(pafs.LocalFileSystem(), str(tmp_path / "out"), fmt)
+    (tmp_path / "out").mkdir()
+    done = score_block(block, key="k1", scorer=kwargs, staging=staging, batch_size=3).to_pylist()
+    assert len(done) == 1 and done[0]["rows"] == 7 and done[0]["file"].endswith(f".{fmt}")
+    want = Scorer(**kwargs).score(block).to_pandas()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(done[0]["file"])
+        assert f.metadata.num_row_groups == 3  # batches of 3, 3 and 1 rows
+        pd.testing.assert_frame_equal(f.read().to_pandas(), want)
+    else:
+        got = pd.read_csv(done[0]["file"])
+        assert got["id"].tolist() == list(range(7)) and got["label"].tolist() == want["label"].tolist()
+        np.testing.assert_allclose(got["proba_0"], want["proba_0"])
+    assert score_block(block.slice(0, 0), key="k1", scorer=None, staging=staging, batch_size=3).num_rows == 0
+    assert len(list((tmp_path / "out").iterdir())) == 1
