@@ -17,8 +17,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 SMOKE = ROOT / "jobs/configs/pipeline_smoke.yaml"
-# Sequential trials make the seeded TPE proposals and ASHA's decisions reproducible.
-SEARCH = ["tune.num_samples=4", "tune.epochs_per_trial=3", "tune.max_concurrent_trials=1", "tune.seed=3"]
+# Sequential trials make the seeded TPE proposals and ASHA's decisions reproducible. Two epochs a trial: ASHA's
+# one rung (epoch 1, grace period 1, reduction factor 2) stops the worse trials there, the others run to epoch 2.
+EPOCHS = 2
+SEARCH = ["tune.num_samples=4", f"tune.epochs_per_trial={EPOCHS}", "tune.max_concurrent_trials=1", "tune.seed=3"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_search_writes_table_best_config_and_curves(searched) -> None:  # type: 
     assert result.best_metrics["val_loss"] == pytest.approx(table["best_val_loss"].min())
     # ASHA cut the clearly worse trials at an early rung; the best ran every epoch.
     assert (table["status"] == "stopped early").any()
-    assert table.iloc[0]["epochs"] == 3
+    assert table.iloc[0]["epochs"] == EPOCHS
     saved = json.loads((result.out_dir / "best_config.json").read_text())
     assert saved["config"] == result.best_config
     png = result.plot_path.read_bytes()
@@ -63,7 +65,10 @@ def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched, t
     reference = pd.read_csv(searched.table_path)
     name = f"resumable-{trial}"
     args = ["tune", str(SMOKE), f"run_dir={run_dir}", f"name={name}", *SEARCH]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Both commands attach to the module's Ray (as inside a Ray job) instead of each starting one of its own.
+    import ray
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     interrupted = subprocess.run(
         [sys.executable, "-m", "tests.integration.interrupting_tune", str(trial), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
