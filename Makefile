@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fabric-installed
 # Extra pip arguments for torch (e.g. an index of CPU wheels where no local wheel folder is configured).
 TORCH_PIP_ARGS ?=
-PYTEST_ARGS ?=
+# Two workers, whole files each (a module shares its Ray cluster); `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install demo test lock clean
 

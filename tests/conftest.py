@@ -49,10 +49,16 @@ def _has_cuda() -> bool:
 
 
 # Modules that start `ray start --head` heads (fixed ports such as Ray's client server's 10001, `fabric up`'s state):
-# under pytest-xdist they run one after another on one worker.
+# under pytest-xdist they never run at the same time (a lock file, see `_one_head_at_a_time`).
 HEAD_MODULES = frozenset(
     {"test_cli_cluster", "test_submit_config", "test_two_node", "test_gcs_ft", "test_node_metrics"}
 )
+# The longest files first (`make test` runs `--dist loadfile`: whole files, handed out in collection order), so the
+# two workers finish together instead of one running a long file alone at the end.
+LONG_FIRST = (
+    "test_llm_vllm", "test_notebooks", "test_serve_stop", "test_tune", "test_trees", "test_own_model",
+    "test_finetune", "test_rerun", "test_step_cache", "test_quiet", "test_predict", "test_train",
+)  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,13 +70,27 @@ def pytest_configure(config: pytest.Config) -> None:
         ensure_token()
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+@pytest.fixture(scope="module", autouse=True)
+def _one_head_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist, a head-starting module holds a lock file for its whole run: the other worker's
+    head-starting module waits, while every other module runs beside it."""
+    if request.module.__name__.rpartition(".")[2] not in HEAD_MODULES or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    with open("/tmp/fabric-tests-heads.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu`-marked tests where no CUDA GPU is present, saying why; group tests for pytest-xdist's
-    ``--dist loadgroup``: a module's tests on one worker (they share its Ray), the head-starting modules together."""
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("ray-heads" if module in HEAD_MODULES else module))
+    """The longest files first (stable otherwise); skip `gpu`-marked tests where no CUDA GPU is present, saying why."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
