@@ -2,9 +2,11 @@
 
 XGBoost on multi-class data (``builtin:wine``): ingest, a 2-trial search, training on 2 Ray Train workers,
 registration, ONNX export with its parity check, the drift monitor and the OIP v2 app; the registry's
-pyfunc champion predicts what the app serves. LightGBM on regression (``builtin:diabetes``): train,
-register, export, serve. A rerun of the XGBoost pipeline has nothing to do and registers nothing new.
-One Ray (on Serve's fast path) and one Serve for the module.
+pyfunc champion predicts what the app serves. LightGBM on regression (``builtin:diabetes``): trained on 2
+workers of which one is lost mid-run (the run resumes from its last checkpoint), then the pipeline of the same
+config takes that run as its training and registers, exports and serves its model. A rerun of the XGBoost
+pipeline has nothing to do and registers nothing new. One Ray (on Serve's fast path) and one Serve for the
+module; three Ray Train runs in all (a fit costs tens of seconds here).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 from fabric.config import PipelineConfig, load_config
 from fabric.runtime import free_port
+from fabric.train import TrainResult
 from tests.unit.serve.serving import fast_path_ray, wait_for
 
 pytestmark = pytest.mark.integration
@@ -48,9 +51,20 @@ def _cfg(root: Path, framework: str, *extra: str) -> PipelineConfig:
     return load_config(None, [*common, *extra])
 
 
+def _boost_losing_a_worker(cfg: PipelineConfig, marker: Path) -> TrainResult:
+    """Ingest ``cfg``'s data, then train it with rank 1's process exiting at round 7 (once: ``marker`` guards
+    it), after the checkpoint of round 5: the worker group restarts and resumes from that checkpoint."""
+    from fabric import data
+    from fabric.train._trees import run
+
+    data.run(cfg)
+    return run(cfg, loop_overrides={"fault_injection": {"round": 7, "rank": 1, "marker": str(marker)}})
+
+
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Both pipelines, run once on one Ray: XGBoost (wine, searched, monitored) and LightGBM (diabetes)."""
+    """Both pipelines, run once on one Ray: XGBoost (wine, searched, monitored) and LightGBM (diabetes), whose
+    training ran first, through a lost worker: the pipeline finds that run done and uses its model."""
     from fabric import pipeline
 
     root = tmp_path_factory.mktemp("trees")
@@ -74,8 +88,16 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             "monitor.enabled=false",
             "serve.app_name=lgb",
             "serve.route_prefix=/lgb",
+            "train.early_stopping_rounds=null",  # all 20 rounds: the resumed run's history is complete
         )
-        yield {"xgb": (xgb, pipeline.run(xgb)), "lgb": (lgb, pipeline.run(lgb)), "root": root}
+        xgb_result = pipeline.run(xgb)
+        crashed = _boost_losing_a_worker(lgb, root / "crashed")
+        yield {
+            "xgb": (xgb, xgb_result),
+            "lgb": (lgb, pipeline.run(lgb)),
+            "crashed": (root / "crashed", crashed),
+            "root": root,
+        }
 
 
 def _raw_rows(cfg: PipelineConfig, n: int) -> list[dict[str, Any]]:
@@ -141,8 +163,11 @@ def test_served_xgboost_answers_as_the_registered_champion_and_feeds_the_monitor
 
 def test_lightgbm_regression_trains_registers_exports_and_serves(lifecycle: dict[str, Any]) -> None:
     cfg, result = lifecycle["lgb"]
+    _, crashed = lifecycle["crashed"]
     assert list(result.stages) == ["ingest", "train", "register", "export", "serve"]
     trained = result.stages["train"]
+    # the pipeline's training is the run the fixture trained (through a lost worker): nothing left to do
+    assert trained.run_key == crashed.run_key and trained.trained_epochs == 0
     assert {"train_loss", "val_loss", "val_rmse"} <= set(trained.history[-1])
     assert trained.metrics["test_rmse"] < trained.metrics["baseline_test_rmse"]
     assert json.loads((trained.model_path / "model.json").read_text())["framework"] == "lightgbm"
@@ -168,18 +193,12 @@ def test_a_rerun_has_nothing_to_do_and_registers_nothing(
     assert "training: nothing to do" in out and "nothing new to register" in out
 
 
-def test_a_worker_lost_mid_run_resumes_from_the_last_checkpoint(lifecycle: dict[str, Any], tmp_path: Path) -> None:
-    from fabric.train._trees import run
-
+def test_a_worker_lost_mid_run_resumes_from_the_last_checkpoint(lifecycle: dict[str, Any]) -> None:
     cfg, _ = lifecycle["lgb"]
-    t = cfg.train.model_copy(update={"num_boost_round": 12, "checkpoint_every": 4, "early_stopping_rounds": None})
-    marker = tmp_path / "crashed"
-    result = run(
-        cfg.model_copy(update={"train": t}),
-        loop_overrides={"fault_injection": {"round": 7, "rank": 1, "marker": str(marker)}},
-    )
+    marker, result = lifecycle["crashed"]
+    assert (cfg.train.num_boost_round, cfg.train.checkpoint_every, cfg.train.early_stopping_rounds) == (20, 5, None)
     assert marker.read_text().startswith("worker rank 1 exited at round 7")
-    # rounds 1-4 come from the checkpoint the restart resumed from, 5-12 were boosted after it
-    assert [int(r["epoch"]) for r in result.history] == list(range(1, 13))
-    assert result.trained_epochs == 12 and result.metrics["best_iteration"] == 12
-    assert json.loads((result.model_path / "model.json").read_text())["num_boost_round"] == 12
+    # rounds 1-5 come from the checkpoint the restart resumed from, 6-20 were boosted after it
+    assert [int(r["epoch"]) for r in result.history] == list(range(1, 21))
+    assert result.trained_epochs == 20 and result.metrics["best_iteration"] == 20
+    assert json.loads((result.model_path / "model.json").read_text())["num_boost_round"] == 20
