@@ -10,12 +10,15 @@ contenders read that file, apply the saved preprocessing, run the model's ONNX g
 * baseline: one process, pyarrow record batches -> ``Preprocessor.transform`` -> one ONNX Runtime session
   (its default threads) -> ``predictions_frame`` -> ``ParquetWriter``;
 * fabric: ``fabric.predict.score`` (what ``fabric predict`` runs) on a local Ray started beforehand (its
-  start is not timed; resolving the registered model is), with the input checks.
+  start is not timed; resolving the registered model is), with the input checks. A first run on a small file
+  (not timed) warms the registry's download, the ONNX export and Ray's worker processes (their imports and
+  the model's session), as on a running cluster.
 
-The last row repeats fabric's run on a Ray whose object store (``--small-store-mb``) is smaller than the
-input in memory: it must stream. Memory: the driver's RSS growth during the run (this script's own setup and
-baseline hold memory of their own), and the object store's peak use and what it spilled to disk (Ray's own
-accounting, sampled every 250 ms).
+The "cold" row is the first run on a freshly started Ray (its workers import Ray Data, fabric and ONNX
+Runtime, and build the session, within the timed run). The last row repeats fabric's run on a fresh Ray whose
+object store (``--small-store-mb``) is smaller than the input in memory: it must stream. Memory: the driver's
+RSS growth during the run (this script's own setup and baseline hold memory of their own), and the object
+store's peak use and what it spilled to disk (Ray's own accounting, sampled every 250 ms).
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", type=int, default=16, help="numeric columns (plus one categorical)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--small-store-mb", type=int, default=80, help="object store of the last row (Ray's minimum: 75)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating timed runs of each contender (best kept)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed runs of each contender (best kept)")
     p.add_argument("--batch-size", type=int, default=None, help="predict.batch_size (default: the config's)")
     args = p.parse_args(argv)
 
@@ -187,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         in_memory = pd.read_parquet(big).memory_usage(deep=True).sum()
         small = root / "small.parquet"
         pd.read_parquet(big).head(1000).to_parquet(small, index=False)
-        fabric_run(cfg, small, root / "warm")  # registry download and ONNX export happen once, here
+        fabric_run(cfg, small, root / "warm")  # the registry download, ONNX export and warm workers: once, here
         best: dict[str, tuple[float, int]] = {}
+        loads: list[float] = []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             n = baseline(cfg, big, root / "base.parquet")
@@ -196,13 +200,19 @@ def main(argv: list[str] | None = None) -> int:
             best["base"] = min(best.get("base", (t, n)), (t, n))
             n, t, peak_default = fabric_run(cfg, big, root / "out")
             best["fabric"] = min(best.get("fabric", (t, n)), (t, n))
+            loads.append(os.getloadavg()[0])
+        start_ray(None)
+        n_cold, t_cold, peak_cold = fabric_run(cfg, big, root / "out-cold")
+        loads.append(os.getloadavg()[0])
         start_ray(args.small_store_mb)
         n_small, t_small, peak = fabric_run(cfg, big, root / "out-small")
+        loads.append(os.getloadavg()[0])
         base_rate = best["base"][1] / best["base"][0]
         cpus = psutil.cpu_count()
         rows = [
             ("pandas + ONNX Runtime loop (1 process)", best["base"], base_rate, None),
             (f"fabric predict ({cpus} CPUs)", best["fabric"], best["fabric"][1] / best["fabric"][0], peak_default),
+            ("fabric predict, cold (fresh Ray)", (t_cold, n_cold), n_cold / t_cold, peak_cold),
             (f"fabric predict, object store {args.small_store_mb} MiB", (t_small, n_small), n_small / t_small, peak),
         ]  # fmt: skip
         size = f"input {big.stat().st_size / 2**20:.0f} MiB parquet, {in_memory / 2**20:.0f} MiB in pandas"
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (t, n), rate, pk in rows:
             mem = f"{pk.driver:>8} MiB {pk.store:>6} MiB {pk.spilled:>4} MiB" if pk else ""
             print(f"{name:<42} {n:>9,} {t:>6.1f} {rate:>9,.0f} {rate / base_rate:>7.2f}x {mem}")
+        print(f"load average (1 min) after each timed run: {min(loads):.1f} to {max(loads):.1f}")
     finally:
         import ray
 

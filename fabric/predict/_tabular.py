@@ -14,12 +14,14 @@ to report the bad rows by file and row number, and nothing is written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import pickle
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -339,9 +341,9 @@ class Scorer:
 
         from fabric.export import session
 
-        self.model, self.rules, self.limit = model, rules, limit
+        self.model, self.rules, self.limit = replace(model, onnx=b""), rules, limit  # the session holds the graph
         self.pre = Preprocessor.from_dict(model.preprocessor) if model.preprocessor else None
-        with tempfile.TemporaryDirectory() as tmp:  # the session keeps the graph in memory
+        with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             path.write_bytes(model.onnx)
             self.session = session(path, threads=threads)
@@ -406,11 +408,9 @@ class Scorer:
         return self._repeated
 
 
-# --------------------------------------------------------------------------- the output
-
-
 _SCORERS: dict[str, Scorer] = {}
-"""This process's scorer of the latest run (a Ray worker keeps it: later blocks and runs skip the session's start)."""
+"""This process's scorer of the latest run, by a digest of its arguments (a Ray worker keeps it: later blocks, and
+later runs of the same model and checks, skip the session's start)."""
 
 
 def score_block(block: pa.Table, *, key: str, scorer: Any, staging: Staging, batch_size: int) -> pa.Table:
@@ -426,9 +426,12 @@ def score_block(block: pa.Table, *, key: str, scorer: Any, staging: Staging, bat
     return found.write(block, staging, batch_size)
 
 
+# --------------------------------------------------------------------------- the output
+
+
 @dataclass(frozen=True)
 class Staging:
-    """Where the scoring actors write their files (picklable: the filesystem, the folder and the format)."""
+    """Where the scoring tasks write their files (picklable: the filesystem, the folder and the format)."""
 
     fs: Any
     folder: str
@@ -698,12 +701,14 @@ def score(
     n, threads = task_size(p.concurrency, int(ray.cluster_resources().get("CPU", 1)))
     context = data_context(source)
     context.enable_progress_bars = True  # Ray Data's bar of the scoring: shown also when fabric runs quiet
-    scorer = ray.put({"model": model, "rules": rules, "threads": threads, "limit": p.max_reported})
+    kwargs = {"model": model, "rules": rules, "threads": threads, "limit": p.max_reported}
+    key = hashlib.sha256(pickle.dumps(kwargs)).hexdigest()  # the same model and checks: a worker's scorer serves
+    scorer = ray.put(kwargs)
     with DataContext.current(context):
         ds = read(source, text_columns)
         scored = ds.map_batches(
             score_block,
-            fn_kwargs={"key": uuid.uuid4().hex, "scorer": scorer, "batch_size": p.batch_size,
+            fn_kwargs={"key": key, "scorer": scorer, "batch_size": p.batch_size,
                        "staging": Staging(target.fs, target.staging, fmt)},
             batch_size=None,  # a block per task (blocks are sized to stream): one file each, scored batch by batch
             batch_format="pyarrow",

@@ -66,7 +66,9 @@ def test_checks_and_features_agree_with_pandas() -> None:
 
     for good in (
         pa.table({"age": ["30", "41"], "income": [1.0, None], "city": ["oslo", None]}),
-        pa.table({"age": pa.array([30, None, 2], pa.int16()), "income": [1.0, None, 3.5], "city": ["paris", "x", None]}),
+        pa.table(
+            {"age": pa.array([30, None, 2], pa.int16()), "income": [1.0, None, 3.5], "city": ["paris", "x", None]}
+        ),
     ):
         cols = {c: ArrowColumn(good.column(c)) for c in good.column_names}
         np.testing.assert_array_equal(features(pre, cols, good.num_rows), pre.transform(good.to_pandas()))

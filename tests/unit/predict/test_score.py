@@ -252,3 +252,16 @@ def test_a_block_becomes_one_file_of_batches(tmp_path: Path, fmt: str) -> None:
         np.testing.assert_allclose(got["proba_0"], want["proba_0"])
     assert score_block(block.slice(0, 0), key="k1", scorer=None, staging=staging, batch_size=3).num_rows == 0
     assert len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_a_model_without_preprocessor_reads_its_features_raw(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    model = replace(_model(tmp_path / "m"), preprocessor=None)
+    features = model.feature_names  # age, income, city=oslo, city=paris: already encoded
+    rules = InputRules(columns=tuple(features), numeric=frozenset(features), nullable=frozenset())
+    x = np.array([[0.5, -1.0, 1.0, 0.0], [2.0, 0.25, 0.0, 1.0]], dtype=np.float32)
+    table = pa.table({f: pa.array(x[:, j].astype(np.float64)) for j, f in enumerate(features)})
+    out = Scorer(model, rules, threads=1, limit=5).score(table).to_pandas()
+    want = softmax(reference(tmp_path / "m", x))
+    np.testing.assert_allclose(out[["proba_0", "proba_1", "proba_2"]].to_numpy(), want, atol=1e-5)
