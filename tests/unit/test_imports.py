@@ -10,13 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "fabric"
 
-BASE = {"errors", "config"}
+BASE = {"errors", "config", "storage"}
 # component -> components it may import (lazily or not); pipeline and cli may import everything.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "_console": set(),  # the `fabric` logger's stdout handler, installed by fabric/__init__.py
     "config": {"errors"},
-    "runtime": {"errors", "config"},
+    "storage": {"errors"},  # run_dir as a local path or a filesystem URI: every component may use it
+    "runtime": BASE,
     "tracking": BASE | {"runtime"},
     "data": BASE | {"runtime", "tracking"},
     "models": BASE | {"runtime", "tracking"},

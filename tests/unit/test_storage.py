@@ -1,0 +1,98 @@
+"""fabric.storage: local paths behave as plain paths; URIs go through pyarrow to a real S3 API (moto's server on
+127.0.0.1, no Ray)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fabric import storage
+from fabric.errors import FabricError
+
+BUCKET = "storage-unit"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3 API on a free loopback port with one bucket; yields its URI prefix."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FABRIC_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield f"s3://{BUCKET}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_local_paths_are_plain_paths(tmp_path: Path) -> None:
+    assert not storage.is_uri(tmp_path) and storage.is_uri("s3://b/p") and not storage.is_uri("file:///x")
+    assert storage.join(tmp_path, "steps", "a.json") == str(tmp_path / "steps" / "a.json")
+    assert storage.local_root(tmp_path) == tmp_path.resolve()
+    target = storage.join(tmp_path, "steps", "a.json")
+    assert not storage.exists(target) and storage.stamp(target) == ""
+    storage.write_text(target, "one")
+    assert storage.read_text(target) == "one" and storage.exists(target)
+    info = (tmp_path / "steps" / "a.json").stat()
+    assert storage.stamp(target) == f"a.json:{info.st_size}:{info.st_mtime_ns}"
+    assert storage.pull(tmp_path, "data", "meta.json") == tmp_path / "data"
+    storage.publish(tmp_path, "data")  # nothing to do
+    storage.check(tmp_path)
+
+
+def test_uri_join_keeps_the_scheme() -> None:
+    assert storage.join("s3://b/run/", "train", "/model") == "s3://b/run/train/model"
+
+
+def test_a_uri_run_dir_has_a_local_copy_per_uri(s3: str) -> None:
+    a, b = storage.local_root(f"{s3}/a"), storage.local_root(f"{s3}/b")
+    assert a != b and a.parent == b.parent == Path(os.environ["FABRIC_CACHE_DIR"]) / "run_dirs"
+
+
+def test_files_and_folders_round_trip_through_the_bucket(s3: str) -> None:
+    run = f"{s3}/round-trip"
+    storage.check(run)
+    storage.write_text(f"{run}/steps/x.json", "{}")
+    assert storage.read_text(f"{run}/steps/x.json") == "{}"
+    assert storage.stamp(f"{run}/steps/x.json").startswith("x.json:2:")
+    local = storage.local_root(run) / "data"
+    (local / "train").mkdir(parents=True)
+    (local / "train" / "part.parquet").write_bytes(b"rows")
+    (local / "meta.json").write_text("v1")
+    storage.publish(run, "data", last="meta.json")
+    assert storage.exists(f"{run}/data/train/part.parquet")
+
+    (local / "meta.json").write_text("stale")
+    (local / "train" / "part.parquet").unlink()
+    assert storage.pull(run, "data", "meta.json") == local  # the marker differs: the bucket's copy comes down
+    assert (local / "meta.json").read_text() == "v1" and (local / "train" / "part.parquet").read_bytes() == b"rows"
+
+    (local / "extra").write_text("kept while the marker matches")
+    storage.pull(run, "data", "meta.json")
+    assert (local / "extra").is_file()
+    assert storage.pull(run, "nothing-here", "meta.json") == storage.local_root(run) / "nothing-here"
+
+
+def test_a_missing_bucket_fails_in_one_line_naming_it(s3: str) -> None:
+    with pytest.raises(FabricError) as e:
+        storage.check("s3://no-such-bucket-here/run")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("run_dir s3://no-such-bucket-here/run is not writable: ")
+    assert "bucket does not exist" in message
