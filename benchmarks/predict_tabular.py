@@ -156,7 +156,12 @@ def start_ray(store_mb: int | None) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    connect(None, num_cpus=psutil.cpu_count(), **({"object_store_memory": store_mb << 20} if store_mb else {}))
+    kwargs = {"object_store_memory": store_mb << 20} if store_mb else {}
+    try:
+        connect(None, num_cpus=psutil.cpu_count(), **kwargs)
+    except Exception:  # a heavily loaded machine can time out starting the node: once more
+        ray.shutdown()
+        connect(None, num_cpus=psutil.cpu_count(), **kwargs)
 
 
 def fabric_run(cfg: Any, big: Path, out: Path) -> tuple[int, float, Peak]:
@@ -201,29 +206,28 @@ def main(argv: list[str] | None = None) -> int:
             n, t, peak_default = fabric_run(cfg, big, root / "out")
             best["fabric"] = min(best.get("fabric", (t, n)), (t, n))
             loads.append(os.getloadavg()[0])
-        start_ray(None)
-        n_cold, t_cold, peak_cold = fabric_run(cfg, big, root / "out-cold")
-        loads.append(os.getloadavg()[0])
-        start_ray(args.small_store_mb)
-        n_small, t_small, peak = fabric_run(cfg, big, root / "out-small")
-        loads.append(os.getloadavg()[0])
         base_rate = best["base"][1] / best["base"][0]
-        cpus = psutil.cpu_count()
-        rows = [
-            ("pandas + ONNX Runtime loop (1 process)", best["base"], base_rate, None),
-            (f"fabric predict ({cpus} CPUs)", best["fabric"], best["fabric"][1] / best["fabric"][0], peak_default),
-            ("fabric predict, cold (fresh Ray)", (t_cold, n_cold), n_cold / t_cold, peak_cold),
-            (f"fabric predict, object store {args.small_store_mb} MiB", (t_small, n_small), n_small / t_small, peak),
-        ]  # fmt: skip
         size = f"input {big.stat().st_size / 2**20:.0f} MiB parquet, {in_memory / 2**20:.0f} MiB in pandas"
         print(f"\n{args.rows:,} rows, {args.columns} numeric + 1 categorical column, MLP {args.hidden_size} x2; {size}")
         head = f"{'rows':>9} {'s':>6} {'rows/s':>9} {'vs loop':>8} {'driver +RSS':>11} {'store peak':>10}"
-        head += f" {'spilled':>8}"
-        print(f"{'run':<42} {head}")
-        for name, (t, n), rate, pk in rows:
+        print(f"{'run':<42} {head} {'spilled':>8}", flush=True)
+
+        def row(name: str, t: float, n: int, pk: Peak | None) -> None:
             mem = f"{pk.driver:>8} MiB {pk.store:>6} MiB {pk.spilled:>4} MiB" if pk else ""
-            print(f"{name:<42} {n:>9,} {t:>6.1f} {rate:>9,.0f} {rate / base_rate:>7.2f}x {mem}")
-        print(f"load average (1 min) after each timed run: {min(loads):.1f} to {max(loads):.1f}")
+            print(f"{name:<42} {n:>9,} {t:>6.1f} {n / t:>9,.0f} {n / t / base_rate:>7.2f}x {mem}", flush=True)
+
+        row("pandas + ONNX Runtime loop (1 process)", *best["base"], None)
+        row(f"fabric predict ({psutil.cpu_count()} CPUs)", *best["fabric"], peak_default)
+        print(f"load average (1 min) after each round: {', '.join(f'{x:.1f}' for x in loads)}", flush=True)
+        start_ray(None)
+        n, t, peak = fabric_run(cfg, big, root / "out-cold")
+        loads.append(os.getloadavg()[0])
+        row("fabric predict, cold (fresh Ray)", t, n, peak)
+        start_ray(args.small_store_mb)
+        n, t, peak = fabric_run(cfg, big, root / "out-small")
+        loads.append(os.getloadavg()[0])
+        row(f"fabric predict, object store {args.small_store_mb} MiB", t, n, peak)
+        print(f"load average (1 min) after the cold and small-store runs: {loads[-2]:.1f}, {loads[-1]:.1f}")
     finally:
         import ray
 
