@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fabric.serve.docs import offline_docs
+from fabric.serve.openapi import declare_everywhere, json_error_bodies
 from fabric.serve.protocol import (
     VERSION_HEADER,
     ErrorResponse,
@@ -54,13 +55,24 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 REQUEST_ID_HEADER = "x-request-id"
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The body is not JSON"},
-    404: {"model": ErrorResponse, "description": "Unknown model or version"},
-    413: {"model": ErrorResponse, "description": "The body is larger than serve.max_body_bytes"},
-    422: {"model": ErrorResponse, "description": "Wrong shape, datatype, missing feature or forbidden value"},
-    500: {"model": ErrorResponse, "description": "An unexpected failure; `request_id` names it in the replica's log"},
+_ERROR_TEXT = {
+    400: "The body is not JSON, or its Content-Length is not a number",
+    404: "Unknown model or version",
+    409: "No drift report yet (nothing computed)",
+    413: "The body is larger than serve.max_body_bytes",
+    422: "Wrong shape, datatype, missing feature, forbidden value or parameter",
+    503: "The drift monitor is unavailable",
 }
+_MONITOR_OFF = "Unknown route: the drift monitor is off (monitor.enabled=false)"
+
+
+def _errors(*statuses: int, **texts: str) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route: each status with its ErrorResponse body (``texts``: ``s404="..."``
+    replaces a status' description)."""
+    return {s: {"model": ErrorResponse, "description": texts.get(f"s{s}", _ERROR_TEXT[s])} for s in statuses}
+
+
+_INTERNAL = "An unexpected failure; `request_id` names it, as the `x-request-id` header and the replica's log do"
 _INFER_BODY = {
     "requestBody": {
         "required": True,
@@ -179,7 +191,7 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
 
     infer_doc: dict[str, Any] = {
         "response_model": InferenceResponse,
-        "responses": _ERRORS,
+        "responses": _errors(400, 404, 413, 422),
         "openapi_extra": _INFER_BODY,
     }
 
@@ -191,20 +203,28 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def infer_pinned(name: str, version: str, request: Request) -> Response:
         return await infer(name, version, request)
 
-    @app.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=_ERRORS, summary="Model metadata")
+    found = _errors(404, 422)  # 422: FastAPI's check of the path's parameters, never failed by a string
+    ready_503 = "Not ready: no version loaded"
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=found, summary="Model metadata")
     async def model_metadata(name: str) -> dict[str, Any]:
         return service.model_metadata(name)
 
     @app.get(
         "/v2/models/{name}/versions/{version}",
         response_model=ModelMetadataResponse,
-        responses=_ERRORS,
+        responses=found,
         summary="Version metadata",
     )
     async def version_metadata(name: str, version: str) -> dict[str, Any]:
         return service.model_metadata(name, version)
 
-    @app.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, responses=_ERRORS, summary="Model readiness")
+    @app.get(
+        "/v2/models/{name}/ready",
+        response_model=ModelReadyResponse,
+        responses={**found, 503: {"model": ModelReadyResponse, "description": ready_503}},
+        summary="Model readiness",
+    )
     async def model_ready(name: str) -> Response:
         service.check_model(name)
         return JSONResponse({"name": name, "ready": service.ready()}, status_code=200 if service.ready() else 503)
@@ -212,14 +232,14 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     @app.get(
         "/v2/models/{name}/versions/{version}/ready",
         response_model=ModelReadyResponse,
-        responses=_ERRORS,
+        responses=found,
         summary="Version readiness",
     )
     async def version_ready(name: str, version: str) -> dict[str, Any]:
         service.check_model(name, version)
         return {"name": name, "version": version, "ready": True}
 
-    @app.get("/v2/models/{name}/stats", responses=_ERRORS, summary="Batching statistics of the answering replica")
+    @app.get("/v2/models/{name}/stats", responses=found, summary="Batching statistics of the answering replica")
     async def model_stats(name: str) -> dict[str, Any]:
         return service.statistics(name)
 
@@ -231,7 +251,12 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @app.get("/v2/health/ready", response_model=ReadyResponse, summary="Readiness")
+    @app.get(
+        "/v2/health/ready",
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": ready_503}},
+        summary="Readiness",
+    )
     async def ready() -> Response:
         ok = service.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -239,7 +264,7 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     # Drift monitor mount points: answered by the monitor hook (404 when monitoring is off).
     @app.get(
         "/monitor/drift",
-        responses=_ERRORS,
+        responses=_errors(404, 422, 503, s404=_MONITOR_OFF),
         summary="Drift of the served inputs against the training reference",
         description="The last result (scheduled every monitor.interval_s), or one computed now with "
         "`refresh=true`; `computed_at`, `computed_at_utc` and `age_s` say when, `window_size` over how many rows.",
@@ -250,20 +275,24 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
     @app.get(
         "/monitor/report",
         response_class=HTMLResponse,
-        responses=_ERRORS,
+        responses=_errors(404, 409, 422, 503, s404=_MONITOR_OFF),
         summary="The HTML drift report",
         description="The report of the same result `GET /monitor/drift` gives (`refresh=true`: computed now).",
     )
     async def monitor_report(refresh: bool = False) -> HTMLResponse:
         return HTMLResponse(await service.monitor.report(refresh))
 
-    @app.post("/monitor/reset", responses=_ERRORS, summary="Empty the drift monitor's window and last result")
+    @app.post(
+        "/monitor/reset",
+        responses=_errors(404, 503, s404=_MONITOR_OFF),
+        summary="Empty the drift monitor's window and last result",
+    )
     async def monitor_reset() -> dict[str, Any]:
         return await service.monitor.reset()
 
     def openapi() -> dict[str, Any]:
         # The infer routes read the raw body (for the size limit and our own 4xx bodies), so their request
-        # schemas are added here from the pydantic models.
+        # schemas are added here from the pydantic models; and the errors FastAPI's declarations cannot say.
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -271,6 +300,9 @@ def make_api(service: TabularService, max_body_bytes: int = 1 << 20) -> FastAPI:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+            json_error_bodies(schema)
+            internal = {"$ref": "#/components/schemas/ErrorResponse"}
+            declare_everywhere(schema, 500, _INTERNAL, internal, headers={REQUEST_ID_HEADER: "The request's id"})
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible LLM app (fabric.serve.llm) on real Serve at 127.0.0.1 with an API key set: every route
 of its OpenAPI document refuses requests without the key, every operation fuzzed (schemathesis, valid and
-invalid requests, with the key) gets no 5xx and no hung request, and the endpoint listens on loopback only.
+invalid requests, with the key) gets answers that conform to that document (status, content type, body
+schema; invalid requests refused; no 5xx, no hung request), and the endpoint listens on loopback only.
 
 The tabular app's fuzzing is in tests/integration/test_reliability.py (it shares that module's deployment).
 """
@@ -81,7 +82,7 @@ def test_every_protected_route_refuses_requests_without_the_key(
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
 
 
-def test_every_operation_fuzzed_with_the_key_gets_no_5xx_and_no_hang(served: dict[str, Any]) -> None:
+def test_every_operation_fuzzed_with_the_key_gets_answers_conforming_to_openapi(served: dict[str, Any]) -> None:
     # generation is bounded by the tiny model's context; a hung request times out at 60 s
     result = fuzz(served["url"], max_examples=20, timeout_s=60, headers={"authorization": f"Bearer {KEY}"})
     seen = result.statuses

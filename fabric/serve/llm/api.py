@@ -7,8 +7,9 @@ On vLLM the OpenAI app is vLLM's own (:mod:`fabric.serve.llm.vllm_engine`); on t
   ``POST /monitor/reset`` (the drift monitor, through the monitor hook);
 * the API key: every route but probes, docs and the monitor's read routes needs ``Authorization: Bearer <key>``
   (401 otherwise, checked before the body is read);
-* a last-resort handler (:func:`last_resort`): an unexpected failure is a 500 in OpenAI's error shape carrying the request id, which
-  the replica's log line carries too (never a text/plain traceback).
+* a last-resort handler (:func:`last_resort`): an unexpected failure is a 500 in OpenAI's error shape carrying
+  the request id, which the replica's log line carries too (never a text/plain traceback);
+* the OpenAPI document's errors (:func:`document_errors`): every status a route answers is declared with its body.
 
 The transformers engine's routes: ``GET /v1/models[/{model}]``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true``: ``text/event-stream``), ``POST /tokenize``, ``POST /detokenize``,
@@ -49,18 +50,31 @@ from fabric.serve.llm.protocol import (
 )
 from fabric.serve.llm.serving import OpenAIServing
 from fabric.serve.docs import ASSETS_PATH
+from fabric.serve.openapi import JSON, declare_everywhere, json_error_bodies, operations
 from fabric.serve.protocol import ProtocolError
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid body or parameters, or prompt + max_tokens over the context"},
-    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
-    404: {"model": ErrorResponse, "description": "Unknown model"},
+_ERROR_TEXT = {
+    400: "Invalid body or parameters, or prompt + max_tokens over the context",
+    401: "Missing or wrong API key (when the server has one)",
+    404: "Unknown model",
+    409: "No drift report yet (nothing computed)",
+    503: "The drift monitor is unavailable",
 }
+_MONITOR_OFF = "Unknown route: the drift monitor is off (llm.serve.monitor=false or monitor.enabled=false)"
+_INTERNAL = "An unexpected failure; its message and the `x-request-id` header name the request, as its log line does"
+# `stream: true` answers server-sent events, each `data:` line a chunk object, the last `data: [DONE]`
+_STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 log = logging.getLogger("fabric.serve.llm")
 _KIND = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 503: "server_error"}
+
+
+def _errors(*statuses: int, **texts: str) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route: each status with its ErrorResponse body (``texts``: ``s404="..."``
+    replaces a status' description)."""
+    return {s: {"model": ErrorResponse, "description": texts.get(f"s{s}", _ERROR_TEXT[s])} for s in statuses}
 
 
 def error_response(e: OpenAIError) -> JSONResponse:
@@ -143,39 +157,44 @@ def make_api(serving: OpenAIServing) -> FastAPI:
             return StreamingResponse(result, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         return Response(result.model_dump_json(), media_type="application/json")
 
-    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, summary="The served model and its adapters")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401), summary="The served model, its adapters")
     async def models() -> ModelList:
         return serving.models()
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS, summary="One model")
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_errors(401, 404), summary="One model")
     async def model(model: str) -> ModelCard:
         return serving.model(model)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS, summary="Complete a prompt")
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={**_STREAM, **_errors(400, 401, 404)},
+        summary="Complete a prompt",
+    )
     async def completions(body: CompletionRequest) -> Response:
         return answer(await serving.completions(body))
 
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
-        responses=_ERRORS,
+        responses={**_STREAM, **_errors(400, 401, 404)},
         summary="Answer a conversation",
     )
     async def chat(body: ChatCompletionRequest) -> Response:
         return answer(await serving.chat(body))
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, summary="A prompt's token ids")
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_errors(400, 401, 404), summary="Token ids")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return serving.tokenize(body)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, summary="Token ids' text")
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_errors(400, 401, 404), summary="Ids' text")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return serving.detokenize(body)
 
     @app.get(
         "/tokenizer_info",
         response_model=TokenizerInfoResponse,
-        responses=_ERRORS,
+        responses=_errors(401),
         summary="The tokenizer's special tokens, chat template and context (lm-evaluation-harness' remote tokenizer)",
     )
     async def tokenizer_info() -> TokenizerInfoResponse:
@@ -190,7 +209,9 @@ def add_health(app: FastAPI, check: Callable[[], Awaitable[None]], model: str, e
     (replacing the app's own, e.g. vLLM's empty 200)."""
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
 
-    @app.get("/health", response_model=HealthResponse, summary="The engine can generate")
+    unhealthy = {503: {"model": ErrorResponse, "description": "The engine cannot generate"}}
+
+    @app.get("/health", response_model=HealthResponse, responses=unhealthy, summary="The engine can generate")
     async def health() -> Response:
         try:
             await check()
@@ -236,30 +257,77 @@ def add_routes(app: FastAPI, stats: Callable[[], dict[str, Any]], monitor: Any) 
     app.add_exception_handler(Exception, last_resort)
     app.middleware_stack = None  # vLLM's build_app built its stack already: rebuilt with the handler on first call
 
-    @app.get("/stats", summary="Request counters of the answering replica (and the CPU engine's batching counters)")
+    @app.get(
+        "/stats",
+        responses=_errors(401),
+        summary="Request counters of the answering replica (and the CPU engine's batching counters)",
+    )
     async def stats_route() -> dict[str, Any]:
         return stats()
 
-    @app.get("/monitor/drift", responses=_ERRORS, summary="Drift of the served stream against fine-tuning's reference")
+    @app.get(
+        "/monitor/drift",
+        responses=_errors(400, 404, 503, s404=_MONITOR_OFF),
+        summary="Drift of the served stream against fine-tuning's reference",
+    )
     async def monitor_drift(refresh: bool = False) -> Response:
         try:
             return JSONResponse(await hook.drift(refresh))
         except ProtocolError as e:
             return _protocol_error(e)
 
-    @app.get("/monitor/report", response_class=HTMLResponse, responses=_ERRORS, summary="The HTML drift report")
+    @app.get(
+        "/monitor/report",
+        response_class=HTMLResponse,
+        responses=_errors(400, 404, 409, 503, s404=_MONITOR_OFF),
+        summary="The HTML drift report",
+    )
     async def monitor_report(refresh: bool = False) -> Response:
         try:
             return HTMLResponse(await hook.report(refresh))
         except ProtocolError as e:
             return _protocol_error(e)
 
-    @app.post("/monitor/reset", responses=_ERRORS, summary="Empty the drift monitor's window (needs the API key)")
+    @app.post(
+        "/monitor/reset",
+        responses=_errors(401, 404, 503, s404=_MONITOR_OFF),
+        summary="Empty the drift monitor's window (needs the API key)",
+    )
     async def monitor_reset() -> Response:
         try:
             return JSONResponse(await hook.reset())
         except ProtocolError as e:
             return _protocol_error(e)
+
+    document_errors(app)
+
+
+def document_errors(app: FastAPI) -> None:
+    """Complete ``app``'s OpenAPI document with what its routes' declarations cannot say: every route may
+    answer the last-resort 500, every route :class:`RequireKey` guards a 401, and a body FastAPI's validation
+    refuses is a 400 (never the 422 FastAPI declares by itself); error bodies are JSON on HTML routes too."""
+    generate = app.openapi
+
+    def guarded(path: str) -> bool:
+        return path not in RequireKey.OPEN and not path.startswith(RequireKey.OPEN_PREFIXES)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            # fabric's ErrorResponse under the name FastAPI gave it (a longer one beside vLLM's ErrorResponse)
+            error = schema["paths"]["/stats"]["get"]["responses"]["401"]["content"][JSON]["schema"]
+            for _, op in operations(schema):
+                responses = op.get("responses", {})
+                if "HTTPValidationError" in str(responses.get("422", "")):
+                    del responses["422"]
+                    responses.setdefault("400", {"description": _ERROR_TEXT[400], "content": {JSON: {"schema": error}}})
+            json_error_bodies(schema)
+            declare_everywhere(schema, 401, _ERROR_TEXT[401], error, guarded)
+            declare_everywhere(schema, 500, _INTERNAL, error, headers={"x-request-id": "The request's id"})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _protocol_error(exc: ProtocolError) -> JSONResponse:

@@ -339,6 +339,23 @@ def test_metadata_health_and_openapi(client: TestClient) -> None:
     assert stats["version"] == "v1" and stats["execution_count"] >= 1
 
 
+def test_openapi_declares_every_error_with_its_json_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            answers = op["responses"]
+            assert answers["500"]["content"]["application/json"]["schema"] == error, (method, path)
+            for status, answer in answers.items():
+                if status[0] in "45":  # JSON on the HTML report route too (FastAPI files it under text/html)
+                    assert list(answer["content"]) == ["application/json"], (method, path, status)
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
+    assert {"200", "400", "404", "413", "422", "500"} <= set(infer)
+    assert spec["paths"]["/monitor/report"]["get"]["responses"]["200"]["content"].keys() == {"text/html"}
+    ready = spec["paths"]["/v2/health/ready"]["get"]["responses"]["503"]
+    assert ready["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ReadyResponse"}
+
+
 def test_monitor_routes_are_404_when_monitoring_is_off(client: TestClient) -> None:
     r = client.get("/monitor/drift")
     assert (r.status_code, r.json()["type"]) == (404, "monitor_disabled")

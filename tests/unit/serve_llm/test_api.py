@@ -61,6 +61,25 @@ def test_errors_are_openai_shaped(app: Any) -> None:
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_openapi_declares_every_error_with_its_json_body(app: Any) -> None:
+    spec = _call(app, "GET", "/openapi.json").json()
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            answers = op["responses"]
+            assert "422" not in answers, (method, path)  # FastAPI's validation errors are answered as 400s
+            assert answers["500"]["content"]["application/json"]["schema"] == error, (method, path)
+            guarded = path.startswith(("/v1/", "/tokeni", "/detokenize", "/stats", "/monitor/reset"))
+            assert ("401" in answers) == guarded, (method, path)
+            for status, answer in answers.items():
+                if status[0] in "45":
+                    assert answer["content"]["application/json"]["schema"] == error, (method, path, status)
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["200"]["content"].keys() == {"application/json", "text/event-stream"}
+    assert {"400", "401", "404"} <= set(chat)
+    assert "503" in spec["paths"]["/health"]["get"]["responses"]
+
+
 def test_a_completion_through_the_router(app: Any) -> None:
     r = _call(
         app, "POST", "/v1/completions", json={"model": "tiny:a", "prompt": "seven", "max_tokens": 3}, headers=AUTH
