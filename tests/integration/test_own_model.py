@@ -6,7 +6,7 @@ One Ray (Serve's fast path) for the module. The own module (wine, 3 classes): in
 ``mlflow.pyfunc.load_model("models:/<name>@champion")`` in a fresh process elsewhere (the user's module is not
 on its path: it travels in the model folder) predicts the same. The own loop (diabetes, regression): ingest,
 a one-trial search and the training run the user's ``train_func``, register; the registry's pyfunc predicts
-what the trained model does.
+what the trained model does. One fresh process loads both registered models (one Python and MLflow start-up).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 from fabric import pipeline
 from fabric.config import load_config
 from fabric.runtime import free_port
+from tests.integration.train_polling import frequent_train_reports  # noqa: F401  (autouse: reports collected often)
 from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration
@@ -36,9 +37,11 @@ EXAMPLES = ROOT / "jobs" / "examples"
 PYFUNC = """
 import json, sys
 import mlflow, pandas as pd
-mlflow.set_tracking_uri(sys.argv[1])
-model = mlflow.pyfunc.load_model(sys.argv[2])
-print(json.dumps(model.predict(pd.read_parquet(sys.argv[3])).to_dict(orient="list")))
+out = []
+for uri, model, rows in json.loads(sys.argv[1]):
+    mlflow.set_tracking_uri(uri)
+    out.append(mlflow.pyfunc.load_model(model).predict(pd.read_parquet(rows)).to_dict(orient="list"))
+print(json.dumps(out))
 """
 
 
@@ -67,12 +70,16 @@ def _raw_rows(run_dir: Path, n: int = 6) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "data" / "reference.parquet").drop(columns=["target"]).head(n)
 
 
-def _pyfunc(uri: str, model: str, rows: pd.DataFrame, cwd: Path) -> dict[str, list[Any]]:
-    """``mlflow.pyfunc.load_model(model).predict(rows)`` in a fresh process in ``cwd``."""
+def _pyfunc(calls: list[tuple[str, str, pd.DataFrame]], cwd: Path) -> list[dict[str, list[Any]]]:
+    """``mlflow.pyfunc.load_model(model).predict(rows)`` for each ``(tracking uri, model, rows)``, in one fresh
+    process in ``cwd``."""
     cwd.mkdir(exist_ok=True)
-    rows.to_parquet(cwd / "rows.parquet")  # the columns' types as they are (JSON would turn 365.0 into 365)
+    jobs = []
+    for i, (uri, model, rows) in enumerate(calls):
+        rows.to_parquet(cwd / f"rows-{i}.parquet")  # the columns' types as they are (JSON would turn 365.0 into 365)
+        jobs.append([uri, model, str(cwd / f"rows-{i}.parquet")])
     out = subprocess.run(
-        [sys.executable, "-c", PYFUNC, uri, model, str(cwd / "rows.parquet")],
+        [sys.executable, "-c", PYFUNC, json.dumps(jobs)],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -122,31 +129,8 @@ def test_own_module_is_searched_trained_and_its_model_json_names_it(
     assert exported.onnx_path.is_file() and exported.max_abs_diff <= exported.tolerance
 
 
-def test_own_module_served_and_from_the_registry_elsewhere_predict_the_same(
-    own_module: tuple[Path, pipeline.PipelineResult],
-) -> None:
-    run_dir, result = own_module
-    served = result.stages["serve"]
-    rows = _raw_rows(run_dir)
-    r = httpx.post(
-        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
-    )
-    assert r.status_code == 200, r.text
-    outputs = {o["name"]: o for o in r.json()["outputs"]}
-    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
-    assert probs.shape == (len(rows), 3)
-    registry = result.stages["register"]
-    pyfunc = _pyfunc(registry.tracking_uri, "models:/own-module-test@champion", rows, run_dir / "elsewhere")
-    np.testing.assert_allclose(np.stack([pyfunc[f"proba_{k}"] for k in range(3)], axis=1), probs, atol=1e-4)
-    assert pyfunc["prediction"] == probs.argmax(axis=1).tolist()
-
-
-def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(ray_serve: Path) -> None:
-    import torch
-
-    from fabric.data import load_preprocessor
-    from fabric.models import load_model
-
+@pytest.fixture(scope="module")
+def own_loop(ray_serve: Path) -> tuple[Path, pipeline.PipelineResult]:
     run_dir = ray_serve / "loop-run"
     overrides = [
         "tune.enabled=true",  # one trial: the user's loop in a Tune trial's process
@@ -159,7 +143,56 @@ def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(ray_serv
         "export.enabled=false",
         "track.model_name=own-loop-test",
     ]
-    result = _pipeline("own_loop", "own_loop_smoke.yaml", run_dir, overrides)
+    return run_dir, _pipeline("own_loop", "own_loop_smoke.yaml", run_dir, overrides)
+
+
+@pytest.fixture(scope="module")
+def elsewhere(
+    ray_serve: Path,
+    own_module: tuple[Path, pipeline.PipelineResult],
+    own_loop: tuple[Path, pipeline.PipelineResult],
+) -> dict[str, dict[str, list[Any]]]:
+    """What the registry's pyfunc predicts, in a fresh process elsewhere, for the own module's champion and the
+    own loop's registered version, each on its run's raw rows."""
+    module_reg = own_module[1].stages["register"]
+    loop_reg = own_loop[1].stages["register"]
+    module, loop = _pyfunc(
+        [
+            (module_reg.tracking_uri, "models:/own-module-test@champion", _raw_rows(own_module[0])),
+            (loop_reg.tracking_uri, f"models:/own-loop-test/{loop_reg.version}", _raw_rows(own_loop[0])),
+        ],
+        ray_serve / "elsewhere",
+    )
+    return {"module": module, "loop": loop}
+
+
+def test_own_module_served_and_from_the_registry_elsewhere_predict_the_same(
+    own_module: tuple[Path, pipeline.PipelineResult], elsewhere: dict[str, dict[str, list[Any]]]
+) -> None:
+    run_dir, result = own_module
+    served = result.stages["serve"]
+    rows = _raw_rows(run_dir)
+    r = httpx.post(
+        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    assert probs.shape == (len(rows), 3)
+    pyfunc = elsewhere["module"]
+    np.testing.assert_allclose(np.stack([pyfunc[f"proba_{k}"] for k in range(3)], axis=1), probs, atol=1e-4)
+    assert pyfunc["prediction"] == probs.argmax(axis=1).tolist()
+
+
+def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(
+    own_loop: tuple[Path, pipeline.PipelineResult], elsewhere: dict[str, dict[str, list[Any]]]
+) -> None:
+    import torch
+
+    from fabric.data import load_preprocessor
+    from fabric.models import load_model
+
+    run_dir, result = own_loop
     tuned = result.stages["tune"]
     assert tuned.num_trials == 1 and tuned.best_metrics["val_rmse"] > 0
     trained = result.stages["train"]
@@ -167,13 +200,10 @@ def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(ray_serv
     assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5, 6]
     assert trained.history[-1]["world_size"] == 2 and trained.history[-1]["val_rmse"] < trained.history[0]["val_rmse"]
     assert json.loads((trained.model_path / "model.json").read_text())["builder"] == "mlp"
-    registered = result.stages["register"]
-    assert registered.version
+    assert result.stages["register"].version
     rows = _raw_rows(run_dir)
     model, _ = load_model(trained.model_path)
     x = load_preprocessor(run_dir / "data" / "preprocessor.json").transform(rows)
     with torch.no_grad():
         expected = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))[:, 0].numpy()
-    uri = f"models:/own-loop-test/{registered.version}"
-    pyfunc = _pyfunc(registered.tracking_uri, uri, rows, run_dir / "elsewhere")
-    np.testing.assert_allclose(pyfunc["prediction"], expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(elsewhere["loop"]["prediction"], expected, rtol=1e-5, atol=1e-4)
