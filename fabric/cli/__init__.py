@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "predict": (
         "fabric.cli.predict",
-        "batch scoring: a file or URI through a registered model (Ray Data actor pool) to parquet or CSV",
+        "batch scoring: a file or URI through a registered model (Ray Data tasks) to parquet or CSV",
     ),
     "eval-llm": (
         "fabric.cli.eval_llm",

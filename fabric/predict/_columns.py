@@ -1,5 +1,5 @@
 """One input column of a batch as the input checks and the saved preprocessing read it: from pandas (the bad-row
-report re-reads files as pandas) or from pyarrow (the scoring actors' batches, with no pandas round trip).
+report re-reads files as pandas) or from pyarrow (the scoring tasks' batches, with no pandas round trip).
 
 Both give the same answers row for row: the pyarrow view handles the column types whose reading it can match
 exactly (numbers and booleans as numbers; text and integers as category keys) with pyarrow compute kernels, and

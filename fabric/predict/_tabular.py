@@ -262,7 +262,7 @@ class BadRows:
 
 @dataclass
 class ScoringModel:
-    """What a scoring actor needs, picklable and free of paths (actors may run on other nodes)."""
+    """What a scoring task needs, picklable and free of paths (tasks may run on other nodes)."""
 
     name: str
     version: str
