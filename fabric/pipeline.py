@@ -4,6 +4,8 @@ ingest → tune → train → register → export (→ monitor → serve, when `
 hyperparameters replace the train section's before training. Export and serving need a champion: when the
 model registry has none (the first model did not beat the trivial baseline), the pipeline stops there.
 
+``run_dir`` may be a local folder or a filesystem URI (``s3://bucket/prefix``): see :mod:`fabric.storage`.
+
 Step caching: ingest, tune and export each have a key (their config section, the content digests of their
 inputs, fabric's version); when ``<run_dir>/steps/<stage>.json`` holds the same key and the stage's outputs are
 still as it left them, the stage is skipped and says so. Training and registration key their runs themselves
@@ -13,16 +15,16 @@ run is cheap, and a changed input re-runs exactly the stages downstream of it.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
 import json
-import os
+import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fabric import storage
 from fabric.config import PipelineConfig, with_params
 from fabric.runtime import connect
 
@@ -56,19 +58,20 @@ class StepCache:
     """The step records of a run_dir: ``<run_dir>/steps/<stage>.json`` = the stage's key, a stamp of its outputs
     and its result, written only after the stage finished (a half-written stage is never taken as cached)."""
 
-    run_dir: Path
+    run_dir: str | Path
+    """A local folder or a filesystem URI."""
     enabled: bool = True
     force: Collection[str] = ()
 
-    def _path(self, stage: str) -> Path:
-        return self.run_dir / "steps" / f"{stage}.json"
+    def _path(self, stage: str) -> str:
+        return storage.join(self.run_dir, "steps", f"{stage}.json")
 
     def get(self, stage: str, key: str, stamp: str, kind: type[T]) -> T | None:
         """The recorded result of ``stage`` when its key and its outputs' stamp match; None otherwise."""
         if not self.enabled or stage in self.force:
             return None
         try:
-            record = json.loads(self._path(stage).read_text())
+            record = json.loads(storage.read_text(self._path(stage)))
         except (OSError, ValueError):
             return None
         if record.get("key") != key or record.get("stamp") != stamp or not stamp:
@@ -80,11 +83,9 @@ class StepCache:
 
     def put(self, stage: str, key: str, stamp: str, result: Any) -> None:
         """Record a finished stage (atomically: a crash leaves the old record or none)."""
-        path = self._path(stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "stamp": stamp, "result": _to_json(result)}, indent=2))
-        os.replace(tmp, path)
+        storage.write_text(
+            self._path(stage), json.dumps({"key": key, "stamp": stamp, "result": _to_json(result)}, indent=2)
+        )
 
 
 def _to_json(result: Any) -> dict[str, Any]:
@@ -96,12 +97,9 @@ def _from_json(kind: type[T], values: dict[str, Any]) -> T:
     return kind(**{k: (Path(v) if k in paths and v is not None else v) for k, v in values.items()})
 
 
-def _stamp(*files: Path) -> str:
+def _stamp(*files: str | Path) -> str:
     """What a stage's outputs look like now (size and mtime of its key files); "" when one is missing."""
-    try:
-        return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    except OSError:
-        return ""
+    return storage.stamp(*files)
 
 
 def _cached_stage(
@@ -109,7 +107,7 @@ def _cached_stage(
     cache: StepCache,
     name: str,
     key: str,
-    outputs: Callable[[], list[Path]],
+    outputs: Callable[[], list[str]],
     kind: type[T],
     fn: Callable[[], T],
 ) -> T:
@@ -158,6 +156,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
     from fabric.tracking import digest_splits, source_digest
     from fabric.tune import TuneResult
 
+    storage.check(cfg.run_dir)  # an unreachable or unauthorised bucket fails here, before any work
     if cfg.serve.enabled:
         from fabric.serve.control import connect as serve_connect
 
@@ -165,11 +164,12 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
     else:
         connect(cfg.cluster)
     result = PipelineResult()
-    steps = StepCache(Path(cfg.run_dir).expanduser().resolve(), cache, tuple(force))
-    data_dir = steps.run_dir / "data"
+    root = cfg.run_dir if storage.is_uri(cfg.run_dir) else storage.local_root(cfg.run_dir)
+    steps = StepCache(root, cache, tuple(force))
+    meta = storage.join(root, "data", "meta.json")
     key = stage_key("ingest", cfg, source=source_digest(cfg.data.source))
-    _cached_stage(result, steps, "ingest", key, lambda: [data_dir / "meta.json"], IngestResult, lambda: data.run(cfg))
-    splits = digest_splits(data_dir)
+    _cached_stage(result, steps, "ingest", key, lambda: [meta], IngestResult, lambda: data.run(cfg))
+    splits = digest_splits(tracking.data_dir(cfg.run_dir))
     if cfg.tune.enabled:
         key = stage_key("tune", cfg, data=splits, **_code_digests(cfg))
         best = _cached_stage(
@@ -177,7 +177,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
             steps,
             "tune",
             key,
-            lambda: [steps.run_dir / "tune" / cfg.name / "best_config.json"],
+            lambda: [storage.join(root, "tune", cfg.name, "best_config.json")],
             TuneResult,
             lambda: tune.run(cfg),
         )
@@ -200,7 +200,7 @@ def run(cfg: PipelineConfig, *, cache: bool = True, force: Collection[str] = ())
             steps,
             "export",
             key,
-            lambda: [steps.run_dir / "export" / "export.json", steps.run_dir / "export" / "model.onnx"],
+            lambda: [storage.join(root, "export", name) for name in ("export.json", "model.onnx")],
             ExportResult,
             lambda: export.run(cfg, model),
         )
@@ -225,7 +225,7 @@ def serve_stages(cfg: PipelineConfig, result: PipelineResult | None = None) -> P
     from fabric import serve
 
     result = result if result is not None else PipelineResult()
-    if cfg.monitor.enabled and (Path(cfg.run_dir) / "data" / "reference.parquet").is_file():
+    if cfg.monitor.enabled and storage.exists(storage.join(cfg.run_dir, "data", "reference.parquet")):
         from fabric import monitor
 
         _stage(result, "monitor", lambda: monitor.run(cfg))

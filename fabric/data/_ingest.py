@@ -32,6 +32,7 @@ from fabric.data._checks import BatchScan, Plan, ScanSpec, evaluate, scan_batch
 from fabric.data._preprocess import Preprocessor, category_keys, numeric_values
 from fabric.data._readers import Source, data_context, diagnose, read, read_error, resolve
 from fabric.data._split import SPLITS, TRAIN, assign, row_hash, unit_interval
+from fabric import storage
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError
 from fabric.runtime import connect
 from fabric.tracking import source_digest, split_digests
@@ -54,7 +55,8 @@ class IngestResult:
     """Where ingestion wrote its outputs and what the training stage needs to know about them."""
 
     out_dir: Path
-    """``<run_dir>/data`` (absolute): train/, val/, test/, meta.json, preprocessor.json, reference.*"""
+    """``<run_dir>/data`` (absolute; a URI run_dir's local copy): train/, val/, test/, meta.json,
+    preprocessor.json, reference.*"""
     feature_names: list[str]
     """Encoded feature columns of the split parquet files, in order."""
     num_classes: int | None
@@ -351,6 +353,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
             names the column, the number of rows and shows a few of them.
         ConfigError: ``data.format`` is ``text`` (that is for language-model data, see ``read_text``).
     """
+    storage.check(cfg.run_dir)
     connect(cfg.cluster)
     data = cfg.data
     if data.format == "text":
@@ -362,7 +365,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
             ]
         )
     started = time.monotonic()
-    out_dir = Path(cfg.run_dir).expanduser().resolve() / "data"
+    out_dir = storage.local_root(cfg.run_dir) / "data"  # a URI run_dir's local copy, published at the end
     source = resolve(data.source, data.format)
 
     from ray.data import DataContext
@@ -417,6 +420,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
     # Written last: its presence means the whole stage finished.
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     split_digests(out_dir)  # each split's content digest, cached for training's run key and the registry
+    storage.publish(cfg.run_dir, "data", last="meta.json")
 
     result = IngestResult(
         out_dir=out_dir,
@@ -430,11 +434,12 @@ def run(cfg: PipelineConfig) -> IngestResult:
         categorical=categorical,
         source=source.describe(),
     )
-    _print_summary(result, plan, len(sample), time.monotonic() - started)
+    where = storage.join(cfg.run_dir, "data") if storage.is_uri(cfg.run_dir) else str(out_dir)
+    _print_summary(result, plan, len(sample), time.monotonic() - started, where)
     return result
 
 
-def _print_summary(r: IngestResult, plan: Plan, sample_rows: int, seconds: float) -> None:
+def _print_summary(r: IngestResult, plan: Plan, sample_rows: int, seconds: float, where: str) -> None:
     total = sum(r.rows.values())
     n_inputs = len(r.input_columns or [])
     cats = r.categorical or []
@@ -450,7 +455,7 @@ def _print_summary(r: IngestResult, plan: Plan, sample_rows: int, seconds: float
         "  splits    " + " | ".join(f"{k} {v:,}" for k, v in r.rows.items()),
         f"  features  {len(r.feature_names)} encoded from {n_inputs} columns: {kinds}",
         f"  target    {r.target} ({label})",
-        f"  wrote     {r.out_dir}/",
+        f"  wrote     {where}/",
         "            train/ val/ test/ (parquet), meta.json, preprocessor.json,",
         f"            reference.parquet ({sample_rows:,} raw training rows), reference_stats.json",
     ]

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fabric import storage
 from fabric.errors import FabricError, MissingExtraError
 from fabric.export._onnx import check_parity, export_onnx, ort_outputs, quantize, session
 from fabric.tracking import CHAMPION, alias_version, data_dir, headline, read_split, resolve_model, score, tracking_uri
@@ -72,10 +73,10 @@ def _features(cfg: PipelineConfig, meta: dict[str, Any], input_dim: int, seed: i
 
 def default_model(cfg: PipelineConfig) -> str | Path:
     """The registry's champion (``models:/<name>@champion``) when there is one, else the training
-    stage's artifact ``<run_dir>/train/model``."""
-    trained = Path(cfg.run_dir) / "train" / "model"
+    stage's artifact ``<run_dir>/train/model`` (a URI run_dir's: pulled to its local copy)."""
+    trained = storage.pull(cfg.run_dir, "train/model", "model.json")
     # Only look in a registry that exists: opening the default sqlite URI would create an empty store.
-    if cfg.track.tracking_uri or (Path(cfg.run_dir) / "mlflow.db").is_file():
+    if cfg.track.tracking_uri or (storage.local_root(cfg.run_dir) / "mlflow.db").is_file():
         try:
             from mlflow import MlflowClient
 
@@ -88,6 +89,8 @@ def default_model(cfg: PipelineConfig) -> str | Path:
 
 def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResult:
     """Export a model to ONNX under ``<run_dir>/export``, check parity with the model, quantize if asked.
+
+    With a URI run_dir the files are written in its local copy, then uploaded (``export.json`` last).
 
     A torch module goes through torch's exporter; an XGBoost or LightGBM booster through onnxmltools (its
     parity is checked against the booster's own predictions; int8 quantization does not apply to trees and
@@ -109,13 +112,14 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     """
     from fabric.models import load_model
 
+    storage.check(cfg.run_dir)
     folder = resolve_model(model_dir if model_dir is not None else default_model(cfg), cfg)
     module, meta = load_model(folder)
     module.eval()
     input_dim = input_width(meta)
     task = meta.get("task", "classification")
     framework = meta.get("framework", "torch")
-    out = Path(cfg.run_dir) / "export"
+    out = storage.local_root(cfg.run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -177,4 +181,5 @@ def run(cfg: PipelineConfig, model_dir: str | Path | None = None) -> ExportResul
     report = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     report.update(opset=opset, task=task, framework=framework, seconds=round(time.perf_counter() - start, 3))
     result.report_path.write_text(json.dumps(report, indent=2))
+    storage.publish(cfg.run_dir, "export", last="export.json")
     return result

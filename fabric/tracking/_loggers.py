@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from fabric import storage
 from fabric.errors import require
 from fabric.tracking._rank import is_rank_zero
 
@@ -64,19 +65,27 @@ def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """``cfg.track.tracking_uri``, else a sqlite store in the run folder: ``sqlite:///<run_dir>/mlflow.db``."""
+    """``cfg.track.tracking_uri``, else a sqlite store in the run folder: ``sqlite:///<run_dir>/mlflow.db``.
+
+    A database is a file on local disk: with a URI run_dir the default store is ``mlflow.db`` in the run_dir's
+    local copy (:func:`fabric.storage.local_root`, one per URI on this machine); runs on several machines share a
+    registry through ``track.tracking_uri`` (an MLflow tracking server).
+    """
     if cfg.track.tracking_uri:
         return cfg.track.tracking_uri
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = storage.local_root(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
 def artifact_location(cfg: PipelineConfig) -> str | None:
-    """Artifacts of new experiments: ``<run_dir>/mlartifacts`` with the default store, else the server's choice."""
+    """Artifacts of new experiments: ``<run_dir>/mlartifacts`` (a URI run_dir's: in the bucket) with the default
+    store, else the server's choice."""
     if cfg.track.tracking_uri:
         return None
-    return (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()
+    if storage.is_uri(cfg.run_dir):
+        return storage.join(cfg.run_dir, "mlartifacts")
+    return (storage.local_root(cfg.run_dir) / "mlartifacts").as_uri()
 
 
 def quiet_mlflow() -> None:

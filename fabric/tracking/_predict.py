@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from fabric import storage
 from fabric.errors import FabricError
 
 if TYPE_CHECKING:
@@ -85,8 +86,8 @@ def predictions_frame(outputs: np.ndarray, task: Task) -> pd.DataFrame:
 
 
 def data_dir(run_dir: str | Path) -> Path:
-    """The ingestion stage's output folder: ``<run_dir>/data``."""
-    return Path(run_dir) / "data"
+    """The ingestion stage's output folder ``<run_dir>/data``, local (a URI run_dir's is pulled: fabric.storage)."""
+    return storage.pull(run_dir, "data", "meta.json")
 
 
 def read_split(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fabric import storage
 from fabric.errors import FabricError, UsageError, require
 from fabric.tracking._baseline import beats, fit_baseline
 from fabric.tracking._loggers import MLflowLogger, WandbLogger, numeric, quiet_mlflow, tracking_uri
@@ -555,7 +556,7 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
         uri_or_path: a model folder, a downloaded MLflow model folder, ``models:/<name>@<alias>``,
             ``models:/<name>/<version>`` or any other MLflow model URI.
         cfg: where the registry is (``track.tracking_uri`` or the run folder's store) and where downloads
-            are cached (``<run_dir>/registry/``, one folder per resolved version, reused).
+            are cached (``<run_dir>/registry/``, in a URI run_dir's local copy; one folder per resolved version).
 
     Raises:
         UsageError: nothing at the path, an unknown alias or version, or an MLflow model fabric did not log.
@@ -583,7 +584,7 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
             key = f"{m['name']}/v{mv.version}"
     except MlflowException as e:
         raise UsageError(f"cannot resolve {text} at {uri}: {e.message}") from None
-    cache = Path(cfg.run_dir).resolve() / "registry" / key
+    cache = storage.local_root(cfg.run_dir) / "registry" / key
     if not (cache / "MLmodel").is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".download-"))

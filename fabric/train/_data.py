@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fabric import storage
 from fabric.errors import FabricError
 
 if TYPE_CHECKING:
@@ -19,8 +20,8 @@ SPLITS = ("train", "val", "test")
 
 
 def data_dir(run_dir: str | Path) -> Path:
-    """Where the ingestion stage writes its output for ``run_dir``."""
-    return (Path(run_dir) / "data").resolve()
+    """Where the ingestion stage writes its output for ``run_dir`` (local: a URI run_dir's is pulled first)."""
+    return storage.pull(run_dir, "data", "meta.json")
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

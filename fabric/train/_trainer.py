@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fabric import storage
 from fabric.config import PipelineConfig, TrainConfig, WorkerGroupConfig
 from fabric.errors import ConfigError, ConfigProblem, FabricError, require
 from fabric.models import check_loop, check_model, code_digest, code_root, load_model
@@ -24,6 +26,7 @@ OPERATIONAL = {"max_failures", "placement_strategy", "checkpoint_every", "keep_c
 """Worker-group settings that say how a run is carried out, not what it computes: left out of its key."""
 
 if TYPE_CHECKING:
+    from ray.train import Checkpoint
     from ray.train.torch import TorchTrainer
 
 
@@ -32,7 +35,8 @@ class TrainResult:
     """What the training stage leaves behind.
 
     Attributes:
-        checkpoint_dir: the run's last checkpoint (Ray Train's folder: DDP or DeepSpeed format).
+        checkpoint_dir: the run's last checkpoint (Ray Train's folder: DDP or DeepSpeed format; its local copy when
+            ``run_dir`` is a URI).
         metrics: the last epoch's metrics, the model's test scores (``test_accuracy``, ``test_log_loss`` or
             ``test_rmse``, ``test_mae``) and the trivial baseline's (``baseline_val_*``, ``baseline_test_*``).
         history: every epoch's metrics, in order (resumed runs included: epochs keep counting).
@@ -51,8 +55,14 @@ class TrainResult:
 
 
 def train_dir(cfg: PipelineConfig) -> Path:
-    """Where the stage keeps Ray Train's runs (RunConfig storage_path) and the artifact."""
-    return (Path(cfg.run_dir) / "train").resolve()
+    """The local folder of the stage's artifact (``model/``; a URI run_dir's local copy, published to the URI)."""
+    return storage.local_root(cfg.run_dir) / "train"
+
+
+def train_storage(cfg: PipelineConfig) -> str:
+    """Where Ray Train keeps the stage's runs (RunConfig storage_path): ``<run_dir>/train``, a URI or a local path.
+    With a URI each worker uploads its checkpoints there itself."""
+    return storage.join(cfg.run_dir, "train")
 
 
 def train_key(cfg: PipelineConfig) -> str:
@@ -98,7 +108,7 @@ def check_code(cfg: PipelineConfig, meta: dict[str, Any] | None = None) -> list[
 
 
 def run_name(cfg: PipelineConfig, key: str) -> str:
-    """The Ray Train run (folder under :func:`train_dir`) of a config: its name and run key."""
+    """The Ray Train run (folder under :func:`train_storage`) of a config: its name and run key."""
     return f"{cfg.name}-{key}"
 
 
@@ -156,11 +166,11 @@ def build_trainer(
     t = cfg.train
     config = {**loop_config(cfg), **(loop_overrides or {}), "ray_data_shards": True}
     folder = Path(config["data_dir"])
-    storage = train_dir(cfg)
-    storage.mkdir(parents=True, exist_ok=True)
+    where = train_storage(cfg)
+    storage.makedirs(where)
     name = name or run_name(cfg, train_key(cfg))
     return worker_group_trainer(
-        train_loop_per_worker, config, t, _datasets(folder, t.num_workers), name=name, storage=storage
+        train_loop_per_worker, config, t, _datasets(folder, t.num_workers), name=name, storage=where
     )
 
 
@@ -170,7 +180,7 @@ def worker_group_trainer(
     group: WorkerGroupConfig,
     datasets: dict[str, Any],
     name: str,
-    storage: Path,
+    storage: str | Path,
 ) -> TorchTrainer:
     """A TorchTrainer running ``loop`` as ``group`` says: workers, GPUs (NCCL) or CPUs (gloo), placement, restarts,
     and the latest ``keep_checkpoints`` checkpoints kept (each carries the run's history so far).
@@ -223,22 +233,40 @@ def _datasets(folder: Path, num_workers: int) -> dict[str, Any]:
     return out
 
 
-def last_checkpoint(run_path: Path) -> tuple[Path, list[dict[str, Any]]] | None:
-    """The latest checkpoint of the Ray Train run at ``run_path`` and the history it carries; None when
-    there is no such run or it has no checkpoint yet."""
-    if not (run_path / "checkpoint_manager_snapshot.json").is_file():
+def last_checkpoint(run_path: str | Path) -> tuple[Path, list[dict[str, Any]]] | None:
+    """The latest checkpoint of the Ray Train run at ``run_path`` (a local path or a URI) and the history it
+    carries; None when there is no such run or it has no checkpoint yet. A remote checkpoint is downloaded."""
+    if not storage.exists(storage.join(run_path, "checkpoint_manager_snapshot.json")):
         return None
     from ray.train import Result
 
     latest = Result.from_path(str(run_path)).checkpoint
     if latest is None:
         return None
-    return Path(latest.path), read_history(Path(latest.path))
+    folder = local_checkpoint(latest)
+    return folder, read_history(folder)
 
 
-def fit(trainer: TorchTrainer, what: str, max_failures: int, where: Path) -> tuple[Any, Path, list[dict[str, Any]]]:
-    """Run ``trainer`` and return its Result, last checkpoint folder and every epoch's metrics (the history
-    the last checkpoint carries).
+def local_checkpoint(checkpoint: Checkpoint) -> Path:
+    """The folder of ``checkpoint`` on this machine: its own on a local filesystem, else a copy (cached: a
+    checkpoint never changes once reported)."""
+    from pyarrow import fs
+
+    if isinstance(checkpoint.filesystem, fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    local = storage.cache_path(f"{checkpoint.filesystem.type_name}://{checkpoint.path}")
+    if not local.is_dir():
+        staging = local.with_name(f".{local.name}.{os.getpid()}")
+        checkpoint.to_directory(str(staging))
+        staging.rename(local)
+    return local
+
+
+def fit(
+    trainer: TorchTrainer, what: str, max_failures: int, where: str | Path
+) -> tuple[Any, Path, list[dict[str, Any]]]:
+    """Run ``trainer`` and return its Result, last checkpoint folder (local: see :func:`local_checkpoint`) and
+    every epoch's metrics (the history the last checkpoint carries).
 
     Raises:
         FabricError: the run failed after its restarts, or reported no checkpoint.
@@ -251,7 +279,8 @@ def fit(trainer: TorchTrainer, what: str, max_failures: int, where: Path) -> tup
         raise FabricError(f"{what} failed (after up to {max_failures} restart(s)): {e}") from e
     if result.checkpoint is None:
         raise FabricError(f"{what} at {where} reported no checkpoint")
-    return result, Path(result.checkpoint.path), read_history(Path(result.checkpoint.path))
+    folder = local_checkpoint(result.checkpoint)
+    return result, folder, read_history(folder)
 
 
 def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> TrainResult:
@@ -273,18 +302,19 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         from fabric.train._trees import run as run_trees
 
         return run_trees(cfg, loop_overrides=loop_overrides)
+    storage.check(cfg.run_dir)
     check_code(cfg)  # the user's module and loop fail here, before Ray starts anything
     connect(cfg.cluster)
-    storage = train_dir(cfg)
     key = train_key(cfg)
     name = run_name(cfg, key)
+    where = storage.join(train_storage(cfg), name)
     t = cfg.train
-    previous = last_checkpoint(storage / name)
+    previous = last_checkpoint(where)
     before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
     if previous is not None and before >= t.epochs:
         checkpoint_dir, history = previous
         log.info(
-            f"training: nothing to do: run {storage / name} trained all {t.epochs} epoch(s) of this config "
+            f"training: nothing to do: run {where} trained all {t.epochs} epoch(s) of this config "
             f"on this data (run key {key}); using its model"
         )
         trained = 0
@@ -296,11 +326,12 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         resume = f"; resuming the interrupted run from its checkpoint of epoch {before}" if before else ""
         log.info(
             f"training {how} on {t.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) for {t.epochs} epoch(s); "
-            f"run key {key}, checkpoints every {t.checkpoint_every} epoch(s) under {storage / name}{resume}"
+            f"run key {key}, checkpoints every {t.checkpoint_every} epoch(s) under {where}{resume}"
         )
-        _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / name)
+        _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, where)
         trained = int(history[-1]["epoch"]) - before
-    model_path = to_artifact(checkpoint_dir, storage / "model")
+    model_path = to_artifact(checkpoint_dir, train_dir(cfg) / "model")
+    storage.publish(cfg.run_dir, "train/model")
     metrics = {**history[-1], **_versus_baseline(cfg, model_path)} if history else {}
     log.info(f"trained: {_summary(metrics)}; model: {model_path}")
     return TrainResult(checkpoint_dir, metrics, history, model_path, run_key=key, trained_epochs=trained)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fabric import storage
 from fabric.errors import FabricError, require
 from fabric.models import read_spec, write_spec
 from fabric.models.trees import BOOSTER_FILES, load_booster
@@ -374,7 +375,7 @@ def _datasets(folder: Path) -> dict[str, Any]:
 
 
 def build_tree_trainer(
-    cfg: PipelineConfig, name: str, storage: Path, use_gpu: bool, overrides: dict[str, Any] | None = None
+    cfg: PipelineConfig, name: str, storage_path: str | Path, use_gpu: bool, overrides: dict[str, Any] | None = None
 ) -> Any:
     """An XGBoostTrainer / LightGBMTrainer running :func:`tree_loop_per_worker` on ``train.num_workers``
     workers; ``train`` is split between them, ``val`` goes whole to each. ``overrides`` go into the workers'
@@ -402,7 +403,7 @@ def build_tree_trainer(
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
@@ -462,40 +463,44 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
         run_name,
         train_dir,
         train_key,
+        train_storage,
     )
 
+    storage.check(cfg.run_dir)
     connect(cfg.cluster)
     t = cfg.train
-    storage = train_dir(cfg)
-    storage.mkdir(parents=True, exist_ok=True)
+    runs = train_storage(cfg)
+    storage.makedirs(runs)
     key = train_key(cfg)
     name = run_name(cfg, key)
-    previous = last_checkpoint(storage / name)
+    where = storage.join(runs, name)
+    previous = last_checkpoint(where)
     if previous is not None and finished(previous[0]):
         checkpoint_dir, history = previous
         log.info(
-            f"training: nothing to do: run {storage / name} boosted this {t.framework} config on this data "
+            f"training: nothing to do: run {where} boosted this {t.framework} config on this data "
             f"(run key {key}); using its model"
         )
         trained = 0
     else:
         use_gpu = resolve_use_gpu(t.use_gpu)
         _warn_if_short(t.num_workers, use_gpu and t.framework == "xgboost")
-        trainer = build_tree_trainer(cfg, name, storage, use_gpu, loop_overrides)
+        trainer = build_tree_trainer(cfg, name, runs, use_gpu, loop_overrides)
         before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
         resume = f"; resuming the interrupted run from its checkpoint of round {before}" if before else ""
         patience = t.early_stopping_rounds
         stop = f", early stopping after {patience} rounds without progress on val" if patience else ""
         log.info(
             f"training {t.framework} on {t.num_workers} worker(s) for up to {t.num_boost_round} rounds{stop}; "
-            f"run key {key}, checkpoints every {t.checkpoint_every} round(s) under {storage / name}{resume}"
+            f"run key {key}, checkpoints every {t.checkpoint_every} round(s) under {where}{resume}"
         )
         with _frequent_reports():
-            _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, storage / name)
+            _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, where)
         if not finished(checkpoint_dir):
-            raise FabricError(f"training at {storage / name} ended without its final checkpoint")
+            raise FabricError(f"training at {where} ended without its final checkpoint")
         trained = int(history[-1]["epoch"]) - before if history else 0
-    model_path = to_artifact(checkpoint_dir, storage / "model")
+    model_path = to_artifact(checkpoint_dir, train_dir(cfg) / "model")
+    storage.publish(cfg.run_dir, "train/model")
     spec = read_spec(model_path)
     best = int(spec["best_iteration"])
     row = next((r for r in history if int(r["epoch"]) == best), history[-1] if history else {})

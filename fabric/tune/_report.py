@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
 
-def saved_trial_states(experiment: Path) -> dict[str, str]:
+def saved_trial_states(experiment: str | Path) -> dict[str, str]:
     """Trial id -> status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) in the experiment state Tune saved last.
 
     Read from disk on purpose: when a search is interrupted Tune saves the state (trials still RUNNING or

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fabric import storage
 from fabric.config import Param, PipelineConfig
 from fabric.config.tune import _default_space
 from fabric.errors import ConfigError, ConfigProblem, FabricError
@@ -151,7 +152,7 @@ def _tree_trainable(cfg: PipelineConfig, space: dict[str, Param]) -> tuple[Any, 
     return trainable, max_t, min(grace, max_t)
 
 
-def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Param]) -> Any:
+def _tuner(cfg: PipelineConfig, where: str, resume: bool, space: dict[str, Param]) -> Any:
     import ray
     from optuna.samplers import TPESampler
     from ray import tune
@@ -173,17 +174,17 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Pa
     else:
         base = {**loop_config(cfg), "epochs": t.epochs_per_trial}
         trainable = tune.with_parameters(
-            _trial, base=base, workers=t.workers_per_trial, use_gpu=use_gpu, storage=str(storage / "trials")
+            _trial, base=base, workers=t.workers_per_trial, use_gpu=use_gpu, storage=storage.join(where, "trials")
         )
         # The trial function only drives a TorchTrainer: it holds no CPU (the Train workers hold the CPUs
         # and GPUs), and a memory reservation keeps its placement group non-empty.
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 2**20})
-    path = storage / cfg.name
+    path = storage.join(where, cfg.name)
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
+        if not tune.Tuner.can_restore(path):
             raise FabricError(f"no interrupted search to resume at {path}; run without --resume first")
         log.info(f"Resuming the search at {path}")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
     scheduler = (
         ASHAScheduler(
             max_t=max_t,
@@ -210,7 +211,7 @@ def _tuner(cfg: PipelineConfig, storage: Path, resume: bool, space: dict[str, Pa
         ),
         # Quiet (fabric's default, FABRIC_VERBOSE=0): no status tables; the trials' epoch lines and the results
         # table at the end say how the search went. -v brings Tune's tables back.
-        run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage), verbose=0 if _quiet() else 1),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=where, verbose=0 if _quiet() else 1),
     )
 
 
@@ -222,6 +223,9 @@ def _quiet() -> bool:
 def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
     """Search ``cfg.tune.search_space`` and write results.csv, best_config.json and learning_curves.png.
 
+    Tune's experiment state lives under ``<run_dir>/tune/<name>`` (a URI run_dir's included: a search resumes
+    from there); the result files are written there too (and kept in the run_dir's local copy).
+
     Args:
         cfg: the pipeline config; ingestion must have run (its data folder is the trials' input).
         resume: continue an interrupted search of the same name (Optuna's state included).
@@ -230,13 +234,15 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
 
     space = search_space(cfg)
     connect(cfg.cluster)
-    storage = (Path(cfg.run_dir) / "tune").resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    out = storage / cfg.name
-    grid = _tuner(cfg, storage, resume, space).fit()
+    storage.check(cfg.run_dir)
+    where = storage.join(cfg.run_dir, "tune")
+    storage.makedirs(where)
+    out = storage.local_root(cfg.run_dir) / "tune" / cfg.name
+    grid = _tuner(cfg, where, resume, space).fit()
     # Ctrl-C ends fit() without an exception: what the saved state left to run says whether it was interrupted
     # (at any trial, the last included).
-    states = saved_trial_states(out)
+    states = saved_trial_states(storage.join(where, cfg.name))
+    out.mkdir(parents=True, exist_ok=True)
     unfinished = [t for t in states.values() if t not in ("TERMINATED", "ERROR")]
     if grid.num_errors:
         first = next(r.error for r in grid if r.error)
@@ -247,6 +253,8 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
     table_path = out / "results.csv"
     table.to_csv(table_path, index=False)
     plot_path = learning_curves_png(grid, cfg.tune.metric, out / "learning_curves.png")
+    for written in (table_path, plot_path):
+        storage.publish(cfg.run_dir, f"tune/{cfg.name}/{written.name}")
     log.info(table.to_string(index=False))
     if unfinished or len(states) < cfg.tune.num_samples:
         raise FabricError(
@@ -264,6 +272,7 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TuneResult:
         row = dict(best.metrics or {})
     best_metrics = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     (out / "best_config.json").write_text(json.dumps({"config": best_config, "metrics": best_metrics}, indent=2))
+    storage.publish(cfg.run_dir, f"tune/{cfg.name}/best_config.json")
     log.info(f"best {cfg.tune.metric}: {best_metrics.get(cfg.tune.metric)} with {best_config}")
     log.info(f"results: {table_path}  curves: {plot_path}")
     return TuneResult(best_config, best_metrics, len(grid), out, table_path, plot_path)

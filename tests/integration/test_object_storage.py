@@ -1,0 +1,144 @@
+"""run_dir on object storage: the tabular pipeline against a real S3 API (moto's server on 127.0.0.1), reached
+the standard way (AWS_ENDPOINT_URL and AWS keys in the environment, which the local Ray's workers inherit).
+
+An interrupted training resumes from its checkpoint in the bucket, a repeated run on a machine without the
+run's local copy finds every stage done in the bucket, a search keeps its state there and resumes from it, and
+a bad bucket fails before any work with one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fabric import data, pipeline, storage, train, tune
+from fabric.config import PipelineConfig
+from fabric.errors import FabricError
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "fabric-test"
+RUN_DIR = f"s3://{BUCKET}/run"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """moto's S3 server on a free loopback port, the AWS variables pointing at it, and an empty bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FABRIC_CACHE_DIR": str(tmp_path_factory.mktemp("fabric-cache")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3: object, ray_local: None) -> None:
+    """Ray started after the AWS variables are set (its workers upload checkpoints with them)."""
+
+
+def _keys(client: object, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)  # type: ignore[attr-defined]
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _cfg(**sections: object) -> PipelineConfig:
+    doc: dict[str, object] = {
+        "name": "s3",
+        "run_dir": RUN_DIR,
+        "data": {"source": "builtin:wine"},
+        "tune": {"enabled": False, "num_samples": 2, "max_concurrent_trials": 2, "epochs_per_trial": 1},
+        "train": {"epochs": 2, "num_workers": 1, "lr": 0.01, "max_failures": 0},
+        "track": {"model_name": "s3", "promotion": {"bootstrap_samples": 100}},
+        "export": {"quantize": False},
+    }
+    doc.update(sections)
+    return PipelineConfig.model_validate(doc)
+
+
+def test_pipeline_on_s3_resumes_and_caches(
+    ray_s3: None, s3: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg()
+    data.run(cfg)
+    crash = {"fault_injection": {"epoch": 2, "rank": 0, "marker": str(tmp_path / "crashed")}}
+    with pytest.raises(FabricError, match="training failed"):
+        train.run(cfg, loop_overrides=crash)  # interrupted at epoch 2, after epoch 1's checkpoint
+    # The local copy goes (another machine): the checkpoint to resume from is the bucket's.
+    shutil.rmtree(storage.local_root(RUN_DIR))
+    capsys.readouterr()
+
+    first = pipeline.run(cfg)
+    out = capsys.readouterr().out
+    assert "resuming the interrupted run from its checkpoint of epoch 1" in out
+    assert first.stages["train"].trained_epochs == 1 and first.stages["register"].version == "1"
+    keys = _keys(s3, "run/")
+    key = first.stages["train"].run_key
+    for expected in ("run/data/meta.json", "run/data/reference.parquet", "run/train/model/model.pt",
+                     "run/export/model.onnx", "run/export/export.json",
+                     "run/steps/ingest.json", "run/steps/export.json"):  # fmt: skip
+        assert expected in keys
+    assert any(k.startswith("run/data/train/") and k.endswith(".parquet") for k in keys)
+    checkpoints = [k for k in keys if k.startswith(f"run/train/s3-{key}/")]  # uploaded by the Ray Train worker
+    assert f"run/train/s3-{key}/checkpoint_manager_snapshot.json" in checkpoints, checkpoints
+    assert f"run/train/s3-{key}/epoch_0002/model.pt" in checkpoints, checkpoints
+    assert any(k.startswith("run/mlartifacts/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts
+
+    # A rerun whose local copy lost everything but the registry's database: each stage is found done in the bucket.
+    root = storage.local_root(RUN_DIR)
+    for child in root.iterdir():
+        if child.name != "mlflow.db":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    again = pipeline.run(cfg)
+    out = capsys.readouterr().out
+    assert "== ingest: cached" in out and "== export: cached" in out
+    assert "training: nothing to do" in out and again.stages["register"].registered is False
+    assert (root / "data" / "meta.json").is_file()  # pulled from the bucket for the stages that read it
+
+
+def test_search_state_on_s3_resumes(ray_s3: None, s3: object) -> None:
+    cfg = _cfg(name="s3tune", tune={"num_samples": 2, "max_concurrent_trials": 2, "epochs_per_trial": 1})
+    if not storage.exists(f"{RUN_DIR}/data/meta.json"):
+        data.run(cfg)
+    done = tune.run(cfg)
+    keys = _keys(s3, "run/tune/s3tune/")
+    assert "run/tune/s3tune/best_config.json" in keys and "run/tune/s3tune/results.csv" in keys
+    assert any(k.rsplit("/", 1)[-1].startswith("experiment_state") for k in keys)  # Tune's own state
+    resumed = tune.run(cfg, resume=True)  # restored from the bucket: every trial had finished
+    assert resumed.best_config == done.best_config and resumed.num_trials == done.num_trials
+
+
+def test_a_bad_bucket_fails_first_in_one_line(
+    s3: object, project_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fabric.cli.stage import job_main  # what jobs/pipeline.py runs
+
+    smoke = str(project_root / "jobs" / "configs" / "pipeline_smoke.yaml")
+    assert job_main(pipeline.run, ["--config", smoke, "run_dir=s3://no-such-bucket/run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "s3://no-such-bucket/run" in err and "bucket does not exist" in err
