@@ -1,6 +1,6 @@
 """A healthy run prints fabric's lines, not Ray's chatter; ``-v`` brings Ray's own logs back.
 
-One small pipeline (ingest → a 2-trial search → 2-worker training → register) as a user runs it: ``python
+One small pipeline (ingest → a 1-trial search → 2-worker training → register) as a user runs it: ``python
 jobs/pipeline.py`` in a process of its own, with a local Ray it starts, in the environment a user has (not the
 test suite's quieter one).
 """
@@ -33,7 +33,7 @@ def _job(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess
 
 
 def test_a_healthy_run_prints_its_steps_and_epochs_and_no_chatter(tmp_path: Path) -> None:
-    small = ("tune.num_samples=2", "tune.epochs_per_trial=2", "train.epochs=2", "export.enabled=false")
+    small = ("tune.num_samples=1", "tune.epochs_per_trial=1", "train.epochs=2", "export.enabled=false")
     proc = _job(tmp_path, "jobs/pipeline.py", *small)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
