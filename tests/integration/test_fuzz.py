@@ -82,9 +82,25 @@ def test_every_protected_route_refuses_requests_without_the_key(
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
 
 
+# Requests naming the served model (generated ones do not guess it), streamed ones among them: their answers
+# are validated too.
+_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "seven"}], "max_tokens": 3}
+EXAMPLES: dict[str, list[dict[str, Any]]] = {
+    "GET /v1/models/{model}": [{"path_parameters": {"model": MODEL}}],
+    "POST /v1/completions": [
+        {"body": {"model": MODEL, "prompt": "seven", "max_tokens": 3, "logprobs": 2}},
+        {"body": {"model": MODEL, "prompt": "seven", "max_tokens": 3, "stream": True}},
+    ],
+    "POST /v1/chat/completions": [{"body": _CHAT}, {"body": {**_CHAT, "stream": True}}],
+    "POST /tokenize": [{"body": {"model": MODEL, "prompt": "seven"}}],
+    "POST /detokenize": [{"body": {"model": MODEL, "tokens": [1, 2, 3]}}],
+}
+
+
 def test_every_operation_fuzzed_with_the_key_gets_answers_conforming_to_openapi(served: dict[str, Any]) -> None:
     # generation is bounded by the tiny model's context; a hung request times out at 60 s
-    result = fuzz(served["url"], max_examples=20, timeout_s=60, headers={"authorization": f"Bearer {KEY}"})
+    auth = {"authorization": f"Bearer {KEY}"}
+    result = fuzz(served["url"], max_examples=20, timeout_s=60, headers=auth, examples=EXAMPLES)
     seen = result.statuses
     print(f"\nLLM fuzz: {len(seen)} requests over {len(result.operations)} operations, statuses {sorted(set(seen))}")
     assert not result.problems, "\n".join(result.problems[:20])

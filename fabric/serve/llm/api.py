@@ -65,8 +65,13 @@ _ERROR_TEXT = {
 }
 _MONITOR_OFF = "Unknown route: the drift monitor is off (llm.serve.monitor=false or monitor.enabled=false)"
 _INTERNAL = "An unexpected failure; its message and the `x-request-id` header name the request, as its log line does"
-# `stream: true` answers server-sent events, each `data:` line a chunk object, the last `data: [DONE]`
-_STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# `stream: true` answers server-sent events; the schema describes one event (OpenAPI before 3.2)
+_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "A chunk object as JSON; the last event's is `[DONE]`"}},
+}
+_STREAM = {200: {"content": {"text/event-stream": {"schema": _EVENT}}}}
 log = logging.getLogger("fabric.serve.llm")
 _KIND = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 503: "server_error"}
 
