@@ -20,6 +20,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
+# A smaller run than a user's (the notebooks read FABRIC_NOTEBOOK_OVERRIDES): every stage and call still runs,
+# with fewer trials and epochs.
+OVERRIDES = {
+    "quickstart.ipynb": "tune.num_samples=2 tune.epochs_per_trial=1 train.epochs=2",
+    "llm.ipynb": "llm.finetune.epochs=2",
+}
 
 # What each notebook must have shown, read from its kernel after the last cell.
 PROBES = {
@@ -28,6 +34,8 @@ import json
 print("PROBE " + json.dumps({
     "ray_running": ray.is_initialized(),
     "run_dir_left": RUN_DIR.exists(),
+    "trials": result.stages["tune"].num_trials,
+    "train_epochs": len(trained.history),
     "accuracy": accuracy,
     "baseline": float(1 - ordinary["target"].mean()),
     "bad_status": bad.status_code,
@@ -72,7 +80,7 @@ def test_notebook_is_committed_without_outputs(path: Path) -> None:
 
 
 def test_every_notebook_is_checked() -> None:
-    assert {p.name for p in NOTEBOOKS} == set(PROBES)
+    assert {p.name for p in NOTEBOOKS} == set(PROBES) == set(OVERRIDES)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -86,6 +94,7 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
     monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("FABRIC_NOTEBOOK_OVERRIDES", OVERRIDES[path.name])
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBES[path.name]))
     client = NotebookClient(
@@ -105,6 +114,7 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
 def _check_quickstart(r: dict[str, Any], figures: int) -> None:
     assert figures >= 2, "the training curves and the drift plots"
     assert r["ray_running"] is False and r["run_dir_left"] is False, "a clean shutdown"
+    assert (r["trials"], r["train_epochs"]) == (2, 2), "the test's smaller run (OVERRIDES)"
     assert r["accuracy"] >= r["baseline"] - 0.02, r
     assert 400 <= r["bad_status"] < 500 and r["bad_body"]["error"], r["bad_body"]
     assert r["before"]["status"] == "ok" and r["before"]["window_size"] == 400
@@ -118,7 +128,7 @@ def _check_llm(r: dict[str, Any], figures: int) -> None:
     assert figures >= 2, "perplexity before/after with the per-epoch curves, and the served lengths"
     assert r["ray_running"] is False and r["run_dir_left"] is False, "a clean shutdown"
     assert r["perplexity_after"] < r["perplexity_before"], r
-    assert r["epochs"] == list(range(1, len(r["epochs"]) + 1)) and r["epochs"], r["epochs"]
+    assert r["epochs"] == [1, 2], "every epoch of the test's smaller run (OVERRIDES)"
     assert r["models"] == ["llm-smoke", "llm-smoke:finetuned"]
     replies = r["replies"]
     for who in ("base", "adapter"):  # both the base model and the adapter answered every question
