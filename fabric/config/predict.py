@@ -29,7 +29,7 @@ class PredictConfig(Section):
     """Rows per batch handed to the model (each call also checks and preprocesses them: large batches amortise
     the per-call cost)."""
     concurrency: int | None = Field(default=None, ge=1)
-    """Scoring actors (each holds one ONNX Runtime session); None: one per CPU the cluster has."""
+    """Scoring tasks at a time (each Ray worker keeps one ONNX Runtime session); None: one per CPU the cluster has."""
     keep_columns: list[str] = Field(default_factory=list)
     """Columns copied from the input to the output unchanged (ids, pass-through fields)."""
     output_format: Literal["auto", "parquet", "csv"] = "auto"
