@@ -309,7 +309,9 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     candidates = list(range(20000, max(20000, low)))
-    for port in random.sample(candidates, min(len(candidates), 64)):
+    # The system's randomness, not the `random` module's: a process that seeded it (a training run does) would
+    # otherwise draw the same ports as another process seeded alike, and two servers would collide.
+    for port in random.SystemRandom().sample(candidates, min(len(candidates), 64)):
         with socket.socket() as sock:
             try:
                 sock.bind(("", port))  # the wildcard: taken on any address (a node IP included) fails here

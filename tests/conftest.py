@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Keep Ray from spamming test output with its dedup notices and progress bars.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Serve kills a proxy that is not ready within 5 s (3 tries) while `serve.start` waits on it: on a loaded 2-core
+# machine a proxy takes longer than that to start, and the app then never comes up. Give it a minute.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 # Under pytest-xdist each worker keeps its Ray sessions (and Ray's "current cluster" file, which a plain
 # `ray.init()` would otherwise attach to) in a temp dir of its own, so two workers' clusters never meet.
 if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
