@@ -43,10 +43,6 @@ LOSSES = {"logloss", "mlogloss", "binary_logloss", "multi_logloss", "l2"}
 """Library metric names that are fabric's ``loss`` (log loss, or mean squared error)."""
 ERRORS = {"error", "merror", "binary_error", "multi_error"}
 """Library metric names that are ``1 - accuracy``."""
-REPORT_POLL_S = "0.05"
-"""Ray Train's controller collects a report from the workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
-(2 s by default) and a worker's next report waits for that: a report per boosting round would cost every
-round 2 s. Tree runs poll this often instead (unless the variable is set)."""
 _CLASSIFIERS = {"xgboost": ("binary:logistic", "multi:softprob"), "lightgbm": ("binary", "multiclass")}
 """The classification objectives whose predictions are class probabilities (what fabric serves)."""
 
@@ -410,21 +406,6 @@ def build_tree_trainer(
     )
 
 
-@contextmanager
-def _frequent_reports() -> Iterator[None]:
-    """Let the Ray Train run started in this block collect the workers' reports every :data:`REPORT_POLL_S`
-    (Ray passes ``RAY_TRAIN_*`` variables on to its controller)."""
-    name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = REPORT_POLL_S
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
 def finished(checkpoint: Path) -> bool:
     """Is this the end-of-training checkpoint (it carries ``model.json``)?"""
     return (checkpoint / "model.json").is_file()
@@ -494,8 +475,7 @@ def run(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) ->
             f"training {t.framework} on {t.num_workers} worker(s) for up to {t.num_boost_round} rounds{stop}; "
             f"run key {key}, checkpoints every {t.checkpoint_every} round(s) under {where}{resume}"
         )
-        with _frequent_reports():
-            _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, where)
+        _, checkpoint_dir, history = fit(trainer, "training", t.max_failures, where)
         if not finished(checkpoint_dir):
             raise FabricError(f"training at {where} ended without its final checkpoint")
         trained = int(history[-1]["epoch"]) - before if history else 0

@@ -116,6 +116,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], workers: int, use_gpu: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from fabric.train import train_loop_per_worker
+    from fabric.train._trainer import frequent_reports
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -127,7 +128,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], workers: int, use_gpu: 
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    with frequent_reports():
+        trainer.fit()
 
 
 def _tree_trainable(cfg: PipelineConfig, space: dict[str, Param]) -> tuple[Any, int, int]:

@@ -15,7 +15,6 @@ pytest.importorskip("peft")
 from fabric.config import PipelineConfig  # noqa: E402
 from fabric.models import load_causal_lm  # noqa: E402
 from fabric.train import FinetuneResult, finetune  # noqa: E402
-from tests.integration.train_polling import frequent_train_reports  # noqa: E402, F401  (autouse)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,6 @@ import pytest
 from fabric import pipeline
 from fabric.config import load_config
 from fabric.runtime import free_port
-from tests.integration.train_polling import frequent_train_reports  # noqa: F401  (autouse: reports collected often)
 from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,6 @@ import torch
 from fabric.config import PipelineConfig
 from fabric.models import load_model
 from fabric.train import TrainResult, run
-from tests.integration.train_polling import frequent_train_reports  # noqa: F401  (autouse: reports collected often)
 from tests.unit.train.synthetic import write_synthetic
 
 pytestmark = pytest.mark.integration
