@@ -95,7 +95,11 @@ def _log_lines() -> str:
     """What Ray's console handlers print for some Ray log records."""
     out = io.StringIO()
     handlers = verbosity._console_handlers()
-    streams = [h.setStream(out) for h in handlers]
+    # Swapped without setStream, which flushes the old stream: a handler made when Ray was first imported holds the
+    # stream pytest captured then, closed by now when another test imported Ray first.
+    streams = [h.stream for h in handlers]
+    for h in handlers:
+        h.stream = out
     logging.getLogger("ray._private.authentication.setup").warning(
         "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
     )
@@ -107,7 +111,7 @@ def _log_lines() -> str:
     logging.getLogger("ray.data.dataset").warning("a real problem with the data")
     logging.getLogger("ray.tune").error("a trial failed")
     for h, stream in zip(handlers, streams, strict=True):
-        h.setStream(stream)
+        h.stream = stream
     return out.getvalue()
 
 
