@@ -712,7 +712,7 @@ def score(
                        "staging": Staging(target.fs, target.staging, fmt)},
             batch_size=None,  # a block per task (blocks are sized to stream): one file each, scored batch by batch
             batch_format="pyarrow",
-            concurrency=n,
+            compute=ray.data.TaskPoolStrategy(size=n),
             num_cpus=threads,
         )  # fmt: skip
         try:
