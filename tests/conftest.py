@@ -56,7 +56,7 @@ def _has_cuda() -> bool:
 HEAD_MODULES = frozenset(
     {"test_cli_cluster", "test_submit_config", "test_two_node", "test_gcs_ft", "test_node_metrics"}
 )
-# The longest files first (`make test` runs `--dist loadfile`: whole files, handed out in collection order), so the
+# The longest files first (under `--dist loadfile` whole files are handed out in collection order), so the
 # two workers finish together instead of one running a long file alone at the end.
 LONG_FIRST = (
     "test_llm_vllm", "test_notebooks", "test_serve_stop", "test_tune", "test_trees", "test_own_model",
@@ -65,7 +65,7 @@ LONG_FIRST = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Before pytest-xdist starts its workers (`make test` runs two): create Ray's token once, so that two workers
+    """Before pytest-xdist starts its workers (`-n 2`): create Ray's token once, so that two workers
     never generate it at the same moment and one never replaces the token the other's cluster started with."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None and getattr(config.option, "numprocesses", None):
         from fabric.runtime import ensure_token

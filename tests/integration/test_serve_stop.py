@@ -110,13 +110,26 @@ def _listening_on(ports: set[int]) -> list[tuple[str, int, int | None]]:
     ]
 
 
-def _assert_nothing_left(haproxies: list[psutil.Process], ports: set[int], what: str) -> None:
+def _held_since(ports: set[int], stopped_at: float) -> list[tuple[str, int, int | None]]:
+    """Listeners on ``ports`` of processes that existed before the stop: a process started afterwards (another
+    test's Ray on the other pytest-xdist worker, Ray's default agent port 52365) took a freed port, not a left one."""
+    held = []
+    for ip, port, pid in _listening_on(ports):
+        try:
+            if pid is None or psutil.Process(pid).create_time() < stopped_at:
+                held.append((ip, port, pid))
+        except psutil.NoSuchProcess:
+            continue
+    return held
+
+
+def _assert_nothing_left(haproxies: list[psutil.Process], ports: set[int], what: str, stopped_at: float) -> None:
     _, alive = psutil.wait_procs(haproxies, timeout=30)
     assert not alive, f"HAProxy outlived {what}: {[p.pid for p in alive]}"
     deadline = time.monotonic() + 30
-    while _listening_on(ports) and time.monotonic() < deadline:
+    while _held_since(ports, stopped_at) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _listening_on(ports), f"ports still held after {what}: {_listening_on(ports)}"
+    assert not _held_since(ports, stopped_at), f"ports still held after {what}: {_held_since(ports, stopped_at)}"
 
 
 @pytest.fixture
@@ -138,9 +151,10 @@ def test_every_listener_is_on_loopback_and_ctrl_c_leaves_nothing(served: Served)
     assert haproxies and served.port in ha_ports and len(ha_ports) >= 3, listening  # ingress, stats, metrics
     ports = {port for _, port, _ in listening}
 
+    stopped_at = time.time()
     os.killpg(served.proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
     assert served.proc.wait(timeout=120) == 0, served.tail()
-    _assert_nothing_left(haproxies, ports, "Ctrl-C")
+    _assert_nothing_left(haproxies, ports, "Ctrl-C", stopped_at)
 
 
 def test_a_killed_driver_then_ray_stop_leaves_no_haproxy(served: Served) -> None:
@@ -148,12 +162,13 @@ def test_a_killed_driver_then_ray_stop_leaves_no_haproxy(served: Served) -> None
     haproxies = _haproxies(procs)
     ports = {port for _, port, label in listening if label.startswith("haproxy")}
     assert haproxies and len(ports) >= 3, listening
+    stopped_at = time.time()
     served.proc.kill()
     served.proc.wait(timeout=30)
     # `ray stop`, for this Ray only (others run on this machine): Ray's processes, and not HAProxy, which
     # `ray stop` does not know about.
     runtime.stop_processes([p for p in procs[1:] if p not in haproxies and p.is_running()])
-    _assert_nothing_left(haproxies, ports, "a killed driver and `ray stop`")
+    _assert_nothing_left(haproxies, ports, "a killed driver and `ray stop`", stopped_at)
 
 
 def test_serve_shutdown_leaves_no_haproxy(served: Served, tmp_path: Path) -> None:
@@ -165,6 +180,7 @@ def test_serve_shutdown_leaves_no_haproxy(served: Served, tmp_path: Path) -> Non
     ports = {port for _, port, label in listening if label.startswith("haproxy")}
     assert haproxies and len(ports) >= 3, listening
     os.environ["FABRIC_HOME"] = str(tmp_path)  # where `fabric serve` recorded its Ray
+    stopped_at = time.time()
     try:
         from fabric.serve.control import attach
 
@@ -173,7 +189,7 @@ def test_serve_shutdown_leaves_no_haproxy(served: Served, tmp_path: Path) -> Non
     finally:
         ray.shutdown()
         os.environ.pop("FABRIC_HOME")
-    _assert_nothing_left(haproxies, ports, "serve.shutdown()")
+    _assert_nothing_left(haproxies, ports, "serve.shutdown()", stopped_at)
     assert served.proc.wait(timeout=60) == 0 and "is gone; exiting" in served.tail()
 
 
