@@ -102,15 +102,13 @@ def _haproxies(procs: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in procs if p.is_running() and runtime.process_label(p).startswith("haproxy")]
 
 
-def _listening_on(ports: set[int]) -> list[tuple[str, int, int | None]]:
-    return [
-        (c.laddr.ip, c.laddr.port, c.pid)
-        for c in psutil.net_connections("inet")
-        if c.status == psutil.CONN_LISTEN and c.laddr.port in ports
-    ]
+def _listening_on(ports: set[tuple[str, int]]) -> list[tuple[str, int, int | None]]:
+    found = ((c.laddr.ip.removeprefix("::ffff:"), c.laddr.port, c.pid) for c in psutil.net_connections("inet")
+             if c.status == psutil.CONN_LISTEN)  # fmt: skip
+    return [(ip, port, pid) for ip, port, pid in found if (ip, port) in ports]
 
 
-def _held_since(ports: set[int], stopped_at: float) -> list[tuple[str, int, int | None]]:
+def _held_since(ports: set[tuple[str, int]], stopped_at: float) -> list[tuple[str, int, int | None]]:
     """Listeners on ``ports`` of processes that existed before the stop: a process started afterwards (another
     test's Ray on the other pytest-xdist worker, Ray's default agent port 52365) took a freed port, not a left one."""
     held = []
@@ -123,7 +121,9 @@ def _held_since(ports: set[int], stopped_at: float) -> list[tuple[str, int, int 
     return held
 
 
-def _assert_nothing_left(haproxies: list[psutil.Process], ports: set[int], what: str, stopped_at: float) -> None:
+def _assert_nothing_left(
+    haproxies: list[psutil.Process], ports: set[tuple[str, int]], what: str, stopped_at: float
+) -> None:
     _, alive = psutil.wait_procs(haproxies, timeout=30)
     assert not alive, f"HAProxy outlived {what}: {[p.pid for p in alive]}"
     deadline = time.monotonic() + 30
@@ -149,7 +149,7 @@ def test_every_listener_is_on_loopback_and_ctrl_c_leaves_nothing(served: Served)
     haproxies = _haproxies(procs)
     ha_ports = {port for _, port, label in listening if label.startswith("haproxy")}
     assert haproxies and served.port in ha_ports and len(ha_ports) >= 3, listening  # ingress, stats, metrics
-    ports = {port for _, port, _ in listening}
+    ports = {(ip, port) for ip, port, _ in listening}  # an address and port: another Ray may hold the port elsewhere
 
     stopped_at = time.time()
     os.killpg(served.proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
@@ -160,7 +160,7 @@ def test_every_listener_is_on_loopback_and_ctrl_c_leaves_nothing(served: Served)
 def test_a_killed_driver_then_ray_stop_leaves_no_haproxy(served: Served) -> None:
     procs, listening = served.settled()
     haproxies = _haproxies(procs)
-    ports = {port for _, port, label in listening if label.startswith("haproxy")}
+    ports = {(ip, port) for ip, port, label in listening if label.startswith("haproxy")}
     assert haproxies and len(ports) >= 3, listening
     stopped_at = time.time()
     served.proc.kill()
@@ -177,7 +177,7 @@ def test_serve_shutdown_leaves_no_haproxy(served: Served, tmp_path: Path) -> Non
 
     procs, listening = served.settled()
     haproxies = _haproxies(procs)
-    ports = {port for _, port, label in listening if label.startswith("haproxy")}
+    ports = {(ip, port) for ip, port, label in listening if label.startswith("haproxy")}
     assert haproxies and len(ports) >= 3, listening
     os.environ["FABRIC_HOME"] = str(tmp_path)  # where `fabric serve` recorded its Ray
     stopped_at = time.time()
