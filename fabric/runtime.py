@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_GCS_PORT = 6379
+DEFAULT_CLIENT_PORT = 10001
+"""Ray client server (``ray://``) port, Ray's default; a head takes a free one when another process holds it."""
 # Ray turns a node address of 127.0.0.1 into the machine's network address (services.resolve_ip_for_localhost)
 # and then binds its GCS, raylet, agents and client server on that address or on every interface, unless
 # multi-node clusters are off: a Ray whose processes start with this variable binds all of them to 127.0.0.1.
@@ -231,6 +233,8 @@ class LocalHead:
     """The key namespace of this head's state in that Redis (one per `fabric up`)."""
     supervisor_pid: int | None = None
     """The process that restarts the GCS when it dies (:func:`supervise_gcs`), with ``redis``."""
+    client_port: int = DEFAULT_CLIENT_PORT
+    """The Ray client server's port (``ray://<node_ip>:<client_port>``)."""
 
 
 def _state_file() -> Path:
@@ -312,15 +316,33 @@ def free_port() -> int:
     # The system's randomness, not the `random` module's: a process that seeded it (a training run does) would
     # otherwise draw the same ports as another process seeded alike, and two servers would collide.
     for port in random.SystemRandom().sample(candidates, min(len(candidates), 64)):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("", port))  # the wildcard: taken on any address (a node IP included) fails here
-            except OSError:
-                continue
+        if port_is_free(port):
             return port
     with socket.socket() as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """True when no process on this machine listens on TCP ``port`` on any address."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))  # the wildcard: taken on any address (a node IP included) fails here
+        except OSError:
+            return False
+    return True
+
+
+def _accepts(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def job_api_ready(url: str, timeout: float = 2.0) -> bool:
@@ -489,6 +511,7 @@ def start_head(
     # A short, fabric-owned temp dir: Ray's socket paths must stay under the OS limit, and every head
     # process carries it on its command line, which is how `fabric down` finds them and only them.
     temp_dir = f"/tmp/fabric-{os.getuid()}-{port}"
+    client_port = DEFAULT_CLIENT_PORT if port_is_free(DEFAULT_CLIENT_PORT) else free_port()
     cmd = [
         _ray_bin(), "start", "--head",
         f"--port={port}",
@@ -499,6 +522,7 @@ def start_head(
         # Ray's fixed default (52365) clashes with any other Ray on the machine, and the job API needs
         # this agent: take a free port instead.
         f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={client_port}",
         "--disable-usage-stats",
     ]  # fmt: skip
     if num_cpus is not None:
@@ -539,14 +563,21 @@ def start_head(
         local_only=local_only,
         redis=redis,
         storage_namespace=namespace,
+        client_port=client_port,
     )
     deadline = time.monotonic() + timeout_s
-    # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard.
-    while not job_api_ready(head.dashboard_url):
-        if time.monotonic() > deadline:
-            stop_processes(head_processes(temp_dir, port))
-            raise ClusterError(f"the job API on {head.dashboard_url} was not ready within {timeout_s:.0f}s")
-        time.sleep(0.5)
+    # Jobs are accepted once the head's dashboard agent has reported in, which can trail the dashboard; the
+    # client server, which `ray start` does not wait for, can trail both.
+    waits = {
+        f"the job API on {head.dashboard_url}": lambda: job_api_ready(head.dashboard_url),
+        f"the Ray client server on {node_ip}:{client_port}": lambda: _accepts(node_ip, client_port),
+    }
+    for what, ready in waits.items():
+        while not ready():
+            if time.monotonic() > deadline:
+                stop_processes(head_processes(temp_dir, port))
+                raise ClusterError(f"{what} was not ready within {timeout_s:.0f}s")
+            time.sleep(0.5)
     if redis is not None:
         head.supervisor_pid = _start_supervisor(temp_dir)
     _state_file().write_text(json.dumps(asdict(head), indent=2))

@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
   dashboard        {url}
   job submission   {url}
   ray address      {head.gcs_address}
+  ray client       ray://{head.node_ip}:{head.client_port}
   auth token       {head.token_location}
   resources        {declared}
   serve fast path  {fast}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -47,7 +48,14 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env = {**os.environ, "FABRIC_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    up = fabric(env, "up", f"--port={GCS_PORT}", f"--dashboard-port={DASH_PORT}", "--num-cpus=2")
+    # Ray's default client server port is held by another process (here, this one): the head takes another.
+    with socket.socket() as other:
+        try:
+            other.bind(("127.0.0.1", runtime.DEFAULT_CLIENT_PORT))
+            other.listen()
+        except OSError:
+            pass  # already held by some other process: the same case
+        up = fabric(env, "up", f"--port={GCS_PORT}", f"--dashboard-port={DASH_PORT}", "--num-cpus=2")
     assert up.returncode == 0, up.stdout + up.stderr
     env["UP_STDOUT"] = up.stdout
     yield env
@@ -75,6 +83,9 @@ def test_every_port_of_a_development_head_is_on_loopback_as_printed(head: dict[s
     assert [e for e in listening if e[0] not in runtime.LOOPBACK_IPS] == []
     printed = head["UP_STDOUT"]
     assert f"{GCS_PORT} gcs_server" in printed and f"{DASH_PORT} dashboard" in printed
+    client_port = next(port for _, port, label in listening if label == "ray-client-server")
+    assert client_port != runtime.DEFAULT_CLIENT_PORT
+    assert f"ray client       ray://127.0.0.1:{client_port}" in printed and f"{client_port} ray-client-server" in printed
     assert "every port is on loopback" in printed and "reachable from other machines" not in printed
 
 
