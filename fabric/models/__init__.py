@@ -6,6 +6,7 @@ transformers)."""
 from typing import Any
 
 from fabric.models._artifact import BUILDERS, build_from_spec, load_model, model_spec, read_spec, save_model, write_spec
+from fabric.models._signature import SignatureAdapter, adapt, column_layout
 from fabric.models._user import bundle_code, check_loop, check_model, code_digest, code_root
 from fabric.models.tabular import MLP, build_mlp
 
@@ -24,6 +25,8 @@ __all__ = [
     "BUILDERS",
     "DEFAULT_CHAT_TEMPLATE",
     "MLP",
+    "SignatureAdapter",
+    "adapt",
     "build_causal_lm",
     "build_from_spec",
     "build_mlp",
@@ -32,6 +35,7 @@ __all__ = [
     "check_model",
     "code_digest",
     "code_root",
+    "column_layout",
     "load_causal_lm",
     "load_model",
     "load_tokenizer",

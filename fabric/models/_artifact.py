@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from fabric.errors import FabricError
-from fabric.models._user import CODE_DIR, add_to_path, build_user_model, is_import_path
+from fabric.models._signature import adapt, column_layout
+from fabric.models._user import CODE_DIR, add_to_path, build_user_model, is_import_path, with_columns
 from fabric.models.tabular import build_mlp
 
 WEIGHTS = "model.pt"
@@ -52,7 +53,10 @@ def build_from_spec(spec: dict[str, Any], folder: str | Path | None = None) -> n
     if is_import_path(name):
         if folder is not None:
             add_to_path(Path(folder) / CODE_DIR)
-        return build_user_model(name, spec["kwargs"], field=f"{SPEC} builder")
+        field = f"{SPEC} builder"
+        features, categorical = list(spec.get("feature_names") or []), list(spec.get("categorical") or [])
+        kwargs = with_columns(name, spec["kwargs"], column_layout(features, categorical), field)
+        return adapt(build_user_model(name, kwargs, field=field), features, categorical, field)
     builder = BUILDERS.get(name)
     if builder is None:
         raise FabricError(f"model.json names builder {spec.get('builder')!r}; known: {', '.join(sorted(BUILDERS))}")

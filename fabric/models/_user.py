@@ -111,17 +111,42 @@ def build_user_model(path: str, kwargs: dict[str, Any], field: str = "train.mode
     return model
 
 
-def check_model(path: str, model_args: dict[str, Any], input_dim: int, output_dim: int) -> nn.Module:
-    """Build the user's module once and run two rows of zeros through it: what a run would do first, so
-    that a wrong builder fails before any work starts.
+def with_columns(
+    path: str, kwargs: dict[str, Any], columns: dict[str, list[str] | None], field: str = "train.model"
+) -> dict[str, Any]:
+    """``kwargs`` plus ``columns`` (input column -> its training categories, None for a numeric one, in feature
+    order) when the builder at ``path`` takes a parameter of that name: for embedding sizes and input
+    signatures. It is derived from the data each time, never stored with the kwargs.
 
     Raises:
-        ConfigError: as :func:`build_user_model`, or the forward pass fails or does not give
+        ConfigError: as :func:`resolve`.
+    """
+    try:
+        takes_columns = "columns" in inspect.signature(resolve(path, field)).parameters
+    except ValueError:  # no signature to inspect
+        takes_columns = False
+    return {**kwargs, "columns": columns} if takes_columns else dict(kwargs)
+
+
+def check_model(
+    path: str, model_args: dict[str, Any], feature_names: list[str], categorical: list[str], output_dim: int
+) -> nn.Module:
+    """Build the user's module once (in its input-signature adapter when it declares one) and run two rows of
+    zeros through it: what a run would do first, so that a wrong builder fails before any work starts.
+
+    Raises:
+        ConfigError: as :func:`build_user_model`, the input signature does not fit the data or the module
+            (:func:`fabric.models._signature.adapt`), or the forward pass fails or does not give
             ``[rows, output_dim]``.
     """
     import torch
 
-    model = build_user_model(path, {"input_dim": input_dim, "output_dim": output_dim, **model_args})
+    from fabric.models._signature import adapt, column_layout
+
+    input_dim = len(feature_names)
+    dims = {"input_dim": input_dim, "output_dim": output_dim}
+    kwargs = with_columns(path, {**dims, **model_args}, column_layout(feature_names, categorical))
+    model = adapt(build_user_model(path, kwargs), feature_names, categorical)
     model.eval()
     try:
         with torch.no_grad():

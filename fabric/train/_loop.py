@@ -69,6 +69,7 @@ def spec_from_config(config: dict[str, Any]) -> dict[str, Any]:
         task=config["task"],
         target=config.get("target"),
         feature_names=list(config["feature_names"]),
+        categorical=list(config.get("categorical") or []),
         num_classes=int(config["num_classes"]) if classification else None,
     )
 

@@ -108,7 +108,7 @@ def check_code(cfg: PipelineConfig, meta: dict[str, Any] | None = None) -> list[
         check_loop(t.loop)
     if t.model != "mlp":
         classes = int(meta["num_classes"]) if meta["task"] == "classification" else 1
-        check_model(t.model, t.model_args, len(meta["feature_names"]), classes)
+        check_model(t.model, t.model_args, list(meta["feature_names"]), list(meta.get("categorical") or []), classes)
     return sorted({str(root) for p in _user_paths(t) if (root := code_root(p)) is not None})
 
 
@@ -142,6 +142,7 @@ def loop_config(cfg: PipelineConfig) -> dict[str, Any]:
         "task": meta["task"],
         "target": meta.get("target"),
         "feature_names": list(meta["feature_names"]),
+        "categorical": list(meta.get("categorical") or []),
         "num_classes": meta.get("num_classes"),
         "hidden_size": t.hidden_size,
         "num_layers": t.num_layers,

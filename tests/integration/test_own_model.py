@@ -1,12 +1,14 @@
 """The user's own PyTorch module and own training loop through the whole lifecycle, on a real local Ray,
-MLflow and Serve HTTP on 127.0.0.1, from the shipped examples (jobs/examples/own_module, own_loop).
+MLflow and Serve HTTP on 127.0.0.1, from the shipped examples (jobs/examples/own_module, own_loop, own_inputs).
 
 One Ray (Serve's fast path) for the module. The own module (wine, 3 classes): ingest, a 2-trial search over
 ``model_args.width``, train, register, export with parity, serve; the served model answers an OIP v2 call and
 ``mlflow.pyfunc.load_model("models:/<name>@champion")`` in a fresh process elsewhere (the user's module is not
 on its path: it travels in the model folder) predicts the same. The own loop (diabetes, regression): ingest,
 a one-trial search and the training run the user's ``train_func``, register; the registry's pyfunc predicts
-what the trained model does. One fresh process loads both registered models (one Python and MLflow start-up).
+what the trained model does. The own module with an input signature (jobs/examples/own_inputs: category ids into
+embeddings; Fair data, binary): train, register, export with parity, served beside the first app on the same
+port. One fresh process loads the three registered models (one Python and MLflow start-up).
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture(scope="module")
+def serve_port() -> int:
+    """The one HTTP port of this Ray's Serve: each served app has its own route prefix on it."""
+    return free_port()
+
+
 def _pipeline(example: str, config: str, run_dir: Path, overrides: list[str]) -> pipeline.PipelineResult:
     """Run the shipped example's config from its folder (the working dir its import paths resolve in)."""
     folder = EXAMPLES / example
@@ -90,7 +98,7 @@ def _pyfunc(calls: list[tuple[str, str, pd.DataFrame]], cwd: Path) -> list[dict[
 
 
 @pytest.fixture(scope="module")
-def own_module(ray_serve: Path) -> tuple[Path, pipeline.PipelineResult]:
+def own_module(ray_serve: Path, serve_port: int) -> tuple[Path, pipeline.PipelineResult]:
     run_dir = ray_serve / "module-run"
     overrides = [
         "tune.num_samples=2",
@@ -98,7 +106,7 @@ def own_module(ray_serve: Path) -> tuple[Path, pipeline.PipelineResult]:
         "train.epochs=12",
         "train.num_workers=2",
         "serve.enabled=true",
-        f"serve.port={free_port()}",
+        f"serve.port={serve_port}",
         "serve.replica_cpus=0",
         "monitor.enabled=false",
         "export.quantize=false",
@@ -146,23 +154,44 @@ def own_loop(ray_serve: Path) -> tuple[Path, pipeline.PipelineResult]:
 
 
 @pytest.fixture(scope="module")
+def own_inputs(ray_serve: Path, serve_port: int) -> tuple[Path, pipeline.PipelineResult]:
+    """The own module with an input signature (category ids into embeddings, beside the numbers), served."""
+    run_dir = ray_serve / "inputs-run"
+    overrides = [
+        "train.epochs=3",
+        "serve.enabled=true",
+        f"serve.port={serve_port}",
+        "serve.app_name=own-inputs",
+        "serve.route_prefix=/inputs",
+        "serve.replica_cpus=0",
+        "monitor.enabled=false",
+        "export.quantize=false",
+        "track.model_name=own-inputs-test",
+    ]
+    return run_dir, _pipeline("own_inputs", "own_inputs_smoke.yaml", run_dir, overrides)
+
+
+@pytest.fixture(scope="module")
 def elsewhere(
     ray_serve: Path,
     own_module: tuple[Path, pipeline.PipelineResult],
     own_loop: tuple[Path, pipeline.PipelineResult],
+    own_inputs: tuple[Path, pipeline.PipelineResult],
 ) -> dict[str, dict[str, list[Any]]]:
-    """What the registry's pyfunc predicts, in a fresh process elsewhere, for the own module's champion and the
+    """What the registry's pyfunc predicts, in a fresh process elsewhere, for the own modules' champions and the
     own loop's registered version, each on its run's raw rows."""
     module_reg = own_module[1].stages["register"]
     loop_reg = own_loop[1].stages["register"]
-    module, loop = _pyfunc(
+    inputs_reg = own_inputs[1].stages["register"]
+    module, loop, inputs = _pyfunc(
         [
             (module_reg.tracking_uri, "models:/own-module-test@champion", _raw_rows(own_module[0])),
             (loop_reg.tracking_uri, f"models:/own-loop-test/{loop_reg.version}", _raw_rows(own_loop[0])),
+            (inputs_reg.tracking_uri, "models:/own-inputs-test@champion", _raw_rows(own_inputs[0])),
         ],
         ray_serve / "elsewhere",
     )
-    return {"module": module, "loop": loop}
+    return {"module": module, "loop": loop, "inputs": inputs}
 
 
 def test_own_module_served_and_from_the_registry_elsewhere_predict_the_same(
@@ -206,3 +235,32 @@ def test_own_loop_trains_registers_and_the_registry_predicts_as_trained(
     with torch.no_grad():
         expected = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))[:, 0].numpy()
     np.testing.assert_allclose(elsewhere["loop"]["prediction"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_own_input_signature_is_trained_exported_served_and_loaded_elsewhere_alike(
+    own_inputs: tuple[Path, pipeline.PipelineResult], elsewhere: dict[str, dict[str, list[Any]]]
+) -> None:
+    from fabric.models import load_model
+
+    run_dir, result = own_inputs
+    trained = result.stages["train"]
+    assert trained.metrics["test_accuracy"] > trained.metrics["baseline_test_accuracy"]
+    model, spec = load_model(trained.model_path)
+    # the module took category ids for the two text columns of the Fair data, the numbers beside them
+    assert model.net.input_signature["ids"] == {"columns": ["occupation", "occupation_husb"], "as": "ids"}
+    assert spec["categorical"] == ["occupation", "occupation_husb"] and "columns" not in spec["kwargs"]
+    exported = result.stages["export"]
+    assert exported.max_abs_diff <= exported.tolerance
+    served = result.stages["serve"]
+    assert served.url.endswith("/inputs")
+    rows = _raw_rows(run_dir)
+    rows.loc[rows.index[0], "occupation"] = "astronaut"  # a category training never saw: id 0
+    r = httpx.post(
+        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    assert probs.shape == (len(rows), 2)
+    pyfunc = elsewhere["inputs"]  # on the reference rows, the unseen category aside
+    np.testing.assert_allclose(np.stack([pyfunc[f"proba_{k}"] for k in range(2)], axis=1)[1:], probs[1:], atol=1e-4)

@@ -46,7 +46,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignor
 
 def test_a_good_builder_is_built_and_checked_from_the_working_dir(user_module) -> None:  # type: ignore[no-untyped-def]
     name = user_module()
-    model = check_model(f"{name}:build", {"width": 5}, input_dim=3, output_dim=2)
+    model = check_model(f"{name}:build", {"width": 5}, ["a", "b", "c"], [], output_dim=2)
     assert model(torch.zeros(4, 3)).shape == (4, 2) and model[0].out_features == 5
     assert callable(check_loop(f"{name}:loop"))
 
@@ -87,7 +87,7 @@ def test_each_bad_builder_is_one_config_error_naming_the_field(  # type: ignore[
 ) -> None:
     name = user_module(source)
     with pytest.raises(ConfigError, match=message) as info:
-        check_model(path.format(m=name, u=uuid.uuid4().hex[:6]), args, input_dim=3, output_dim=2)
+        check_model(path.format(m=name, u=uuid.uuid4().hex[:6]), args, ["a", "b", "c"], [], output_dim=2)
     assert [p.path for p in info.value.problems] == ["train.model"]
 
 

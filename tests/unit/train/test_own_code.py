@@ -132,6 +132,6 @@ def test_the_shipped_examples_code_resolves_from_their_folder(
     t = load_config(path).train
     assert t.model != "mlp" or t.loop
     if t.model != "mlp":
-        check_model(t.model, t.model_args, *dims)
+        check_model(t.model, t.model_args, [f"x{i}" for i in range(dims[0])], [], dims[1])
     if t.loop:
         check_loop(t.loop)
