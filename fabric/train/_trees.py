@@ -141,6 +141,8 @@ class _Rounds:
         self.say = say
         self.crash = crash
         self.began = time.perf_counter()
+        self.start = self.done
+        """The round this attempt started from (0: from scratch; a restart resumes from its checkpoint's)."""
 
     @property
     def done(self) -> int:
@@ -150,7 +152,12 @@ class _Rounds:
         if self.crash:
             _maybe_crash(self.crash, self.done + 1, self.rank)
         now = time.perf_counter()
-        row: dict[str, Any] = {"epoch": self.done + 1, **fabric_metrics(raw), "round_s": now - self.began}
+        row: dict[str, Any] = {
+            "epoch": self.done + 1,
+            **fabric_metrics(raw),
+            "round_s": now - self.began,
+            "resumed_from_round": self.start,
+        }
         self.began = now
         self.history.append(row)
         every = max(1, self.total // 10)

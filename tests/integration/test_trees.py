@@ -200,5 +200,7 @@ def test_a_worker_lost_mid_run_resumes_from_the_last_checkpoint(lifecycle: dict[
     assert marker.read_text().startswith("worker rank 1 exited at round 7")
     # rounds 1-5 come from the checkpoint the restart resumed from, 6-20 were boosted after it
     assert [int(r["epoch"]) for r in result.history] == list(range(1, 21))
+    # resumed, not restarted from scratch: the rounds after the restart started from round 5's checkpoint
+    assert [r["resumed_from_round"] for r in result.history] == [0] * 5 + [5] * 15
     assert result.trained_epochs == 20 and result.metrics["best_iteration"] == 20
     assert json.loads((result.model_path / "model.json").read_text())["num_boost_round"] == 20
