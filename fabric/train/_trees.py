@@ -286,6 +286,9 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             import ray.train.lightgbm
 
+            # LightGBM sets up its network (and logs each step at Info) before it reads `verbosity` from the
+            # params: a throwaway dataset applies the params' log level first.
+            lightgbm.Dataset(np.zeros((1, 1)), params={"verbosity": params.get("verbosity", -1)}).construct()
             params = {
                 "tree_learner": "data_parallel", "pre_partition": True,
                 **ray.train.lightgbm.get_network_params(), **params,
