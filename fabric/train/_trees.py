@@ -107,6 +107,24 @@ def fabric_metrics(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
+_MAXIMIZED = ("auc", "aucpr", "map", "ndcg", "pre")
+"""Library metric names (prefixes) where higher is better, as XGBoost's early stopping reads them."""
+
+
+def stopping_round(history: list[dict[str, Any]], metric: str, maximize: bool, patience: int) -> int | None:
+    """The best round of ``history`` by ``metric`` when the ``patience`` rounds after it brought no improvement
+    (early stopping ends the run there, keeping that round), else None. The history holds every round of the
+    run, those before a resume included, so a restart does not start the patience over."""
+    values = [(int(r["epoch"]), float(r[metric])) for r in history if metric in r]
+    if not values:
+        return None
+    best_round, best = values[0]
+    for round_, value in values[1:]:
+        if value > best if maximize else value < best:
+            best_round, best = round_, value
+    return best_round if values[-1][0] - best_round >= patience else None
+
+
 def tree_spec(config: dict[str, Any], params: dict[str, Any], best_iteration: int, rounds: int) -> dict[str, Any]:
     """The ``model.json`` of a tree model (``fabric.models.load_model`` reads it)."""
     framework, task = config["framework"], config["task"]
@@ -130,12 +148,25 @@ def tree_spec(config: dict[str, Any], params: dict[str, Any], best_iteration: in
 
 class _Rounds:
     """The run's per-round history: renames each round's metrics (the callbacks' ``results_postprocessing_fn``),
-    numbers it, and prints a line every tenth of the run on rank 0."""
+    numbers it, prints a line every tenth of the run on rank 0, and decides early stopping (``patience``)."""
 
     def __init__(
-        self, history: list[dict[str, Any]], total: int, rank: int, say: bool, crash: dict[str, Any] | None = None
+        self,
+        history: list[dict[str, Any]],
+        total: int,
+        rank: int,
+        say: bool,
+        crash: dict[str, Any] | None = None,
+        patience: int | None = None,
+        watch_first: bool = False,
     ) -> None:
         self.history = history
+        self.patience = patience
+        self.watch_first = watch_first
+        """Early stopping watches the val split's first metric (LightGBM's rule) rather than its last (XGBoost's)."""
+        self.watched: tuple[str, bool] | None = None
+        self.stop: int | None = None
+        """The round to keep once early stopping ended the run (see :func:`stopping_round`)."""
         self.total = total
         self.rank = rank
         self.say = say
@@ -160,12 +191,26 @@ class _Rounds:
         }
         self.began = now
         self.history.append(row)
+        if self.patience:
+            self._early_stopping(raw)
         every = max(1, self.total // 10)
         if self.say and self.rank == 0 and (row["epoch"] % every == 0 or row["epoch"] in (1, self.total)):
             keys = ("train_loss", "val_loss", "val_accuracy", "val_rmse")
             shown = " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
             log.info(f"round {row['epoch']}/{self.total}  {shown}")
         return row
+
+
+    def _early_stopping(self, raw: dict[str, Any]) -> None:
+        if self.watched is None:
+            keys = [k for k in raw if k.startswith("val-")]
+            if not keys:
+                return
+            key = keys[0] if self.watch_first else keys[-1]
+            name = key.partition("-")[2]
+            metric = next(iter(fabric_metrics({key: 0.0})))
+            self.watched = (metric, metric.endswith("_accuracy") or name.startswith(_MAXIMIZED))
+        self.stop = stopping_round(self.history, *self.watched, int(self.patience or 0))
 
 
 def _maybe_crash(spec: dict[str, Any], round_: int, rank: int) -> None:
@@ -196,6 +241,22 @@ def _reporter(framework: str, tune: bool, rounds: _Rounds, frequency: int) -> An
         from ray.train.lightgbm import RayTrainReportCallback as Base
 
     class Report(Base):  # type: ignore[misc, valid-type]
+        if framework == "xgboost":
+
+            def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+                super().after_iteration(model, epoch, evals_log)
+                return rounds.stop is not None  # True ends XGBoost's training
+
+        else:
+
+            def __call__(self, env: Any) -> None:
+                super().__call__(env)
+                if rounds.stop is not None:
+                    import lightgbm
+
+                    # LightGBM keeps iteration best_iteration + 1 (counted over the whole run, a resume included)
+                    raise lightgbm.callback.EarlyStopException(rounds.stop - 1, [])
+
         @contextmanager
         def _get_checkpoint(self, model: Any) -> Iterator[Any]:
             with super()._get_checkpoint(model) as checkpoint:
@@ -232,7 +293,7 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
 
     Used by the training stage's XGBoostTrainer / LightGBMTrainer and, with ``session: tune``, by the Tune
     stage's one-process trials (the whole splits, reports to Tune, no checkpoints). Resumes from the last
-    checkpoint after a worker failure (early stopping's patience starts over then).
+    checkpoint after a worker failure; early stopping's patience counts the rounds before the restart too.
 
     Args:
         config: :func:`tree_config` plus the trial's hyperparameters. Keys: framework, data_dir, task,
@@ -264,23 +325,25 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
             start_model = load_booster(framework, Path(folder) / booster_file)
     x, y = _arrays(config, "train", tune)
     xv, yv = _arrays(config, "val", tune)
-    rounds = _Rounds(history, total, rank, say=not tune, crash=config.get("fault_injection"))
+    stop = config.get("early_stopping_rounds")
+    rounds = _Rounds(
+        history, total, rank, say=not tune, crash=config.get("fault_injection"), patience=stop,
+        watch_first=framework == "lightgbm",
+    )  # fmt: skip
     remaining = total - rounds.done
     if rank == 0 and not tune and rounds.done:
         log.info(f"resumed from the checkpoint of round {rounds.done} of {total}")
     report = _reporter(framework, tune, rounds, 0 if tune else int(config.get("checkpoint_every") or 0))
-    stop = config.get("early_stopping_rounds")
     if framework == "xgboost":
         xgboost = require("xgboost", "gbdt")
         dtrain, dval = xgboost.DMatrix(x, label=y), xgboost.DMatrix(xv, label=yv)
-        callbacks: list[Any] = [report]  # first: EarlyStopping's stop would skip the callbacks after it
-        if stop:
-            callbacks.append(xgboost.callback.EarlyStopping(rounds=int(stop), data_name="val", save_best=True))
         booster = xgboost.train(
             params, dtrain, num_boost_round=max(remaining, 0), evals=[(dtrain, "train"), (dval, "val")],
-            callbacks=callbacks, xgb_model=start_model, verbose_eval=False,
+            callbacks=[report], xgb_model=start_model, verbose_eval=False,
         )  # fmt: skip
-        best = int(booster.num_boosted_rounds())  # save_best kept the rounds up to the best
+        best = int(booster.num_boosted_rounds())
+        if rounds.stop is not None and rounds.stop < best:
+            booster, best = booster[: rounds.stop], rounds.stop  # keep the rounds up to the best
     else:
         lightgbm = require("lightgbm", "gbdt")
         if world > 1:
@@ -295,12 +358,9 @@ def tree_loop_per_worker(config: dict[str, Any]) -> None:
             }  # fmt: skip
         train_set = lightgbm.Dataset(x, label=y, free_raw_data=False)
         val_set = lightgbm.Dataset(xv, label=yv, reference=train_set, free_raw_data=False)
-        callbacks = [report]
-        if stop:
-            callbacks.append(lightgbm.early_stopping(int(stop), first_metric_only=True, verbose=False))
         booster = lightgbm.train(
             params, train_set, num_boost_round=max(remaining, 0), valid_sets=[train_set, val_set],
-            valid_names=["train", "val"], callbacks=callbacks, init_model=start_model,
+            valid_names=["train", "val"], callbacks=[report], init_model=start_model,
         )  # fmt: skip
         best = int(booster.best_iteration or booster.current_iteration())
     if tune:

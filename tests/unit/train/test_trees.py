@@ -103,3 +103,32 @@ def test_an_incomplete_tree_folder_says_what_is_missing(tmp_path: Path) -> None:
     write_spec(tmp_path, tree_spec(config, {}, 3, 3))
     with pytest.raises(FabricError, match="no model.txt"):
         load_model(tmp_path)
+
+
+def _rows(values: list[float], metric: str = "val_loss") -> list[dict[str, float]]:
+    return [{"epoch": i + 1, metric: v} for i, v in enumerate(values)]
+
+
+def test_early_stopping_keeps_the_best_round_once_patience_runs_out() -> None:
+    from fabric.train._trees import stopping_round
+
+    losses = [0.9, 0.7, 0.6, 0.65, 0.61]
+    assert stopping_round(_rows(losses), "val_loss", maximize=False, patience=3) is None
+    assert stopping_round(_rows([*losses, 0.62]), "val_loss", maximize=False, patience=3) == 3
+    assert stopping_round(_rows([0.5, 0.7, 0.6], "val_accuracy"), "val_accuracy", maximize=True, patience=1) == 2
+    assert stopping_round(_rows([0.5, 0.7, 0.6], "val_accuracy"), "val_accuracy", maximize=True, patience=2) is None
+    assert stopping_round([], "val_loss", maximize=False, patience=1) is None
+
+
+def test_a_resumed_run_counts_patience_from_the_rounds_before_the_restart() -> None:
+    from fabric.train._trees import _Rounds
+
+    # rounds 1-5 come from the checkpoint: the best was round 3, two rounds without progress since
+    rounds = _Rounds(_rows([0.9, 0.7, 0.6, 0.65, 0.61]), total=20, rank=1, say=False, patience=3)
+    rounds.add({"train-mlogloss": 0.5, "val-merror": 0.2, "val-mlogloss": 0.62})
+    assert rounds.watched == ("val_loss", False)  # XGBoost's rule: the val split's last metric
+    assert rounds.stop == 3 and rounds.history[-1]["resumed_from_round"] == 5
+    lightgbm = _Rounds([], total=20, rank=1, say=False, patience=1, watch_first=True)
+    lightgbm.add({"val-multi_error": 0.3, "val-multi_logloss": 0.7})
+    lightgbm.add({"val-multi_error": 0.4, "val-multi_logloss": 0.6})
+    assert lightgbm.watched == ("val_accuracy", True) and lightgbm.stop == 1
