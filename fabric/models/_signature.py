@@ -101,7 +101,8 @@ def _shape(entry: Mapping[str, Any], arg: str, width: int, field: str) -> list[i
             raise _problem(f"input_signature[{arg!r}]: {width} features do not fit shape {list(shape)}", field)
         out[free[0]] = width // known
     if math.prod(out) != width:
-        raise _problem(f"input_signature[{arg!r}]: shape {list(shape)} needs {math.prod(out)} features, not {width}", field)
+        needs = math.prod(out)
+        raise _problem(f"input_signature[{arg!r}]: shape {list(shape)} needs {needs} features, not {width}", field)
     return out
 
 
@@ -158,7 +159,8 @@ def _plan(
         raise _problem(f"input_signature[{arg!r}] must be a mapping with 'columns', got {entry!r}", field)
     extra = sorted(set(entry) - _KEYS)
     if extra:
-        raise _problem(f"input_signature[{arg!r}]: unknown key(s) {', '.join(extra)}; known: {', '.join(sorted(_KEYS))}", field)
+        known = ", ".join(sorted(_KEYS))
+        raise _problem(f"input_signature[{arg!r}]: unknown key(s) {', '.join(extra)}; known: {known}", field)
     kind = entry.get("as", "values")
     if kind not in ("values", "ids"):
         raise _problem(f"input_signature[{arg!r}]['as'] must be 'values' or 'ids', got {kind!r}", field)
@@ -200,7 +202,8 @@ def adapt(net: nn.Module, feature_names: list[str], categorical: list[str], fiel
     if signature is None:
         return net
     if not isinstance(signature, Mapping):
-        raise _problem(f"input_signature must be a mapping of forward argument -> entry, got {type(signature).__name__}", field)
+        what = type(signature).__name__
+        raise _problem(f"input_signature must be a mapping of forward argument -> entry, got {what}", field)
     try:
         inspect.signature(net.forward).bind(**{str(k): None for k in signature})
     except TypeError as e:

@@ -29,7 +29,8 @@ class EmbeddingNet(nn.Module):
             "ids": {"columns": categorical, "as": "ids"},
             "numeric": {"columns": numeric},
         }
-        self.embeddings = nn.ModuleList(nn.Embedding(len(columns[c]) + 1, dim) for c in categorical)  # type: ignore[arg-type]
+        sizes = [len(columns[c] or []) + 1 for c in categorical]  # + 1: id 0, a null or an unseen category
+        self.embeddings = nn.ModuleList(nn.Embedding(n, dim) for n in sizes)
         self.head = nn.Sequential(
             nn.Linear(dim * len(categorical) + len(numeric), width),
             nn.ReLU(),
