@@ -335,13 +335,15 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def _accepts(host: str, port: int) -> bool:
+def reachable(address: str, timeout_s: float = 3.0) -> bool:
+    """True when something accepts TCP connections at ``address`` (``host:port``; no host: 127.0.0.1)."""
     import socket
 
+    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host, port), timeout=1.0):
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
             return True
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -570,7 +572,7 @@ def start_head(
     # client server, which `ray start` does not wait for, can trail both.
     waits = {
         f"the job API on {head.dashboard_url}": lambda: job_api_ready(head.dashboard_url),
-        f"the Ray client server on {node_ip}:{client_port}": lambda: _accepts(node_ip, client_port),
+        f"the Ray client server on {node_ip}:{client_port}": lambda: reachable(f"{node_ip}:{client_port}", 1.0),
     }
     for what, ready in waits.items():
         while not ready():

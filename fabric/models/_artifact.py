@@ -18,7 +18,7 @@ from torch import nn
 
 from fabric.errors import FabricError
 from fabric.models._signature import adapt, column_layout
-from fabric.models._user import CODE_DIR, add_to_path, build_user_model, is_import_path, with_columns
+from fabric.models._user import CODE_DIR, add_to_path, build_user_model, is_import_path
 from fabric.models.tabular import build_mlp
 
 WEIGHTS = "model.pt"
@@ -55,8 +55,8 @@ def build_from_spec(spec: dict[str, Any], folder: str | Path | None = None) -> n
             add_to_path(Path(folder) / CODE_DIR)
         field = f"{SPEC} builder"
         features, categorical = list(spec.get("feature_names") or []), list(spec.get("categorical") or [])
-        kwargs = with_columns(name, spec["kwargs"], column_layout(features, categorical), field)
-        return adapt(build_user_model(name, kwargs, field=field), features, categorical, field)
+        net = build_user_model(name, spec["kwargs"], field, columns=column_layout(features, categorical))
+        return adapt(net, features, categorical, field)
     builder = BUILDERS.get(name)
     if builder is None:
         raise FabricError(f"model.json names builder {spec.get('builder')!r}; known: {', '.join(sorted(BUILDERS))}")

@@ -93,14 +93,28 @@ def _call_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return f"({', '.join(parts)})"
 
 
-def build_user_model(path: str, kwargs: dict[str, Any], field: str = "train.model") -> nn.Module:
-    """Call the builder at ``path`` with ``kwargs`` (``input_dim``, ``output_dim`` and the model_args).
+def build_user_model(
+    path: str,
+    kwargs: dict[str, Any],
+    field: str = "train.model",
+    columns: dict[str, list[str] | None] | None = None,
+) -> nn.Module:
+    """Call the builder at ``path`` with ``kwargs`` (``input_dim``, ``output_dim`` and the model_args), plus
+    ``columns`` (input column -> its training categories, None for a numeric one, in feature order) when the
+    builder has a parameter of that name: for embedding sizes and input signatures. ``columns`` is derived from
+    the data at every build, never stored with the kwargs.
 
     Raises:
         ConfigError: as :func:`resolve`, or the builder does not take these arguments, raises, or does not
             return a ``torch.nn.Module``.
     """
     fn = resolve(path, field)
+    if columns is not None:
+        try:
+            if "columns" in inspect.signature(fn).parameters:
+                kwargs = {**kwargs, "columns": columns}
+        except ValueError:  # no signature to inspect
+            pass
     _accepts(fn, path, field, **kwargs)
     try:
         model = fn(**kwargs)
@@ -109,23 +123,6 @@ def build_user_model(path: str, kwargs: dict[str, Any], field: str = "train.mode
     if not isinstance(model, nn.Module):
         raise _problem(field, f"{path!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def with_columns(
-    path: str, kwargs: dict[str, Any], columns: dict[str, list[str] | None], field: str = "train.model"
-) -> dict[str, Any]:
-    """``kwargs`` plus ``columns`` (input column -> its training categories, None for a numeric one, in feature
-    order) when the builder at ``path`` takes a parameter of that name: for embedding sizes and input
-    signatures. It is derived from the data each time, never stored with the kwargs.
-
-    Raises:
-        ConfigError: as :func:`resolve`.
-    """
-    try:
-        takes_columns = "columns" in inspect.signature(resolve(path, field)).parameters
-    except ValueError:  # no signature to inspect
-        takes_columns = False
-    return {**kwargs, "columns": columns} if takes_columns else dict(kwargs)
 
 
 def check_model(
@@ -144,9 +141,9 @@ def check_model(
     from fabric.models._signature import adapt, column_layout
 
     input_dim = len(feature_names)
-    dims = {"input_dim": input_dim, "output_dim": output_dim}
-    kwargs = with_columns(path, {**dims, **model_args}, column_layout(feature_names, categorical))
-    model = adapt(build_user_model(path, kwargs), feature_names, categorical)
+    kwargs = {"input_dim": input_dim, "output_dim": output_dim, **model_args}
+    net = build_user_model(path, kwargs, columns=column_layout(feature_names, categorical))
+    model = adapt(net, feature_names, categorical)
     model.eval()
     try:
         with torch.no_grad():

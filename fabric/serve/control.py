@@ -409,7 +409,7 @@ def attach(address: str | None = None) -> None:
     if address is None and not os.environ.get("RAY_ADDRESS"):
         raise UsageError("no running Serve found: start one with `fabric serve <config>` or pass --address")
     target = address or os.environ["RAY_ADDRESS"]
-    if "://" not in target and target != "auto" and not _reachable(target):
+    if "://" not in target and target != "auto" and not runtime.reachable(target):
         # ray.init retries an absent GCS for minutes; say so at once instead.
         raise ClusterError(f"no Ray cluster answers at {target} (is `fabric serve` still running?)")
     try:
@@ -419,17 +419,6 @@ def attach(address: str | None = None) -> None:
         raise ClusterError(
             f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {str(e).splitlines()[0]}"
         ) from None
-
-
-def _reachable(address: str, timeout_s: float = 3.0) -> bool:
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def current_traffic(app: str) -> dict[str, float]:

@@ -111,20 +111,6 @@ _MAXIMIZED = ("auc", "aucpr", "map", "ndcg", "pre")
 """Library metric names (prefixes) where higher is better, as XGBoost's early stopping reads them."""
 
 
-def stopping_round(history: list[dict[str, Any]], metric: str, maximize: bool, patience: int) -> int | None:
-    """The best round of ``history`` by ``metric`` when the ``patience`` rounds after it brought no improvement
-    (early stopping ends the run there, keeping that round), else None. The history holds every round of the
-    run, those before a resume included, so a restart does not start the patience over."""
-    values = [(int(r["epoch"]), float(r[metric])) for r in history if metric in r]
-    if not values:
-        return None
-    best_round, best = values[0]
-    for round_, value in values[1:]:
-        if value > best if maximize else value < best:
-            best_round, best = round_, value
-    return best_round if values[-1][0] - best_round >= patience else None
-
-
 def tree_spec(config: dict[str, Any], params: dict[str, Any], best_iteration: int, rounds: int) -> dict[str, Any]:
     """The ``model.json`` of a tree model (``fabric.models.load_model`` reads it)."""
     framework, task = config["framework"], config["task"]
@@ -165,8 +151,11 @@ class _Rounds:
         self.watch_first = watch_first
         """Early stopping watches the val split's first metric (LightGBM's rule) rather than its last (XGBoost's)."""
         self.watched: tuple[str, bool] | None = None
+        """The fabric metric early stopping watches, and whether higher is better."""
+        self.best: tuple[int, float] | None = None
+        """The best round so far and its value of the watched metric."""
         self.stop: int | None = None
-        """The round to keep once early stopping ended the run (see :func:`stopping_round`)."""
+        """The round to keep once ``patience`` rounds after the best brought no improvement."""
         self.total = total
         self.rank = rank
         self.say = say
@@ -200,8 +189,10 @@ class _Rounds:
             log.info(f"round {row['epoch']}/{self.total}  {shown}")
         return row
 
-
     def _early_stopping(self, raw: dict[str, Any]) -> None:
+        """Track the best round and stop ``patience`` rounds after it. The history holds every round of the run,
+        those before a resume included (read once, on the first round), so a restart keeps the patience."""
+        rows = self.history[-1:]
         if self.watched is None:
             keys = [k for k in raw if k.startswith("val-")]
             if not keys:
@@ -210,7 +201,15 @@ class _Rounds:
             name = key.partition("-")[2]
             metric = next(iter(fabric_metrics({key: 0.0})))
             self.watched = (metric, metric.endswith("_accuracy") or name.startswith(_MAXIMIZED))
-        self.stop = stopping_round(self.history, *self.watched, int(self.patience or 0))
+            rows = self.history
+        metric, maximize = self.watched
+        for r in rows:
+            if metric in r:
+                value = float(r[metric])
+                if self.best is None or (value > self.best[1] if maximize else value < self.best[1]):
+                    self.best = (int(r["epoch"]), value)
+        if self.best is not None and self.done - self.best[0] >= int(self.patience or 0):
+            self.stop = self.best[0]
 
 
 def _maybe_crash(spec: dict[str, Any], round_: int, rank: int) -> None:

@@ -97,6 +97,16 @@ def _pyfunc(calls: list[tuple[str, str, pd.DataFrame]], cwd: Path) -> list[dict[
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _served_probabilities(served: Any, rows: pd.DataFrame) -> np.ndarray:
+    """The class probabilities an OIP v2 call of the served model gives for ``rows``."""
+    r = httpx.post(
+        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    return np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+
+
 @pytest.fixture(scope="module")
 def own_module(ray_serve: Path, serve_port: int) -> tuple[Path, pipeline.PipelineResult]:
     run_dir = ray_serve / "module-run"
@@ -200,12 +210,7 @@ def test_own_module_served_and_from_the_registry_elsewhere_predict_the_same(
     run_dir, result = own_module
     served = result.stages["serve"]
     rows = _raw_rows(run_dir)
-    r = httpx.post(
-        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
-    )
-    assert r.status_code == 200, r.text
-    outputs = {o["name"]: o for o in r.json()["outputs"]}
-    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    probs = _served_probabilities(served, rows)
     assert probs.shape == (len(rows), 3)
     pyfunc = elsewhere["module"]
     np.testing.assert_allclose(np.stack([pyfunc[f"proba_{k}"] for k in range(3)], axis=1), probs, atol=1e-4)
@@ -255,12 +260,7 @@ def test_own_input_signature_is_trained_exported_served_and_loaded_elsewhere_ali
     assert served.url.endswith("/inputs")
     rows = _raw_rows(run_dir)
     rows.loc[rows.index[0], "occupation"] = "astronaut"  # a category training never saw: id 0
-    r = httpx.post(
-        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
-    )
-    assert r.status_code == 200, r.text
-    outputs = {o["name"]: o for o in r.json()["outputs"]}
-    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    probs = _served_probabilities(served, rows)
     assert probs.shape == (len(rows), 2)
     pyfunc = elsewhere["inputs"]  # on the reference rows, the unseen category aside
     np.testing.assert_allclose(np.stack([pyfunc[f"proba_{k}"] for k in range(2)], axis=1)[1:], probs[1:], atol=1e-4)

@@ -109,15 +109,24 @@ def _rows(values: list[float], metric: str = "val_loss") -> list[dict[str, float
     return [{"epoch": i + 1, metric: v} for i, v in enumerate(values)]
 
 
-def test_early_stopping_keeps_the_best_round_once_patience_runs_out() -> None:
-    from fabric.train._trees import stopping_round
+def _stopped_at(losses: list[float], patience: int, raw: str = "val-logloss") -> int | None:
+    from fabric.train._trees import _Rounds
 
+    rounds = _Rounds([], total=100, rank=1, say=False, patience=patience)
+    for v in losses:
+        rounds.add({raw: v})
+        if rounds.stop is not None:
+            break
+    return rounds.stop
+
+
+def test_early_stopping_keeps_the_best_round_once_patience_runs_out() -> None:
     losses = [0.9, 0.7, 0.6, 0.65, 0.61]
-    assert stopping_round(_rows(losses), "val_loss", maximize=False, patience=3) is None
-    assert stopping_round(_rows([*losses, 0.62]), "val_loss", maximize=False, patience=3) == 3
-    assert stopping_round(_rows([0.5, 0.7, 0.6], "val_accuracy"), "val_accuracy", maximize=True, patience=1) == 2
-    assert stopping_round(_rows([0.5, 0.7, 0.6], "val_accuracy"), "val_accuracy", maximize=True, patience=2) is None
-    assert stopping_round([], "val_loss", maximize=False, patience=1) is None
+    assert _stopped_at(losses, patience=3) is None
+    assert _stopped_at([*losses, 0.62, 0.5], patience=3) == 3  # stops at round 6, before 0.5 comes
+    assert _stopped_at([0.5, 0.3, 0.4], patience=1, raw="val-error") == 2  # accuracy 0.7 is the best
+    assert _stopped_at([0.5, 0.3, 0.4], patience=2, raw="val-error") is None
+    assert _stopped_at([0.5, 0.7, 0.6], patience=1, raw="val-auc") == 2  # higher is better
 
 
 def test_a_resumed_run_counts_patience_from_the_rounds_before_the_restart() -> None:
