@@ -189,6 +189,24 @@ def pull(run_dir: str | Path, sub: str, marker: str | None = None) -> Path:
     return local
 
 
+def fetch(run_dir: str | Path, sub: str) -> Path:
+    """The local path of the file ``<run_dir>/<sub>``; for a URI, first downloaded from the bucket into the local
+    copy (a missing object leaves no stale local file behind: callers check ``is_file()``).
+
+    One file, not a folder: a replica or the monitor reads a run's small files without pulling its splits.
+    """
+    local = local_root(run_dir) / sub
+    if not is_uri(run_dir):
+        return local
+    from pyarrow import fs
+
+    filesys, path = filesystem(join(run_dir, sub))
+    if filesys.get_file_info(path).type != fs.FileType.File:
+        local.unlink(missing_ok=True)
+        return local
+    return download(join(run_dir, sub), local)
+
+
 def download(location: str | Path, local: Path) -> Path:
     """Copy the folder (or file) at ``location`` to ``local``, replacing what was there."""
     from pyarrow import fs
@@ -196,6 +214,8 @@ def download(location: str | Path, local: Path) -> Path:
     filesys, path = filesystem(location)
     staging = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}")
     staging.parent.mkdir(parents=True, exist_ok=True)
+    if filesys.get_file_info(path).type == fs.FileType.Directory:
+        staging.mkdir()  # pyarrow creates a folder's subfolders, not the folder itself
     fs.copy_files(path, str(staging), filesys, fs.LocalFileSystem())
     if local.is_dir():
         shutil.rmtree(local)

@@ -8,9 +8,9 @@ neither Ray nor Evidently.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fabric import storage
 from fabric.monitor.actor import MonitorActor, get_actor, start
 from fabric.monitor.client import MonitorClient, MonitorUnavailableError
 from fabric.monitor.monitor import DriftMonitor, load_reference, reference_spec
@@ -40,7 +40,7 @@ __all__ = [
 
 def checkpoint_path(cfg: PipelineConfig) -> str:
     """Where the monitor checkpoints: ``cfg.monitor.checkpoint_path`` or ``<run_dir>/monitor/state.pkl``."""
-    return cfg.monitor.checkpoint_path or str(Path(cfg.run_dir) / "monitor" / "state.pkl")
+    return cfg.monitor.checkpoint_path or storage.join(cfg.run_dir, "monitor", "state.pkl")
 
 
 def run(cfg: PipelineConfig) -> ActorHandle:

@@ -90,18 +90,20 @@ def read_bytes(path: str | Path) -> bytes | None:
 
 
 def load_reference(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Ingestion's reference sample and meta.json from ``<run_dir>/data``.
+    """Ingestion's reference sample and meta.json from ``<run_dir>/data`` (a URI run_dir's are downloaded).
 
     Raises:
         FabricError: when the ingest stage has not written them.
     """
     import pandas as pd
 
-    data = Path(run_dir) / "data"
-    ref_path = data / "reference.parquet"
+    from fabric import storage
+
+    ref_path = storage.fetch(run_dir, "data/reference.parquet")
     if not ref_path.is_file():
-        raise FabricError(f"no reference sample at {ref_path}: run the ingest stage first (fabric.data.run)")
-    meta_path = data / "meta.json"
+        where = storage.join(run_dir, "data", "reference.parquet")
+        raise FabricError(f"no reference sample at {where}: run the ingest stage first (fabric.data.run)")
+    meta_path = storage.fetch(run_dir, "data/meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return pd.read_parquet(ref_path), meta
 

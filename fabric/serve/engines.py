@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from fabric import storage
 from fabric.errors import FabricError, UsageError
 
 if TYPE_CHECKING:
@@ -179,11 +180,12 @@ def read_model_json(folder: Path) -> dict[str, Any]:
 
 def _preprocessor_for(folder: Path, spec: dict[str, Any], run_dir: str) -> Path | None:
     """``preprocessor.json`` in the model folder (registry models carry it), else the run's data folder's
-    when its features are the model's (a model trained on another run's data must not borrow it)."""
+    when its features are the model's (a model trained on another run's data must not borrow it); a URI
+    run_dir's file is downloaded first."""
     own = folder / PREPROCESSOR_FILE
     if own.is_file():
         return own
-    shared = Path(run_dir) / "data" / PREPROCESSOR_FILE
+    shared = storage.fetch(run_dir, f"data/{PREPROCESSOR_FILE}")
     if shared.is_file():
         import json
 
@@ -198,10 +200,11 @@ def _preprocessor_for(folder: Path, spec: dict[str, Any], run_dir: str) -> Path 
 
 def _exported_for(folder: Path, run_dir: str) -> Path | None:
     """The export stage's ``<run_dir>/export/model.onnx`` when its ``export.json`` says it was made from
-    this very model folder (the pipeline exports the registered version it then serves)."""
+    this very model folder (the pipeline exports the registered version it then serves); a URI run_dir's
+    export folder is pulled first."""
     import json
 
-    report = Path(run_dir) / "export" / "export.json"
+    report = storage.pull(run_dir, "export", "export.json") / "export.json"
     try:
         info = json.loads(report.read_text())
     except (OSError, ValueError):
@@ -209,7 +212,7 @@ def _exported_for(folder: Path, run_dir: str) -> Path | None:
     source, onnx = info.get("model_dir"), info.get("onnx_path")
     if not source or not onnx or Path(source).resolve() != folder:
         return None
-    path = Path(onnx) if Path(onnx).is_absolute() else Path(run_dir).parent / onnx
+    path = Path(onnx) if Path(onnx).is_absolute() else storage.local_root(run_dir).parent / onnx
     for candidate in (path, report.parent / ONNX_FILE):
         if candidate.is_file():
             return candidate

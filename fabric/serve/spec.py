@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fabric import storage
 from fabric.config.serve import ModelVersion
 from fabric.serve.haproxy_guard import HOOK, HOOK_VAR
 
@@ -82,7 +83,7 @@ def replica_config(cfg: PipelineConfig) -> dict[str, Any]:
     serve["model_name"] = model_name(cfg)
     return {
         "name": cfg.name,
-        "run_dir": str(Path(cfg.run_dir).resolve()),
+        "run_dir": storage.join(cfg.run_dir),  # a URI stays one: each replica reads it from its own node
         "seed": cfg.seed,
         "serve": serve,
         "track": cfg.track.model_dump(mode="json"),

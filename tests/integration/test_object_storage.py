@@ -2,8 +2,9 @@
 the standard way (AWS_ENDPOINT_URL and AWS keys in the environment, which the local Ray's workers inherit).
 
 An interrupted training resumes from its checkpoint in the bucket, a repeated run on a machine without the
-run's local copy finds every stage done in the bucket, a search keeps its state there and resumes from it, and
-a bad bucket fails before any work with one line naming it.
+run's local copy finds every stage done in the bucket, a search keeps its state there and resumes from it, the
+champion is served, monitored and batch-scored from the bucket alone, and a bad bucket fails before any work
+with one line naming it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from fabric import data, pipeline, storage, train, tune
 from fabric.config import PipelineConfig
 from fabric.errors import FabricError
+from fabric.runtime import free_port
+from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +64,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def ray_s3(s3: object, ray_local: None) -> None:
-    """Ray started after the AWS variables are set (its workers upload checkpoints with them)."""
+def ray_s3(s3: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Ray (with Serve's fast path) started after the AWS variables are set: its workers and replicas reach the
+    bucket with them."""
+    with local_ray(tmp_path_factory.mktemp("fabric-home")):
+        yield
 
 
 def _keys(client: object, prefix: str) -> list[str]:
@@ -109,15 +119,59 @@ def test_pipeline_on_s3_resumes_and_caches(
     assert any(k.startswith("run/mlartifacts/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts
 
     # A rerun whose local copy lost everything but the registry's database: each stage is found done in the bucket.
-    root = storage.local_root(RUN_DIR)
-    for child in root.iterdir():
-        if child.name != "mlflow.db":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    root = _forget_local_copy()
     again = pipeline.run(cfg)
     out = capsys.readouterr().out
     assert "== ingest: cached" in out and "== export: cached" in out
     assert "training: nothing to do" in out and again.stages["register"].registered is False
     assert (root / "data" / "meta.json").is_file()  # pulled from the bucket for the stages that read it
+
+
+def _forget_local_copy() -> Path:
+    """Delete the run_dir's local copy but the registry's database, as on a machine that never ran the run."""
+    root = storage.local_root(RUN_DIR)
+    for child in root.iterdir():
+        if child.name != "mlflow.db":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return root
+
+
+def test_served_monitored_and_scored_from_the_bucket(ray_s3: None, s3: object) -> None:
+    import ray
+
+    from fabric.monitor import get_actor
+    from fabric.predict import score
+
+    cfg = _cfg()
+    pipeline.run(cfg)  # (done by the first test: found cached)
+    rows = pd.read_parquet(storage.fetch(RUN_DIR, "data/reference.parquet")).drop(columns=["target"]).head(8)
+    keyed = rows.assign(row=range(len(rows)))
+    s3.put_object(Bucket=BUCKET, Key="in/rows.parquet", Body=keyed.to_parquet(index=False))  # type: ignore[attr-defined]
+    root = _forget_local_copy()
+
+    served_cfg = _cfg(serve={"enabled": True, "port": free_port(), "replica_cpus": 0})
+    result = pipeline.serve_stages(served_cfg)
+    served = result.stages["serve"]
+    r = httpx.post(
+        f"{served.url}/v2/models/{served.model_name}/infer", json={"instances": rows.to_dict("records")}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    assert (root / "export" / "export.json").is_file()  # the replica pulled the export stage's ONNX graph
+
+    # The monitor read its reference from the bucket, saw the served rows and checkpoints into the bucket.
+    actor = get_actor(served_cfg.monitor.actor_name)
+    assert ray.get(actor.checkpoint.remote()) == f"{RUN_DIR}/monitor/state.pkl"
+    assert "run/monitor/state.pkl" in _keys(s3, "run/monitor/")
+
+    _forget_local_copy()
+    keep = _cfg(predict={"keep_columns": ["row"]})
+    scored = score(keep, f"s3://{BUCKET}/in/rows.parquet", f"s3://{BUCKET}/out/scored.parquet")
+    assert scored.rows == len(rows)
+    out = pq.read_table(f"s3://{BUCKET}/out/scored.parquet").to_pandas().sort_values("row")
+    proba = out[sorted(c for c in out.columns if c.startswith("proba_"))].to_numpy(dtype=np.float32)
+    np.testing.assert_allclose(proba, probs, rtol=1e-4, atol=1e-5)  # the same champion, the same answers
 
 
 def test_search_state_on_s3_resumes(ray_s3: None, s3: object) -> None:

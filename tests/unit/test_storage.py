@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def test_files_and_folders_round_trip_through_the_bucket(s3: str) -> None:
     storage.pull(run, "data", "meta.json")
     assert (local / "extra").is_file()
     assert storage.pull(run, "nothing-here", "meta.json") == storage.local_root(run) / "nothing-here"
+
+    shutil.rmtree(storage.local_root(run))  # another machine: no local copy at all
+    assert (storage.pull(run, "data", "meta.json") / "train" / "part.parquet").read_bytes() == b"rows"
+    shutil.rmtree(storage.local_root(run))
+    assert storage.fetch(run, "data/meta.json").read_text() == "v1"  # one file, not the folder
+    assert not (local / "train").exists()
+    (local / "gone.json").write_text("stale")
+    assert not storage.fetch(run, "data/gone.json").exists()  # not in the bucket: no stale copy is used
 
 
 def test_a_missing_bucket_fails_in_one_line_naming_it(s3: str) -> None:
