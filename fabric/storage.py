@@ -98,6 +98,20 @@ def exists(location: str | Path) -> bool:
     return filesys.get_file_info(path).type != fs.FileType.NotFound
 
 
+def size(location: str | Path) -> int:
+    """Bytes of the file at ``location``, or of every file under the folder there (0 when nothing is there)."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(location)
+    info = filesys.get_file_info(path)
+    if info.type == fs.FileType.File:
+        return int(info.size or 0)
+    if info.type != fs.FileType.Directory:
+        return 0
+    found = filesys.get_file_info(fs.FileSelector(path, recursive=True))
+    return sum(int(f.size or 0) for f in found if f.type == fs.FileType.File)
+
+
 def read_text(location: str | Path) -> str:
     """The text of the file at ``location`` (OSError when it is missing)."""
     filesys, path = filesystem(location)
@@ -135,7 +149,45 @@ def stamp(*locations: str | Path) -> str:
     return ";".join(out)
 
 
-def publish(run_dir: str | Path, sub: str, last: str | None = None) -> None:
+def files(location: str | Path) -> list[str]:
+    """The files under the folder at ``location`` (recursively, sorted), as paths of its filesystem; [] when
+    there is no such folder."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(location)
+    if filesys.get_file_info(path).type != fs.FileType.Directory:
+        return []
+    found = filesys.get_file_info(fs.FileSelector(path, recursive=True))
+    return sorted(f.path for f in found if f.type == fs.FileType.File)
+
+
+def delete(location: str | Path) -> None:
+    """Delete the file or folder at ``location``; nothing to do when nothing is there."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(location)
+    kind = filesys.get_file_info(path).type
+    if kind == fs.FileType.Directory:
+        filesys.delete_dir(path)
+    elif kind == fs.FileType.File:
+        filesys.delete_file(path)
+
+
+def move(source: str | Path, dest: str | Path) -> None:
+    """Move the folder at ``source`` to ``dest`` (on one filesystem): a rename locally, a server-side copy and
+    delete of each object in a bucket (object stores cannot rename a prefix)."""
+    filesys, src = filesystem(source)
+    _, dst = filesystem(dest)
+    if not is_uri(source):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        filesys.move(src, dst)
+        return
+    for path in files(source):
+        filesys.move(path, f"{dst}/{path[len(src):].lstrip('/')}")
+    delete(source)
+
+
+def publish(run_dir: str | Path, sub: str, last: str | None = None, written: tuple[str, ...] = ()) -> None:
     """Upload the local copy of ``<run_dir>/<sub>`` (a folder or a file) over what the URI holds there; nothing
     to do for a local run_dir.
 
@@ -143,6 +195,8 @@ def publish(run_dir: str | Path, sub: str, last: str | None = None) -> None:
         run_dir: a local path or a URI.
         sub: the folder or file under ``run_dir``.
         last: a file of the folder uploaded after all the others (the stage's "finished" marker, see :func:`pull`).
+        written: subfolders of ``sub`` the stage's tasks wrote to the bucket themselves: neither uploaded nor
+            replaced (the stage cleared the folder before writing them).
     """
     if not is_uri(run_dir):
         return
@@ -153,11 +207,13 @@ def publish(run_dir: str | Path, sub: str, last: str | None = None) -> None:
     if source.is_file():
         fs.copy_files(str(source), dest, fs.LocalFileSystem(), filesys)
         return
-    if filesys.get_file_info(dest).type == fs.FileType.Directory:
+    if not written and filesys.get_file_info(dest).type == fs.FileType.Directory:
         filesys.delete_dir_contents(dest)  # a previous run's outputs are replaced as a whole, never mixed
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.relative_to(source).as_posix() == last)
-    for f in files:
+    uploads = sorted(
+        p for p in source.rglob("*") if p.is_file() and p.relative_to(source).parts[0] not in written
+    )
+    uploads.sort(key=lambda p: p.relative_to(source).as_posix() == last)
+    for f in uploads:
         fs.copy_files(str(f), f"{dest}/{f.relative_to(source).as_posix()}", fs.LocalFileSystem(), filesys)
     log.debug(f"published {source} to {join(run_dir, sub)}")
 

@@ -239,17 +239,23 @@ def _column_kinds(spec: ScanSpec, plan: Plan) -> dict[str, str]:
     return kinds
 
 
-def _write_splits(ds: ray.data.Dataset, spec: ScanSpec, pre: Preprocessor, plan: Plan, out_dir: Path) -> pd.DataFrame:
+def _write_splits(
+    ds: ray.data.Dataset, spec: ScanSpec, pre: Preprocessor, plan: Plan, out_dir: Path, run_dir: str | Path
+) -> pd.DataFrame:
     """Pass 2: encode and write every split in one streaming pass, then move them into place.
+
+    The tasks write where the run_dir is: a local run_dir's ``data`` folder, or a URI run_dir's ``data`` folder
+    in the bucket (tasks on any node, no shared disk), whose splits are then copied down to the local copy
+    ``out_dir`` (the driver digests them).
 
     Returns the reference sample: raw training rows (features and target) set aside by the same tasks.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    staging = out_dir / "_staging"
-    sample_dir = out_dir / "_sample"
-    sample_dir.mkdir(parents=True)
+    root = storage.join(run_dir, "data")
+    staging, sample_dir = f"{root}/_staging", f"{root}/_sample"
+    storage.makedirs(sample_dir)
     encoded = ds.map_batches(
         _write_block,
         batch_format=None,
@@ -260,24 +266,27 @@ def _write_splits(ds: ray.data.Dataset, spec: ScanSpec, pre: Preprocessor, plan:
             "classes": plan.classes,
             "kinds": _column_kinds(spec, plan),
             "threshold": plan.sample_threshold,
-            "sample_dir": str(sample_dir),
+            "sample_dir": sample_dir,
         },
     )
-    encoded.write_parquet(str(staging), partition_cols=["split"])
+    encoded.write_parquet(staging, partition_cols=["split"])
     label_type = pa.int64() if plan.classes is not None else pa.float32()
     schema = pa.schema([(n, pa.float32()) for n in pre.feature_names] + [("label", label_type)])
+    filesys, _ = storage.filesystem(root)
     for name in SPLITS:
-        part = staging / f"split={name}"
-        dest = out_dir / name
-        if part.is_dir():
-            part.rename(dest)
+        part = f"{staging}/split={name}"
+        if storage.files(part):
+            storage.move(part, f"{root}/{name}")
         else:  # an empty split (fraction 0) still reads as a dataset with the right columns
-            dest.mkdir(parents=True)
-            pq.write_table(schema.empty_table(), dest / "empty.parquet")
-    shutil.rmtree(staging, ignore_errors=True)
+            storage.makedirs(f"{root}/{name}")
+            empty = storage.filesystem(f"{root}/{name}/empty.parquet")[1]
+            pq.write_table(schema.empty_table(), empty, filesystem=filesys)
+        if storage.is_uri(run_dir):
+            storage.download(f"{root}/{name}", out_dir / name)
+    storage.delete(staging)
 
-    parts = [pq.read_table(f) for f in sorted(sample_dir.glob("*.parquet"))]
-    shutil.rmtree(sample_dir, ignore_errors=True)
+    parts = [pq.read_table(f, filesystem=filesys) for f in storage.files(sample_dir)]
+    storage.delete(sample_dir)
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in spec.columns})
     sample = pa.concat_tables(parts).to_pandas().sort_values(_SAMPLE_KEY, kind="stable")
@@ -382,7 +391,9 @@ def run(cfg: PipelineConfig) -> IngestResult:
         if out_dir.exists():  # a previous run's outputs: replaced as a whole, never mixed with these
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        sample = _write_splits(ds, spec, pre, plan, out_dir)
+        if storage.is_uri(cfg.run_dir):
+            storage.delete(storage.join(cfg.run_dir, "data"))  # meta.json first gone: never taken as done
+        sample = _write_splits(ds, spec, pre, plan, out_dir, cfg.run_dir)
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -420,7 +431,7 @@ def run(cfg: PipelineConfig) -> IngestResult:
     # Written last: its presence means the whole stage finished.
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     split_digests(out_dir)  # each split's content digest, cached for training's run key and the registry
-    storage.publish(cfg.run_dir, "data", last="meta.json")
+    storage.publish(cfg.run_dir, "data", last="meta.json", written=SPLITS)
 
     result = IngestResult(
         out_dir=out_dir,
@@ -466,18 +477,22 @@ def _print_summary(r: IngestResult, plan: Plan, sample_rows: int, seconds: float
 
 
 def read_split(out_dir: str | Path, name: str) -> ray.data.Dataset:
-    """One written split (``train``, ``val`` or ``test``) as a Ray Dataset of float32 features and ``label``."""
+    """One written split (``train``, ``val`` or ``test``) as a Ray Dataset of float32 features and ``label``.
+
+    ``out_dir`` may be a URI (a URI run_dir's ``data`` folder): each read task then reads the bucket from its
+    own node, so no node needs the driver's local copy.
+    """
     if name not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {name!r}")
-    path = Path(out_dir) / name
-    if not path.is_dir():
+    location = storage.join(out_dir, name)
+    if not storage.exists(location):
         raise DataValidationError(f"no {name} split under {out_dir}: run the ingestion stage first")
     import ray.data
     from ray.data import DataContext
 
     # Made under ingestion's reader settings (see data_context): training re-reads splits every epoch.
-    with DataContext.current(data_context(resolve(str(path), "parquet"))):
-        return ray.data.read_parquet(str(path.resolve()), partitioning=None)
+    with DataContext.current(data_context(resolve(location, "parquet"))):
+        return ray.data.read_parquet(location, partitioning=None)
 
 
 def load_meta(out_dir: str | Path) -> dict[str, Any]:

@@ -553,8 +553,9 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
     """A local model folder (``model.pt``, ``model.json``, ``preprocessor.json``) for a path or a registry URI.
 
     Args:
-        uri_or_path: a model folder, a downloaded MLflow model folder, ``models:/<name>@<alias>``,
-            ``models:/<name>/<version>`` or any other MLflow model URI.
+        uri_or_path: a model folder (local, or a URI such as ``s3://bucket/run/train/model``), a downloaded
+            MLflow model folder, ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or any other MLflow
+            model URI.
         cfg: where the registry is (``track.tracking_uri`` or the run folder's store) and where downloads
             are cached (``<run_dir>/registry/``, in a URI run_dir's local copy; one folder per resolved version).
 
@@ -569,6 +570,14 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
         if (path / "MLmodel").is_file():
             return _model_folder(path)
         raise UsageError(f"no model at {path} (expected a folder with model.json, or an MLflow model)")
+    if storage.is_uri(text) and storage.exists(storage.join(text, "model.json")):
+        # A fabric model folder in a bucket (e.g. a URI run_dir's ``train/model``), as a replica on any node reads
+        # it: downloaded unless this machine's copy has the bucket's model.json.
+        local = storage.cache_path(text)
+        theirs = storage.read_text(storage.join(text, "model.json"))
+        if not (local / "model.json").is_file() or (local / "model.json").read_text() != theirs:
+            storage.download(text, local)
+        return local
 
     from mlflow.exceptions import MlflowException
 

@@ -24,6 +24,12 @@ def data_dir(run_dir: str | Path) -> Path:
     return storage.pull(run_dir, "data", "meta.json")
 
 
+def splits_location(run_dir: str | Path) -> str:
+    """Where training workers read the ingested splits: a URI run_dir's ``data`` folder in the bucket (so no
+    node needs a shared disk or the driver's local copy), else the local ``data`` folder."""
+    return storage.join(run_dir, "data")
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
     """Read ``meta.json`` of the ingestion output; FabricError telling to run ingestion when absent."""
     meta_file = folder / "meta.json"
@@ -58,8 +64,10 @@ def collate(batch: dict[str, np.ndarray], features: list[str], task: str) -> tup
     return x, y
 
 
-def local_shard(folder: Path, name: str, features: list[str], rank: int, world_size: int) -> dict[str, np.ndarray]:
-    """This worker's equal share of one split, read straight from parquet.
+def local_shard(
+    folder: str | Path, name: str, features: list[str], rank: int, world_size: int
+) -> dict[str, np.ndarray]:
+    """This worker's equal share of one split (``folder``: a local path or a URI), read straight from parquet.
 
     Used when the trainer was given no Ray Datasets (a Ray Tune trial builds its own TorchTrainer):
     Ray Data tasks inside a trial would wait for CPUs the trial's workers hold. Every rank gets the
@@ -67,7 +75,8 @@ def local_shard(folder: Path, name: str, features: list[str], rank: int, world_s
     """
     import pyarrow.parquet as pq
 
-    table = pq.read_table(folder / name, columns=[*features, "label"])
+    filesys, path = storage.filesystem(storage.join(folder, name))
+    table = pq.read_table(path, filesystem=filesys, columns=[*features, "label"])
     per_rank = table.num_rows // world_size
     if per_rank == 0:
         raise FabricError(f"split {name!r} has {table.num_rows} rows, fewer than the {world_size} workers")

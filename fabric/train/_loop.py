@@ -222,7 +222,7 @@ class _Batches:
 
                 self.shards[split] = ray.train.get_dataset_shard(split)
             else:
-                self.local[split] = local_shard(Path(config["data_dir"]), split, self.features, rank, world_size)
+                self.local[split] = local_shard(config["data_dir"], split, self.features, rank, world_size)
 
     def __call__(self, split: str, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shuffle = split == "train"

@@ -18,7 +18,7 @@ from fabric.runtime import connect
 from fabric.tracking import beats, digest_splits, fit_baseline, run_key, score
 from fabric.tracking import read_split as read_labelled
 from fabric.train._checkpoint import read_history, to_artifact
-from fabric.train._data import SPLITS, data_dir, read_meta, read_split
+from fabric.train._data import SPLITS, data_dir, read_meta, read_split, splits_location
 from fabric.train._loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def loop_config(cfg: PipelineConfig) -> dict[str, Any]:
         "model_args": dict(t.model_args),
         "loop": t.loop,
         "code_dirs": check_code(cfg, meta),
-        "data_dir": str(folder),
+        "data_dir": splits_location(cfg.run_dir),
         "task": meta["task"],
         "target": meta.get("target"),
         "feature_names": list(meta["feature_names"]),
@@ -171,12 +171,11 @@ def build_trainer(
     """
     t = cfg.train
     config = {**loop_config(cfg), **(loop_overrides or {}), "ray_data_shards": True}
-    folder = Path(config["data_dir"])
     where = train_storage(cfg)
     storage.makedirs(where)
     name = name or run_name(cfg, train_key(cfg))
     return worker_group_trainer(
-        train_loop_per_worker, config, t, _datasets(folder, t.num_workers), name=name, storage=where
+        train_loop_per_worker, config, t, _datasets(config["data_dir"], t.num_workers), name=name, storage=where
     )
 
 
@@ -217,7 +216,7 @@ def worker_group_trainer(
     )
 
 
-def _datasets(folder: Path, num_workers: int) -> dict[str, Any]:
+def _datasets(folder: str, num_workers: int) -> dict[str, Any]:
     """The train/val splits the workers stream their shards of, read once into the object store when
     that is cheap or necessary, else re-read from parquet every epoch.
 
@@ -234,7 +233,7 @@ def _datasets(folder: Path, num_workers: int) -> dict[str, Any]:
     for split in ("train", "val"):
         ds = read_split(folder, split)
         ds.context.enable_progress_bars = False  # per-epoch shard bars would bury the epoch lines
-        on_disk = sum(f.stat().st_size for f in (folder / split).rglob("*") if f.is_file())
+        on_disk = storage.size(storage.join(folder, split))
         out[split] = ds if spare_cpus >= 1 and on_disk > store / 10 else ds.materialize()
     return out
 

@@ -31,7 +31,7 @@ from fabric.errors import FabricError, require
 from fabric.models import read_spec, write_spec
 from fabric.models.trees import BOOSTER_FILES, load_booster
 from fabric.train._checkpoint import read_history, write_history
-from fabric.train._data import data_dir, local_shard, read_meta, read_split
+from fabric.train._data import data_dir, local_shard, read_meta, read_split, splits_location
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _arrays(config: dict[str, Any], split: str, tune: bool) -> tuple[np.ndarray,
     """This worker's features and labels of a split: its Ray Data shard, or (a Tune trial) the whole split."""
     features = list(config["feature_names"])
     if tune:
-        columns = local_shard(Path(config["data_dir"]), split, features, 0, 1)
+        columns = local_shard(config["data_dir"], split, features, 0, 1)
     else:
         import ray.train
 
@@ -400,7 +400,7 @@ def tree_config(cfg: PipelineConfig) -> dict[str, Any]:
     t = cfg.train
     return {
         "framework": t.framework,
-        "data_dir": str(folder),
+        "data_dir": splits_location(cfg.run_dir),
         "task": meta["task"],
         "target": meta.get("target"),
         "feature_names": list(meta["feature_names"]),
@@ -429,7 +429,7 @@ def with_trial(base: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _datasets(folder: Path) -> dict[str, Any]:
+def _datasets(folder: str) -> dict[str, Any]:
     """The train/val splits, read once into the object store (the boosters hold their data in memory anyway)."""
     out = {}
     for split in ("train", "val"):
@@ -464,7 +464,7 @@ def build_tree_trainer(
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu, placement_strategy=t.placement_strategy
         ),
-        datasets=_datasets(Path(config["data_dir"])),
+        datasets=_datasets(config["data_dir"]),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,
