@@ -7,9 +7,15 @@ crosses an interface; elsewhere the worker listens on 127.0.0.2 beside the head 
 resources (one CPU and a ``head_node``/``worker_node`` marker), so one worker, block or replica per CPU
 must land on each node.
 
-Shown: both nodes alive with their resources; Ray Data read tasks on both; the training stage's two DDP
-workers one per node; a Serve app with a replica per node, requests answered by both (matched by
-request id in each node's replica access log). Every process and the namespace are removed at the end,
+No shared disk: the run's files live in a bucket (moto's S3 server on the head's address, reached the standard
+way, AWS_ENDPOINT_URL and keys), and where this process may make mount namespaces the worker node runs in one
+of its own in which the test's temporary folders (the head's run folders, FABRIC_HOME, local copies) are an
+empty tmpfs. Each node keeps its local copies in a cache folder of its own.
+
+Shown: both nodes alive with their resources; the worker node cannot see the head's files; Ray Data read tasks
+on both, reading the bucket; the training stage's two DDP workers one per node, run_dir in the bucket; a Serve
+app with a replica per node serving a model folder from the bucket, requests answered by both (matched by
+request id in each node's replica access log). Every process and the namespaces are removed at the end,
 whatever failed.
 """
 
@@ -39,6 +45,7 @@ from tests.conftest import ROOT, which_ray
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STORE_BYTES = 150 * 1024 * 1024
+BUCKET = "two-node"
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Cluster:
     home: Path
     worker_temp: str
     up_stdout: str
+    hidden: Path | None  # the head's folder the worker node cannot see (None: no mount namespace here)
 
 
 def _sh(*cmd: str) -> None:
@@ -86,6 +94,38 @@ def _netns_possible() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None and sys.platform == "linux"
 
 
+def _private_disk(hidden: Path) -> list[str]:
+    """A command prefix that runs the rest in a mount namespace of its own in which ``hidden`` is an empty
+    tmpfs (the raylet and every process it starts stay in it); [] where this process cannot make one."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or sys.platform != "linux":
+        return []
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30
+    )
+    if probe.returncode != 0:
+        return []
+    script = 'mount -t tmpfs fabric-hidden "$0" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hidden)]
+
+
+@pytest.fixture(scope="module")
+def bucket_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The AWS variables every node gets (the endpoint is filled in by ``cluster`` once it knows the head's
+    address); this process's environment has them while the module runs."""
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in (*keys, "AWS_ENDPOINT_URL", "FABRIC_CACHE_DIR")}
+    os.environ.update(keys)
+    os.environ["FABRIC_CACHE_DIR"] = str(tmp_path_factory.mktemp("head-cache"))
+    try:
+        yield keys
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _fabric(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fabric.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -93,8 +133,10 @@ def _fabric(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, bucket_env: dict[str, str]) -> Iterator[Cluster]:
+    import boto3
     import ray
+    from moto.server import ThreadedMotoServer
 
     home = tmp_path_factory.mktemp("two-node-home")
     env = {**os.environ, "FABRIC_HOME": str(home), "RAY_AUTH_MODE": "token"}
@@ -111,9 +153,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         except (subprocess.CalledProcessError, OSError):
             netns.close()
     head_ip, worker_ip = (netns.host_ip, netns.ns_ip) if mode == "netns" else ("127.0.0.1", "127.0.0.2")
-    print(f"TWO_NODE_MODE={mode} head={head_ip} worker={worker_ip}")
-    gcs_port, dash_port = runtime.free_port(), runtime.free_port()
     worker_temp = f"/tmp/fabric-w{os.getpid()}"
+    hidden = tmp_path_factory.getbasetemp()
+    private = _private_disk(hidden)
+    print(f"TWO_NODE_MODE={mode} head={head_ip} worker={worker_ip} private_disk={bool(private)}")
+    s3 = ThreadedMotoServer(ip_address=head_ip, port=0, verbose=False)
+    s3.start()
+    os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"] = f"http://{head_ip}:{s3.get_host_and_port()[1]}"
+    env.update(bucket_env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    gcs_port, dash_port = runtime.free_port(), runtime.free_port()
     if ray.is_initialized():
         ray.shutdown()
     # Gloo (CPU DDP) binds to the address this host's name resolves to, a loopback one here, which the other
@@ -137,10 +186,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             '--resources={"worker_node": 1}', f"--object-store-memory={STORE_BYTES}", f"--temp-dir={worker_temp}",
             f"--dashboard-agent-listen-port={runtime.free_port()}", "--disable-usage-stats",
         ]  # fmt: skip
+        join = [*private, *join]
         if mode == "netns":
             join = ["ip", "netns", "exec", netns.name, *join]
         path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        worker_env = {**env, "PATH": path, "GLOO_SOCKET_IFNAME": worker_if}
+        # the worker node's local copies of bucket files: a cache folder of its own
+        cache = f"{worker_temp}/cache"
+        worker_env = {**env, "PATH": path, "GLOO_SOCKET_IFNAME": worker_if, "FABRIC_CACHE_DIR": cache}
         worker = subprocess.run(join, env=worker_env, capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
         runtime.use_token_auth()
@@ -149,7 +201,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             assert time.monotonic() < deadline, "the worker node never joined"
             time.sleep(0.5)
-        yield Cluster(mode, head_ip, worker_ip, gcs, f"http://127.0.0.1:{dash_port}", home, worker_temp, up.stdout)
+        dashboard = f"http://127.0.0.1:{dash_port}"
+        yield Cluster(
+            mode, head_ip, worker_ip, gcs, dashboard, home, worker_temp, up.stdout, hidden if private else None
+        )
     finally:
         ray.shutdown()
         for _ in range(3):  # workers can fork while their parents stop
@@ -157,6 +212,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 runtime.stop_processes(procs)
         _fabric(env, "down", timeout=120)
         shutil.rmtree(worker_temp, ignore_errors=True)
+        s3.stop()
         if mode == "netns":
             netns.close()
 
@@ -183,42 +239,68 @@ def test_two_nodes_with_their_own_resources(cluster: Cluster) -> None:
         assert cluster.worker_ip not in runtime.local_addresses()
 
 
-def test_data_blocks_are_read_on_both_nodes(cluster: Cluster, tmp_path: Path) -> None:
-    import pandas as pd
+def test_the_worker_node_does_not_see_the_heads_disk(cluster: Cluster) -> None:
     import ray
 
+    if cluster.hidden is None:
+        pytest.skip("no mount namespace here: the two nodes share this machine's disk")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return Path(path).exists() and any(Path(path).iterdir())
+
+    on = {n: {"resources": {f"{n}_node": 0.01}} for n in ("head", "worker")}
+    home = str(cluster.home)
+    assert ray.get(sees.options(**on["head"]).remote(home)) is True
+    assert ray.get(sees.options(**on["worker"]).remote(home)) is False
+
+
+def test_data_blocks_are_read_on_both_nodes(cluster: Cluster) -> None:
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import ray
+
+    from fabric import storage
     from fabric.data import read_split
 
-    split = tmp_path / "data" / "train"
-    split.mkdir(parents=True)
+    data = f"s3://{BUCKET}/blocks/data"
+    filesys, root = storage.filesystem(data)
     for i in range(8):
-        pd.DataFrame({"x0": np.arange(i * 50, (i + 1) * 50, dtype=np.float32), "label": i % 2}).to_parquet(
-            split / f"part-{i:05d}.parquet", index=False
-        )
+        frame = pd.DataFrame({"x0": np.arange(i * 50, (i + 1) * 50, dtype=np.float32), "label": i % 2})
+        pq.write_table(pa_table(frame), f"{root}/train/part-{i:05d}.parquet", filesystem=filesys)
 
     def tag(batch: pd.DataFrame) -> pd.DataFrame:
         import ray
 
         return batch.assign(node=ray.get_runtime_context().get_node_id())
 
-    rows = read_split(tmp_path / "data", "train").map_batches(tag, batch_format="pandas").to_pandas()
+    rows = read_split(data, "train").map_batches(tag, batch_format="pandas").to_pandas()
     assert len(rows) == 400 and sorted(rows["x0"]) == list(range(400))
     per_node = Counter(_node_ips()[n] for n in rows["node"])
     assert set(per_node) == {cluster.head_ip, cluster.worker_ip}, per_node
     assert ray.cluster_resources()["CPU"] == 2
 
 
-def test_training_workers_run_one_on_each_node(cluster: Cluster, tmp_path: Path) -> None:
+def pa_table(frame: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def test_training_workers_run_one_on_each_node(cluster: Cluster) -> None:
     from ray.util.state import list_actors
 
+    from fabric import storage
     from fabric.train import run
     from tests.unit.train.synthetic import write_synthetic
 
-    write_synthetic(tmp_path)
+    run_dir = f"s3://{BUCKET}/train-run"
+    write_synthetic(storage.local_root(run_dir))  # an ingestion output, published to the bucket as ingest does
+    storage.publish(run_dir, "data", last="meta.json")
     cfg = PipelineConfig.model_validate(
         {
             "name": "two-node",
-            "run_dir": str(tmp_path),
+            "run_dir": run_dir,
             "cluster": {"address": cluster.gcs},
             "train": {"epochs": 2, "num_workers": 2, "batch_size": 32, "lr": 0.05, "dropout": 0.0, "max_failures": 0},
         }
@@ -230,6 +312,11 @@ def test_training_workers_run_one_on_each_node(cluster: Cluster, tmp_path: Path)
     workers = [a for a in actors if a.class_name.endswith("TrainWorker")]
     hosts = Counter(_node_ip(a.node_id) for a in workers)
     assert set(hosts) == {cluster.head_ip, cluster.worker_ip} and hosts[cluster.head_ip] == hosts[cluster.worker_ip]
+    # the workers' checkpoints went to the bucket (no node's disk holds the run)
+    from fabric.train._trainer import run_name, train_key, train_storage
+
+    run_path = storage.join(train_storage(cfg), run_name(cfg, train_key(cfg)))
+    assert run_path.startswith(f"s3://{BUCKET}/") and storage.exists(f"{run_path}/checkpoint_manager_snapshot.json")
 
 
 def _node_ip(node_id: str) -> str:
@@ -243,13 +330,17 @@ def _replica_logs(temp_dir: str) -> str:
     return "".join(p.read_text(errors="replace") for p in logs)
 
 
-def test_serve_replicas_on_both_nodes_both_answer(cluster: Cluster, tmp_path: Path) -> None:
+def test_serve_replicas_on_both_nodes_both_answer(cluster: Cluster) -> None:
     from ray import serve
 
+    from fabric import storage
     from fabric.serve import deploy
     from tests.unit.serve.models import FEATURES, make_model, tensor_request
 
-    model = make_model(tmp_path / "model")
+    run_dir = f"s3://{BUCKET}/serve-run"
+    make_model(storage.local_root(run_dir) / "model")  # a model folder in the bucket: each replica downloads it
+    storage.publish(run_dir, "model")
+    model = storage.join(run_dir, "model")
     port = runtime.free_port()
     if cluster.mode == "loopback":
         # Both nodes share one loopback here: a proxy per node would fight over the same port.
@@ -257,7 +348,7 @@ def test_serve_replicas_on_both_nodes_both_answer(cluster: Cluster, tmp_path: Pa
     cfg = load_config(
         None,
         [
-            f"run_dir={tmp_path / 'runs'}",
+            f"run_dir={run_dir}",
             f"cluster.address={cluster.gcs}",
             f"serve.port={port}",
             # Each node's ingress forwards to replicas on the other node's address; a replica listening on
