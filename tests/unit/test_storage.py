@@ -105,3 +105,46 @@ def test_a_missing_bucket_fails_in_one_line_naming_it(s3: str) -> None:
     message = str(e.value)
     assert "\n" not in message and message.startswith("run_dir s3://no-such-bucket-here/run is not writable: ")
     assert "bucket does not exist" in message
+
+
+def test_wrong_keys_and_an_unreachable_endpoint_fail_in_one_line(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against an S3 API that checks keys (moto's server enforcing auth from the first request), and one that is
+    not there: one line naming the URI and the cause, before any work."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from fabric.runtime import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto's server did not start"
+                time.sleep(0.2)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+        with pytest.raises(FabricError) as e:
+            storage.check("s3://guarded/run")
+        assert str(e.value).startswith("run_dir s3://guarded/run is not writable: ")
+        assert "INVALID_ACCESS_KEY_ID" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(FabricError) as e:
+        storage.check("s3://unreachable/run")
+    assert str(e.value).startswith("run_dir s3://unreachable/run is not writable: ")
+    assert "Could not connect" in str(e.value) and "\n" not in str(e.value)
