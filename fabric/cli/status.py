@@ -1,4 +1,5 @@
-"""`fabric status`: nodes with resources used and free, jobs, and Serve applications.
+"""`fabric status [CONFIG]`: nodes with resources used and free, jobs, and Serve applications; with a pipeline
+config, first the registry's champion and candidate and the data that made each.
 
 Host readings (CPU, memory, GPU) are Ray's own node metrics (``ray_node_*``), scraped from each node's metrics
 export port (the dashboard's copy of the same agent samples where that port does not answer from here); Ray's
@@ -22,10 +23,13 @@ if TYPE_CHECKING:
     from fabric.monitor.resources import NodeReading
 
 GIB = 2**30
+ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `fabric status`."""
+    p.add_argument("config", nargs="?", help="pipeline YAML: also show its model's champion and the data that made it")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=s3://bucket/runs/smoke")
     p.add_argument("--address", help="dashboard URL (default: `fabric up`'s head or RAY_API_SERVER_ADDRESS)")
     p.add_argument("--gcs", help="GCS host:port for logical resource use (default: `fabric up`'s head)")
     p.add_argument("--jobs", type=int, default=5, help="recent jobs to show (default %(default)s)")
@@ -142,8 +146,38 @@ def serve_lines(apps: dict[str, Any]) -> list[str]:
     return out
 
 
+def registry_lines(entries: list[dict[str, Any]], model: str, where: str) -> list[str]:
+    """The registry section: each alias's version and its data (source, source digest, split digests)."""
+    lines = [f"Registry {where}"]
+    if not entries:
+        return [*lines, f"  {model}: no champion or candidate yet"]
+    for e in entries:
+        data = e["data"]
+        lines.append(f"  {e['name']}@{e['alias']}  v{e['version']}")
+        if not data:
+            lines.append("    data: not recorded (registered before lineage)")
+            continue
+        lines.append(f"    data    {data.get('source', '?')}  digest {str(data.get('source_digest', '?'))[:16]}")
+        splits = [f"{s} {data[f'{s}_digest'][:16]}" for s in ("train", "val", "test") if f"{s}_digest" in data]
+        if splits:
+            lines.append(f"    splits  {', '.join(splits)}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the cluster's nodes, resources, jobs and Serve applications."""
+    """Print the registry's champion and its data (with a config), then the cluster's nodes, resources, jobs and
+    Serve applications."""
+    if args.config or args.overrides:
+        from fabric.cli import config_and_overrides
+        from fabric.config import load_config
+        from fabric.tracking import data_lineage, tracking_uri
+
+        config, overrides = config_and_overrides(args)
+        cfg = load_config(config, overrides)
+        model = cfg.track.model_name
+        for line in registry_lines(data_lineage(cfg), model, tracking_uri(cfg)):
+            print(line)
+        print()
     url = args.address or runtime.default_job_address()
     try:
         summary = _get(f"{url}/nodes?view=summary")

@@ -122,6 +122,26 @@ def alias_version(client: Any, name: str, alias: str) -> str | None:
         return None
 
 
+def data_lineage(cfg: PipelineConfig, aliases: tuple[str, ...] = (CHAMPION, CANDIDATE)) -> list[dict[str, Any]]:
+    """For each alias of ``track.model_name`` that points at a version: the version and the data that made it
+    (its ``fabric.data.*`` tags: source URI, source digest, each split's digest). [] when there is no registry
+    or no such model yet (looking never creates a store)."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []
+    client = _client(uri)
+    out = []
+    for alias in aliases:
+        version = alias_version(client, cfg.track.model_name, alias)
+        if version is None:
+            continue
+        mv = client.get_model_version(cfg.track.model_name, version)
+        prefix = f"{LINEAGE_TAG}."
+        data = {k.removeprefix(prefix): v for k, v in (mv.tags or {}).items() if k.startswith(prefix)}
+        out.append({"alias": alias, "name": cfg.track.model_name, "version": version, "data": data})
+    return out
+
+
 def stage_model_folder(model_dir: Path, data: Path, into: Path) -> Path:
     """A copy of the training artifact folder carrying the ingestion stage's ``preprocessor.json``."""
     from fabric.tracking._pyfunc import PREPROCESSOR_FILE

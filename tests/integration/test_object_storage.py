@@ -146,7 +146,8 @@ def test_served_monitored_and_scored_from_the_bucket(ray_s3: None, s3: object) -
     pipeline.run(cfg)  # (done by the first test: found cached)
     rows = pd.read_parquet(storage.fetch(RUN_DIR, "data/reference.parquet")).drop(columns=["target"]).head(8)
     keyed = rows.assign(row=range(len(rows)))
-    s3.put_object(Bucket=BUCKET, Key="in/rows.parquet", Body=keyed.to_parquet(index=False))  # type: ignore[attr-defined]
+    body = keyed.to_parquet(index=False)
+    s3.put_object(Bucket=BUCKET, Key="in/rows.parquet", Body=body)  # type: ignore[attr-defined]
     root = _forget_local_copy()
 
     served_cfg = _cfg(serve={"enabled": True, "port": free_port(), "replica_cpus": 0})
