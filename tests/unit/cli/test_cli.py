@@ -37,7 +37,7 @@ def test_validate_bad_config_exit_2_one_line_per_problem(capsys: pytest.CaptureF
 
 def test_unknown_arguments_and_commands_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["status", "train.epochs=2"])  # status takes no overrides
+        main(["down", "train.epochs=2"])  # down takes no overrides
     assert info.value.code == 2
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
