@@ -77,6 +77,21 @@ def local_root(run_dir: str | Path) -> Path:
     return base / "run_dirs" / f"{readable}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
 
 
+def require_local(run_dir: str | Path, stages: str) -> Path:
+    """``run_dir`` as an absolute local path, for stages that do not read object storage yet.
+
+    Raises:
+        ConfigError: ``run_dir`` is a URI (naming the field, the URI and the stages).
+    """
+    if is_uri(run_dir):
+        from fabric.errors import ConfigError, ConfigProblem
+
+        raise ConfigError(
+            [ConfigProblem("run_dir", f"{run_dir}: {stages} need a local or mounted run_dir, not object storage yet")]
+        )
+    return _local(run_dir)
+
+
 def makedirs(location: str | Path) -> None:
     """Create the folder at ``location`` (object stores need none: their folders are key prefixes)."""
     if not is_uri(location):

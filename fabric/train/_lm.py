@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.config import LMModelConfig, PipelineConfig
+from fabric.storage import require_local
 from fabric.data import pack, read_text_records, token_counts
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError, require
 from fabric.models.causal_lm import (
@@ -77,8 +78,8 @@ class FinetuneResult:
 
 
 def llm_dir(cfg: PipelineConfig) -> Path:
-    """``<run_dir>/llm``: where fine-tuning writes and the LLM endpoint reads."""
-    return (Path(cfg.run_dir) / "llm").resolve()
+    """``<run_dir>/llm``: where fine-tuning writes and the LLM endpoint reads (ConfigError for a URI run_dir)."""
+    return require_local(cfg.run_dir, "the language-model stages (llm.*)") / "llm"
 
 
 def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerBase:

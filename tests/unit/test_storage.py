@@ -148,3 +148,17 @@ def test_wrong_keys_and_an_unreachable_endpoint_fail_in_one_line(s3: str, monkey
         storage.check("s3://unreachable/run")
     assert str(e.value).startswith("run_dir s3://unreachable/run is not writable: ")
     assert "Could not connect" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_stages_not_on_object_storage_refuse_a_uri_run_dir(tmp_path: Path) -> None:
+    from fabric.config import PipelineConfig
+    from fabric.errors import ConfigError
+    from fabric.serve.llm.app import model_folder
+    from fabric.train import llm_dir
+
+    assert storage.require_local(tmp_path / "run", "x") == (tmp_path / "run").resolve()
+    cfg = PipelineConfig.model_validate({"run_dir": "s3://bucket/run"})
+    for call in (llm_dir, model_folder):
+        with pytest.raises(ConfigError) as e:
+            call(cfg)
+        assert "run_dir: s3://bucket/run: the language-model stages (llm.*) need a local" in str(e.value)

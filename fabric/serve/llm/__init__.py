@@ -14,8 +14,9 @@ Importing this package loads neither Ray nor torch nor vLLM.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fabric.storage import require_local
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -83,7 +84,8 @@ def start_monitor(cfg: PipelineConfig) -> bool:
         their samples, and ``/monitor/drift`` says the monitor is not running).
     """
     s = cfg.llm.serve
-    reference = Path(cfg.run_dir).expanduser().resolve() / "llm" / "reference.parquet"
+    run_dir = require_local(cfg.run_dir, "the language-model stages (llm.*)")
+    reference = run_dir / "llm" / "reference.parquet"
     if not (cfg.monitor.enabled and s.monitor):
         return False
     if not reference.is_file():
@@ -104,7 +106,7 @@ def start_monitor(cfg: PipelineConfig) -> bool:
         cfg.monitor.model_copy(update={"actor_name": s.monitor_actor}),
         frame,
         features=features,
-        checkpoint_path=Path(cfg.run_dir).expanduser().resolve() / "monitor" / "llm_state.pkl",
+        checkpoint_path=run_dir / "monitor" / "llm_state.pkl",
         run_dir=cfg.run_dir,
     )
     # Keep the first handle: a non-detached actor lives while its creator's handle does, and a second deploy in

@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve import Application
 
 from fabric.errors import UsageError
+from fabric.storage import require_local
 from fabric.serve.spec import config_from_args
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def model_folder(cfg: PipelineConfig) -> Path:
     s = cfg.llm.serve
     if s.model_path:
         return Path(s.model_path).expanduser().resolve()
-    llm = Path(cfg.run_dir).expanduser().resolve() / "llm"
+    llm = require_local(cfg.run_dir, "the language-model stages (llm.*)") / "llm"
     return llm / "merged" if (llm / "merged" / "config.json").is_file() else llm / "base"
 
 
@@ -85,7 +86,7 @@ def replica_config(cfg: PipelineConfig) -> dict[str, Any]:
     """The part of the config a replica needs, with absolute paths (replicas' working directories differ)."""
     return {
         "name": cfg.name,
-        "run_dir": str(Path(cfg.run_dir).expanduser().resolve()),
+        "run_dir": str(require_local(cfg.run_dir, "the language-model stages (llm.*)")),
         "seed": cfg.seed,
         "monitor": cfg.monitor.model_dump(mode="json"),
         "llm": {"finetune": {"model_name": cfg.llm.finetune.model_name}, "serve": resolved(cfg)},
