@@ -303,7 +303,9 @@ def free_port() -> int:
 
     Picked below the kernel's ephemeral range, from which Ray's processes (and every other ``bind(0)``) take
     ports while a cluster starts, and above Ray's worker ports (10002-19999), so that nothing else is handed it
-    in between. Falls back to a port of the kernel's choosing.
+    in between. A port handed out is claimed for :data:`PORT_CLAIM_S` (a file per port, shared by this user's
+    processes), so two processes picking ports for servers that bind later never get the same one. Falls back
+    to a port of the kernel's choosing.
     """
     import random
     import socket
@@ -316,11 +318,36 @@ def free_port() -> int:
     # The system's randomness, not the `random` module's: a process that seeded it (a training run does) would
     # otherwise draw the same ports as another process seeded alike, and two servers would collide.
     for port in random.SystemRandom().sample(candidates, min(len(candidates), 64)):
-        if port_is_free(port):
+        if port_is_free(port) and _claim(port):
             return port
     with socket.socket() as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
+
+
+PORT_CLAIM_S = 600.0
+"""How long a port :func:`free_port` handed out stays claimed (its listener is up long before)."""
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` for this process; False when another process claimed it within :data:`PORT_CLAIM_S`."""
+    import tempfile
+    import time
+
+    folder = Path(tempfile.gettempdir()) / f"fabric-ports-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    marker = folder / str(port)
+    try:
+        if time.time() - marker.stat().st_mtime < PORT_CLAIM_S:
+            return False
+        marker.unlink()  # an old claim
+    except FileNotFoundError:
+        pass
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: one claimant wins
+    except FileExistsError:
+        return False
+    return True
 
 
 def port_is_free(port: int) -> bool:

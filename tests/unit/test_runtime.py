@@ -139,6 +139,20 @@ def test_free_ports_stay_out_of_the_ranges_others_take_ports_from() -> None:
         sock.bind(("", ports.pop()))  # free on every address, not only on 127.0.0.1
 
 
+def test_processes_picking_ports_at_once_never_get_the_same_one() -> None:
+    """Servers bind their port a while after it was picked (a Serve app: seconds): two pytest-xdist workers (or
+    two of a user's commands) picking meanwhile must not be handed the same port, which listeners sharing it
+    through SO_REUSEPORT would both bind. 3 x 150 picks from ~12,000 ports would repeat one almost surely."""
+    import subprocess
+    import sys
+
+    pick = "from fabric.runtime import free_port; print(*[free_port() for _ in range(150)])"
+    procs = [subprocess.Popen([sys.executable, "-c", pick], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    ports = [int(p) for proc in procs for p in proc.communicate(timeout=120)[0].split()]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(ports) == 450 and len(set(ports)) == 450
+
+
 def test_a_new_local_ray_or_a_loopback_address_resolves_to_loopback() -> None:
     """Ray turns 127.0.0.1 into the machine's address unless clusters are off: within init_context they are, and
     only for a new local Ray or a loopback GCS address; the process's environment and Ray's constant come back."""
