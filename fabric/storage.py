@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fabric.errors import FabricError
+from fabric.errors import ConfigError, ConfigProblem, FabricError
 
 if TYPE_CHECKING:
     from pyarrow import fs as pafs
@@ -84,8 +84,6 @@ def require_local(run_dir: str | Path, stages: str) -> Path:
         ConfigError: ``run_dir`` is a URI (naming the field, the URI and the stages).
     """
     if is_uri(run_dir):
-        from fabric.errors import ConfigError, ConfigProblem
-
         raise ConfigError(
             [ConfigProblem("run_dir", f"{run_dir}: {stages} need a local or mounted run_dir, not object storage yet")]
         )

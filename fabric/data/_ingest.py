@@ -275,7 +275,7 @@ def _write_splits(
     filesys, _ = storage.filesystem(root)
     for name in SPLITS:
         part = f"{staging}/split={name}"
-        if storage.files(part):
+        if storage.exists(part):
             storage.move(part, f"{root}/{name}")
         else:  # an empty split (fraction 0) still reads as a dataset with the right columns
             storage.makedirs(f"{root}/{name}")

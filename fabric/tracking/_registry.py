@@ -569,6 +569,15 @@ def _model_folder(mlflow_model: Path) -> Path:
     return mlflow_model / entry["path"]
 
 
+def _bucket_model_json(uri: str) -> str | None:
+    """The ``model.json`` of a fabric model folder at ``uri``; None when there is none or pyarrow cannot read
+    there (an MLflow artifact URI such as ``mlflow-artifacts://…`` is MLflow's to resolve)."""
+    try:
+        return storage.read_text(storage.join(uri, "model.json"))
+    except (OSError, FabricError):
+        return None
+
+
 def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
     """A local model folder (``model.pt``, ``model.json``, ``preprocessor.json``) for a path or a registry URI.
 
@@ -590,11 +599,10 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
         if (path / "MLmodel").is_file():
             return _model_folder(path)
         raise UsageError(f"no model at {path} (expected a folder with model.json, or an MLflow model)")
-    if storage.is_uri(text) and storage.exists(storage.join(text, "model.json")):
+    if storage.is_uri(text) and (theirs := _bucket_model_json(text)) is not None:
         # A fabric model folder in a bucket (e.g. a URI run_dir's ``train/model``), as a replica on any node reads
         # it: downloaded unless this machine's copy has the bucket's model.json.
         local = storage.cache_path(text)
-        theirs = storage.read_text(storage.join(text, "model.json"))
         if not (local / "model.json").is_file() or (local / "model.json").read_text() != theirs:
             storage.download(text, local)
         return local
@@ -627,6 +635,8 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
                     raise
         except MlflowException as e:
             raise UsageError(f"cannot download {text} from {uri}: {e.message}") from None
+        except (OSError, ValueError) as e:  # an artifact store MLflow cannot read there (a bad URL, no access)
+            raise UsageError(f"cannot download {text}: {e}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return _model_folder(cache)

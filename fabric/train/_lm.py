@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.config import LMModelConfig, PipelineConfig
-from fabric.storage import require_local
 from fabric.data import pack, read_text_records, token_counts
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError, require
 from fabric.models.causal_lm import (
@@ -39,6 +38,7 @@ from fabric.models.causal_lm import (
     train_tokenizer,
 )
 from fabric.runtime import connect
+from fabric.storage import require_local
 from fabric.tracking import AdapterRegistration, digest_source, log_finetune, run_key
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
 from fabric.train._trainer import (

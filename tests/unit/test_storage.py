@@ -162,3 +162,24 @@ def test_stages_not_on_object_storage_refuse_a_uri_run_dir(tmp_path: Path) -> No
         with pytest.raises(ConfigError) as e:
             call(cfg)
         assert "run_dir: s3://bucket/run: the language-model stages (llm.*) need a local" in str(e.value)
+
+
+def test_a_model_folder_in_a_bucket_resolves_and_other_uris_stay_mlflows(s3: str, tmp_path: Path) -> None:
+    from fabric.config import PipelineConfig
+    from fabric.errors import UsageError
+    from fabric.tracking import resolve_model
+
+    run = f"{s3}/model-uri"
+    folder = storage.local_root(run) / "model"
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text('{"builder": "mlp"}')
+    (folder / "model.pt").write_bytes(b"weights")
+    storage.publish(run, "model")
+    cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path / "run")})
+    local = resolve_model(f"{run}/model", cfg)
+    assert (local / "model.pt").read_bytes() == b"weights" and local != folder
+    # a URI pyarrow cannot open is MLflow's to resolve: its error, one line, never pyarrow's
+    with pytest.raises(UsageError, match="cannot download mlflow-artifacts://"):
+        resolve_model("mlflow-artifacts://nowhere/model", cfg)
+    with pytest.raises(UsageError, match="cannot download http://127.0.0.1:9/model"):
+        resolve_model("http://127.0.0.1:9/model", cfg)

@@ -18,8 +18,8 @@ from ray import serve
 from ray.serve import Application
 
 from fabric.errors import UsageError
-from fabric.storage import require_local
 from fabric.serve.spec import config_from_args
+from fabric.storage import require_local
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
