@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from fabric.config import LoRAConfig
-from fabric.errors import require
 from fabric.models.causal_lm import load_causal_lm, lora_wrap
 from fabric.train._checkpoint import DS_TAG, read_history, write_history
-from fabric.train._loop import _maybe_crash, _say, deepspeed_config
+from fabric.train._loop import _maybe_crash, _say, deepspeed_config, import_deepspeed
 
 ADAPTER = "adapter"
 TRAIN_STATE = "train_state.pt"
@@ -85,10 +84,10 @@ class _DeepSpeed:
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], rank: int) -> None:
         import ray.train.torch
 
-        self.deepspeed = require("deepspeed", "deepspeed")
+        device = ray.train.torch.get_device()
+        self.deepspeed = import_deepspeed(device)
         self.rank = rank
         self.stage = int(config["zero_stage"])
-        device = ray.train.torch.get_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         ds_config = deepspeed_config(config, ray.train.get_context().get_world_size())

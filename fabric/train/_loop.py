@@ -110,6 +110,18 @@ def deepspeed_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     return ds
 
 
+def import_deepspeed(device: torch.device) -> Any:
+    """DeepSpeed, without its shared-memory collective kernel on CPU: DeepSpeed compiles that C++ op (a minute of
+    ``g++`` on a fresh machine, and a compiler every node must have) when its backend starts, for
+    ``inference_all_reduce`` only, which training never calls; the process group (gloo) does every training
+    collective. DeepSpeed reads that op's entry in its table of compatible ops (one module-level dict) before
+    building it."""
+    deepspeed = require("deepspeed", "deepspeed")
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def _adamw(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
     # float(): Tune may hand numpy scalars.
     return torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
@@ -162,9 +174,9 @@ class _DeepSpeed:
     def __init__(self, model: nn.Module, config: dict[str, Any], rank: int) -> None:
         import ray.train.torch
 
-        deepspeed = require("deepspeed", "deepspeed")
-        self.rank = rank
         device = ray.train.torch.get_device()
+        deepspeed = import_deepspeed(device)
+        self.rank = rank
         if device.type == "cuda":
             torch.cuda.set_device(device)  # DeepSpeed places the engine on the current device
         ds_config = deepspeed_config(config, ray.train.get_context().get_world_size())
