@@ -249,10 +249,11 @@ def finetune(cfg: PipelineConfig) -> Any:
     if cfg.llm.eval.after_finetune:
         s = cfg.llm.serve
         if s.model_path is None and not s.adapters:  # the base and the adapter just trained, side by side
+            llm = storage.join(cfg.run_dir, "llm")  # a bucket's, as every replica reads it on its own node
             s = s.model_copy(
                 update={
-                    "model_path": str(result.base_dir),
-                    "adapters": {"finetuned": str(result.adapter_dir)},
+                    "model_path": storage.join(llm, "base"),
+                    "adapters": {"finetuned": storage.join(llm, "adapter")},
                     "served_name": s.served_name or cfg.llm.finetune.model_name,
                 }
             )

@@ -4,7 +4,9 @@
 bucket, and the driver works on a local copy of the folders it reads or writes (:func:`local_root`, one per URI
 under ``$FABRIC_CACHE_DIR`` or ``~/.cache/fabric``): a stage pulls what it reads (:func:`pull`), writes its outputs
 locally and publishes them (:func:`publish`). Ray Train and Ray Tune get the URI itself as their ``storage_path``:
-their workers upload checkpoints and experiment state through pyarrow, so no shared disk is needed for them.
+their workers upload checkpoints and experiment state through pyarrow, so no shared disk is needed for them; a
+worker or a replica that reads a folder of the run (a model, an adapter) copies it onto its own node
+(:func:`localize`).
 
 Credentials and endpoint come the usual ways of each filesystem (``AWS_ACCESS_KEY_ID`` / ``~/.aws``,
 ``AWS_ENDPOINT_URL`` for an S3-compatible store, ``GOOGLE_APPLICATION_CREDENTIALS``), never from fabric's config.
@@ -21,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fabric.errors import ConfigError, ConfigProblem, FabricError
+from fabric.errors import FabricError
 
 if TYPE_CHECKING:
     from pyarrow import fs as pafs
@@ -75,19 +77,6 @@ def local_root(run_dir: str | Path) -> Path:
     uri = str(run_dir).rstrip("/")
     readable = "".join(c if c.isalnum() or c in "-_." else "-" for c in uri.split("://", 1)[1])[-60:]
     return base / "run_dirs" / f"{readable}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
-
-
-def require_local(run_dir: str | Path, stages: str) -> Path:
-    """``run_dir`` as an absolute local path, for stages that do not read object storage yet.
-
-    Raises:
-        ConfigError: ``run_dir`` is a URI (naming the field, the URI and the stages).
-    """
-    if is_uri(run_dir):
-        raise ConfigError(
-            [ConfigProblem("run_dir", f"{run_dir}: {stages} need a local or mounted run_dir, not object storage yet")]
-        )
-    return _local(run_dir)
 
 
 def makedirs(location: str | Path) -> None:
@@ -291,6 +280,37 @@ def download(location: str | Path, local: Path) -> Path:
     elif local.exists():
         local.unlink()
     staging.rename(local)
+    return local
+
+
+def localize(location: str | Path) -> Path:
+    """The folder at ``location`` on this machine: a local path itself; for a URI, a copy under :func:`cache_path`,
+    downloaded unless it was made of the bucket's current files (their names, sizes and modification times: one
+    listing). For what a worker or a replica reads on its own node (a model folder, an adapter).
+
+    Raises:
+        FabricError: no files at the URI.
+    """
+    if not is_uri(location):
+        return _local(location)
+    from filelock import FileLock
+    from pyarrow import fs
+
+    filesys, path = filesystem(location)
+    found = filesys.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    listing = "\n".join(
+        sorted(f"{f.path[len(path):]}\t{f.size}\t{f.mtime_ns}" for f in found if f.type == fs.FileType.File)
+    )
+    if not listing:
+        raise FabricError(f"{location}: no files there")
+    local = cache_path(str(location))
+    seen = local.with_name(f".{local.name}.listing")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local.with_name(f".{local.name}.lock"))):  # replicas on one node: one download, whole
+        if not (local.is_dir() and seen.is_file() and seen.read_text() == listing):
+            download(location, local)
+            seen.write_text(listing)
+            log.debug(f"downloaded {location} to {local}")
     return local
 
 

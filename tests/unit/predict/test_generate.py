@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from fabric.errors import DataValidationError, UsageError
 from fabric.predict import check_input
+from tests.moto_s3 import moto_s3
+
+BUCKET = "generate-unit"
 
 
 def test_good_jsonl_counts_its_records(tmp_path: Path) -> None:
@@ -45,3 +50,20 @@ def test_missing_or_unknown_files_are_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("x")
     with pytest.raises(UsageError, match="not .jsonl"):
         check_input(str(tmp_path / "p.txt"), "prompt", [])
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with moto_s3(BUCKET, cache_dir=tmp_path_factory.mktemp("cache")) as client:
+        yield client
+
+
+def test_a_prompts_file_in_a_bucket_is_checked_there(s3: Any) -> None:
+    s3.put_object(Bucket=BUCKET, Key="in/p.jsonl", Body=b'{"id": 1, "prompt": "a"}\n{"id": 2}\n')
+    with pytest.raises(DataValidationError, match=f"s3://{BUCKET}/in/p.jsonl: bad input records: line 2: 'prompt'"):
+        check_input(f"s3://{BUCKET}/in/p.jsonl", "prompt", ["id"])
+    table = pd.DataFrame({"id": [1, 2], "prompt": ["a", "b"]}).to_parquet()
+    s3.put_object(Bucket=BUCKET, Key="in/p.parquet", Body=table)
+    assert check_input(f"s3://{BUCKET}/in/p.parquet", "prompt", ["id"]) == 2
+    with pytest.raises(UsageError, match=f"--input: no file at s3://{BUCKET}/in/none.csv"):
+        check_input(f"s3://{BUCKET}/in/none.csv", "prompt", [])
