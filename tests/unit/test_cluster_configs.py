@@ -32,7 +32,11 @@ LAUNCHER = sorted((CLUSTER / "launcher").glob("*.yaml"))
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 DASHBOARD = CLUSTER / "observability" / "grafana-dashboard.json"
 IMAGE_ROOT = "/home/ray/fabric"  # where cluster/Dockerfile puts the project
-K8S_KINDS = {"PersistentVolumeClaim", "redis/Service", "redis/Deployment", "redis/PersistentVolumeClaim"}
+K8S_FILES = {"storage", "redis"}  # plain Kubernetes objects, keyed ``<file>/<kind>``
+K8S_KINDS = {
+    *(f"storage/{kind}" for kind in ("Secret", "Service", "Deployment", "PersistentVolumeClaim")),
+    *(f"redis/{kind}" for kind in ("Service", "Deployment", "PersistentVolumeClaim")),
+}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService", *K8S_KINDS}
 
 
@@ -244,12 +248,12 @@ def test_serve_app_args_are_validated_not_ignored() -> None:
 
 
 def _kuberay() -> dict[str, dict[str, Any]]:
-    """The KubeRay manifests by kind; redis.yaml's objects under ``redis/<kind>``."""
+    """The KubeRay manifests by kind; storage.yaml's and redis.yaml's objects under ``<file>/<kind>``."""
     out: dict[str, dict[str, Any]] = {}
     for path in KUBERAY:
         for doc in _docs(path):
             kind = doc["kind"]
-            key = f"redis/{kind}" if path.name == "redis.yaml" else kind
+            key = f"{path.stem}/{kind}" if path.stem in K8S_FILES else kind
             assert key in KUBERAY_KINDS, f"{path.name}: unexpected kind {kind}"
             assert doc["apiVersion"] == {"Deployment": "apps/v1"}.get(kind, "v1" if key in K8S_KINDS else "ray.io/v1")
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]
@@ -259,8 +263,8 @@ def _kuberay() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _check_cluster_spec(spec: dict[str, Any], volume_claims: set[str]) -> None:
-    """The RayClusterSpec fields KubeRay requires, token auth, the image, the fast path, the shared volume."""
+def _check_cluster_spec(spec: dict[str, Any]) -> None:
+    """The RayClusterSpec fields KubeRay requires, token auth, the image, the fast path."""
     import ray
 
     assert spec["rayVersion"] == ray.__version__ == _constraint("ray")
@@ -272,12 +276,6 @@ def _check_cluster_spec(spec: dict[str, Any], volume_claims: set[str]) -> None:
         env = {e["name"]: e["value"] for e in containers[0].get("env", [])}
         assert {k: env.get(k) for k in FAST_PATH_ENV} == FAST_PATH_ENV
         assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values()), "rayStartParams are strings"
-        claims = {
-            v["persistentVolumeClaim"]["claimName"]
-            for v in group["template"]["spec"].get("volumes", [])
-            if "persistentVolumeClaim" in v
-        }
-        assert claims <= volume_claims, f"unknown claims {claims - volume_claims}"
         if i:  # a worker group
             assert re.fullmatch(r"[a-z0-9-]+", group["groupName"])
             assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
@@ -286,16 +284,14 @@ def _check_cluster_spec(spec: dict[str, Any], volume_claims: set[str]) -> None:
 
 def test_kuberay_raycluster_has_the_required_fields_and_gpu_groups() -> None:
     docs = _kuberay()
-    claims = {docs["PersistentVolumeClaim"]["metadata"]["name"]}
-    assert "ReadWriteMany" in docs["PersistentVolumeClaim"]["spec"]["accessModes"]
     spec = docs["RayCluster"]["spec"]
-    _check_cluster_spec(spec, claims)
+    _check_cluster_spec(spec)
     gpus = {
         g["groupName"]: int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
         for g in spec["workerGroupSpecs"]
     }
     assert max(gpus.values()) >= 2 and any("vllm" in name and n >= 1 for name, n in gpus.items()), gpus
-    _check_cluster_spec(docs["RayService"]["spec"]["rayClusterConfig"], claims)
+    _check_cluster_spec(docs["RayService"]["spec"]["rayClusterConfig"])
 
 
 def test_kuberay_clusters_keep_the_gcs_in_the_redis_of_redis_yaml() -> None:
@@ -350,7 +346,8 @@ def test_kuberay_rayservice_serves_cluster_serve_yaml_on_the_pod_network() -> No
     for app in config["applications"]:
         _check_serve_app(app)
         assert app["args"]["config"].startswith(IMAGE_ROOT + "/"), "a path inside the image, whatever the cwd"
-    # Same as cluster/serve.yaml but for the bind address, the configs' paths and outputs on the shared volume.
+    # Same as cluster/serve.yaml but for the bind address, the configs' paths, the outputs in the bucket and the
+    # registry on the MLflow server (test_kuberay_runs_share_a_bucket_and_an_mlflow_server_not_a_volume).
     local = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
     assert config["http_options"]["host"] == "0.0.0.0"
     assert {**config, "http_options": local["http_options"], "applications": None} == {**local, "applications": None}
@@ -363,15 +360,106 @@ def test_kuberay_rayservice_serves_cluster_serve_yaml_on_the_pod_network() -> No
         overrides = app["args"]["overrides"]
         assert set(mine["args"].get("overrides", [])) <= set(overrides)
         assert any(o.endswith("host=0.0.0.0") for o in overrides), overrides
-        assert any(o.startswith("run_dir=/mnt/fabric/") for o in overrides), overrides
+        assert any(o.startswith("run_dir=s3://") for o in overrides), overrides
     groups = [service["rayClusterConfig"]["headGroupSpec"], *service["rayClusterConfig"]["workerGroupSpecs"]]
-    mounts = {m["mountPath"] for g in groups for m in g["template"]["spec"]["containers"][0]["volumeMounts"]}
-    assert mounts == {"/mnt/fabric"}
     # The language model runs on vLLM: a GPU group must exist for its replicas.
     llm = next(a for a in config["applications"] if a["import_path"].endswith(":build_openai_app"))
     if "llm.serve.engine=vllm" in llm["args"]["overrides"]:
         limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups]
         assert any(int(lim.get("nvidia.com/gpu", 0)) >= 1 for lim in limits)
+
+
+def _ray_pods(docs: dict[str, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, pod spec)`` of each Ray pod: the RayCluster's, the RayJob's own cluster's, the RayService's."""
+    specs = {
+        "RayCluster": docs["RayCluster"]["spec"],
+        "RayJob": docs["RayJob"]["spec"].get("rayClusterSpec"),
+        "RayService": docs["RayService"]["spec"]["rayClusterConfig"],
+    }
+    for kind, spec in specs.items():
+        if spec is not None:
+            for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+                yield f"{kind}/{group.get('groupName', 'head')}", group["template"]["spec"]
+
+
+def test_kuberay_runs_share_a_bucket_and_an_mlflow_server_not_a_volume() -> None:
+    """No Ray pod mounts a volume claim: every run_dir is in one bucket, whose credentials (storage.yaml's Secret)
+    every Ray container gets, and every run records to storage.yaml's MLflow server, inside the cluster only."""
+    import tomllib
+
+    import mlflow
+    from mlflow.cli import server as mlflow_server
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    docs = _kuberay()
+    secret = docs["storage/Secret"]
+    credentials = {"secretRef": {"name": secret["metadata"]["name"]}}
+    keys = set(secret["stringData"])
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= keys
+    assert all(k.startswith("AWS_") for k in keys), "the standard variables pyarrow and boto3 read"
+    pods = dict(_ray_pods(docs))
+    assert {"RayCluster/head", "RayCluster/gpu-ddp", "RayService/head", "RayService/gpu-vllm"} <= set(pods)
+    for where, pod in pods.items():
+        claims = [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+        assert not claims, f"{where} mounts {claims}: runs share a bucket, not a volume"
+        for container in pod["containers"]:
+            assert credentials in container.get("envFrom", []), f"{where}/{container['name']} lacks the credentials"
+
+    # The MLflow tracking server: the pinned mlflow's `mlflow server` takes these arguments, in the Ray pods' image
+    # (whose `all` extra brings mlflow), reached through a ClusterIP Service.
+    service, deployment = docs["storage/Service"], docs["storage/Deployment"]
+    for svc in (service, docs["redis/Service"]):
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", f"{svc['metadata']['name']} leaves the cluster"
+    (port,) = service["spec"]["ports"]
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), "the Service reaches the pod"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (server,) = pod["spec"]["containers"]
+    assert server["image"] in {c["image"] for p in pods.values() for c in p["containers"]}
+    (everything,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["all"]
+    extras = re.fullmatch(r"fabric\[([\w,-]+)\]", everything)
+    assert extras and "track" in extras.group(1).split(",")
+    assert re.search(r"^ARG EXTRAS=all\b", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert mlflow.__version__ == _constraint("mlflow")
+    assert server["command"] == ["mlflow", "server"]
+    opts = mlflow_server.make_context("mlflow server", list(server["args"])).params  # unknown flags raise
+    assert opts["host"] == "0.0.0.0" and opts["port"] == port["targetPort"]
+    assert opts["port"] in {p["containerPort"] for p in server["ports"]}
+    # Artifacts go through the server (mlflow-artifacts:/) to the bucket: clients need only the tracking URI.
+    assert opts["serve_artifacts"] and opts["default_artifact_root"] is None and not opts["artifacts_only"]
+    assert opts["artifacts_destination"].startswith("s3://")
+    assert credentials in server["envFrom"]
+    backend = opts["backend_store_uri"]
+    if backend.startswith("sqlite:///"):  # a file: on a volume of its own, written by one pod at a time
+        path = backend[len("sqlite:///") :]
+        mounts = {m["name"]: m["mountPath"].rstrip("/") for m in server["volumeMounts"]}
+        (volume,) = [v for v in pod["spec"]["volumes"] if path.startswith(mounts.get(v["name"], "?") + "/")]
+        claim = docs["storage/PersistentVolumeClaim"]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    name = service["metadata"]["name"]
+    tracking_uri = f"http://{name}:{port['port']}"
+    # MLflow answers only the Host headers it allows: what clients send for the Service's name (and its full name).
+    hosts = opts["allowed_hosts"].split(",")
+    for host in (f"{name}:{port['port']}", f"{name}.default.svc.cluster.local:{port['port']}"):
+        assert is_allowed_host_header(hosts, host), host
+
+    # Every run_dir named in the manifests (entrypoints, Serve's args, comments) and every bucket path is in the bucket
+    # that the server keeps MLflow's artifacts in; each run given a run_dir records to the MLflow Service.
+    bucket = opts["artifacts_destination"].split("/")[2]
+    text = "\n".join(p.read_text() for p in KUBERAY)
+    assert "/mnt/" not in text
+    run_dirs = re.findall(r"\brun_dir=([^\s\"']+)", text)
+    assert len(run_dirs) >= 4 and all(d.startswith(f"s3://{bucket}/runs/") for d in run_dirs), run_dirs
+    assert set(re.findall(r"s3://([^/\s\"'}]+)", text)) == {bucket}
+    runs = [shlex.split(docs["RayJob"]["spec"]["entrypoint"])[4:]]
+    serve = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])
+    runs += [app["args"]["overrides"] for app in serve["applications"]]
+    assert len(runs) == 3
+    for overrides in runs:
+        assert any(o.startswith("run_dir=s3://") for o in overrides), overrides
+        assert f"track.tracking_uri={tracking_uri}" in overrides, overrides
 
 
 def test_dockerfile_installs_like_the_makefile_and_copies_existing_paths() -> None:
