@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,3 +48,15 @@ def keys(client: Any, bucket: str, prefix: str) -> list[str]:
     """Every object key under ``prefix`` in ``bucket``."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def forget_local_copy(run_dir: str) -> Path:
+    """Delete the local copy of the URI ``run_dir`` but the registry's database, as on a machine that never ran
+    the run; returns the local copy's folder."""
+    from fabric import storage
+
+    root = storage.local_root(run_dir)
+    for child in root.iterdir():
+        if child.name != "mlflow.db":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return root

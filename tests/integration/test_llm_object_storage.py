@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from fabric import storage
 from fabric.config import PipelineConfig, load_config
 from fabric.runtime import free_port
 from tests.integration.test_llm_vllm import TINY_LLAMA
-from tests.moto_s3 import keys, moto_s3
+from tests.moto_s3 import forget_local_copy, keys, moto_s3
 from tests.unit.serve.serving import local_ray
 
 pytest.importorskip("peft")
@@ -67,15 +66,6 @@ def tuned(s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             lock.unlink(missing_ok=True)
 
 
-def _forget_local_copy() -> Path:
-    """Delete the run_dir's local copy but the registry's database, as on a machine that never ran the run."""
-    root = storage.local_root(RUN_DIR)
-    for child in root.iterdir():
-        if child.name != "mlflow.db":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    return root
-
-
 def test_finetuning_checkpoints_and_publishes_to_the_bucket(tuned: Any, s3: Any) -> None:
     found = keys(s3, BUCKET, "run/llm/")
     for expected in ("base/config.json", "base/model.safetensors", "base/tokenizer.json", "adapter/adapter_config.json",
@@ -96,7 +86,7 @@ def test_a_rerun_without_the_local_copy_finds_the_run_done_in_the_bucket(
 ) -> None:
     from fabric.train import finetune
 
-    root = _forget_local_copy()
+    root = forget_local_copy(RUN_DIR)
     capsys.readouterr()
     again = finetune(_cfg())
     out = capsys.readouterr().out
@@ -109,7 +99,7 @@ def test_the_transformers_engine_serves_the_run_from_the_bucket(tuned: Any) -> N
     from fabric.monitor import get_actor
     from fabric.serve.llm import deploy
 
-    _forget_local_copy()
+    forget_local_copy(RUN_DIR)
     cfg = _cfg(
         f"llm.serve.port={free_port()}",
         "llm.serve.engine=transformers",
@@ -129,7 +119,7 @@ def test_the_transformers_engine_serves_the_run_from_the_bucket(tuned: Any) -> N
 def test_fabric_generate_reads_and_writes_the_bucket(tuned: Any, s3: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from fabric.cli import main
 
-    _forget_local_copy()
+    forget_local_copy(RUN_DIR)
     prompts = "".join(json.dumps({"id": f"p{i}", "prompt": f"the cat sat {i}"}) + "\n" for i in range(4))
     s3.put_object(Bucket=BUCKET, Key="in/prompts.jsonl", Body=prompts.encode())
     args = [

@@ -9,7 +9,6 @@ with one line naming it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from fabric import data, pipeline, storage, train, tune
 from fabric.config import PipelineConfig
 from fabric.errors import FabricError
 from fabric.runtime import free_port
+from tests.moto_s3 import forget_local_copy, keys, moto_s3
 from tests.unit.serve.serving import local_ray
 
 pytestmark = pytest.mark.integration
@@ -35,32 +35,8 @@ RUN_DIR = f"s3://{BUCKET}/run"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """moto's S3 server on a free loopback port, the AWS variables pointing at it, and an empty bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "FABRIC_CACHE_DIR": str(tmp_path_factory.mktemp("fabric-cache")),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(BUCKET, cache_dir=tmp_path_factory.mktemp("fabric-cache")) as client:
         yield client
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +45,6 @@ def ray_s3(s3: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     bucket with them."""
     with local_ray(tmp_path_factory.mktemp("fabric-home")):
         yield
-
-
-def _keys(client: object, prefix: str) -> list[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)  # type: ignore[attr-defined]
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def _cfg(**sections: object) -> PipelineConfig:
@@ -106,34 +77,25 @@ def test_pipeline_on_s3_resumes_and_caches(
     out = capsys.readouterr().out
     assert "resuming the interrupted run from its checkpoint of epoch 1" in out
     assert first.stages["train"].trained_epochs == 1 and first.stages["register"].version == "1"
-    keys = _keys(s3, "run/")
+    found = keys(s3, BUCKET, "run/")
     key = first.stages["train"].run_key
     for expected in ("run/data/meta.json", "run/data/reference.parquet", "run/train/model/model.pt",
                      "run/export/model.onnx", "run/export/export.json",
                      "run/steps/ingest.json", "run/steps/export.json"):  # fmt: skip
-        assert expected in keys
-    assert any(k.startswith("run/data/train/") and k.endswith(".parquet") for k in keys)
-    checkpoints = [k for k in keys if k.startswith(f"run/train/s3-{key}/")]  # uploaded by the Ray Train worker
+        assert expected in found
+    assert any(k.startswith("run/data/train/") and k.endswith(".parquet") for k in found)
+    checkpoints = [k for k in found if k.startswith(f"run/train/s3-{key}/")]  # uploaded by the Ray Train worker
     assert f"run/train/s3-{key}/checkpoint_manager_snapshot.json" in checkpoints, checkpoints
     assert f"run/train/s3-{key}/epoch_0002/model.pt" in checkpoints, checkpoints
-    assert any(k.startswith("run/mlartifacts/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts
+    assert any(k.startswith("run/mlartifacts/") and k.endswith("MLmodel") for k in found)  # MLflow's artifacts
 
     # A rerun whose local copy lost everything but the registry's database: each stage is found done in the bucket.
-    root = _forget_local_copy()
+    root = forget_local_copy(RUN_DIR)
     again = pipeline.run(cfg)
     out = capsys.readouterr().out
     assert "== ingest: cached" in out and "== export: cached" in out
     assert "training: nothing to do" in out and again.stages["register"].registered is False
     assert (root / "data" / "meta.json").is_file()  # pulled from the bucket for the stages that read it
-
-
-def _forget_local_copy() -> Path:
-    """Delete the run_dir's local copy but the registry's database, as on a machine that never ran the run."""
-    root = storage.local_root(RUN_DIR)
-    for child in root.iterdir():
-        if child.name != "mlflow.db":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    return root
 
 
 def test_served_monitored_and_scored_from_the_bucket(ray_s3: None, s3: object) -> None:
@@ -148,7 +110,7 @@ def test_served_monitored_and_scored_from_the_bucket(ray_s3: None, s3: object) -
     keyed = rows.assign(row=range(len(rows)))
     body = keyed.to_parquet(index=False)
     s3.put_object(Bucket=BUCKET, Key="in/rows.parquet", Body=body)  # type: ignore[attr-defined]
-    root = _forget_local_copy()
+    root = forget_local_copy(RUN_DIR)
 
     served_cfg = _cfg(serve={"enabled": True, "port": free_port(), "replica_cpus": 0})
     result = pipeline.serve_stages(served_cfg)
@@ -164,9 +126,9 @@ def test_served_monitored_and_scored_from_the_bucket(ray_s3: None, s3: object) -
     # The monitor read its reference from the bucket, saw the served rows and checkpoints into the bucket.
     actor = get_actor(served_cfg.monitor.actor_name)
     assert ray.get(actor.checkpoint.remote()) == f"{RUN_DIR}/monitor/state.pkl"
-    assert "run/monitor/state.pkl" in _keys(s3, "run/monitor/")
+    assert "run/monitor/state.pkl" in keys(s3, BUCKET, "run/monitor/")
 
-    _forget_local_copy()
+    forget_local_copy(RUN_DIR)
     keep = _cfg(predict={"keep_columns": ["row"]})
     scored = score(keep, f"s3://{BUCKET}/in/rows.parquet", f"s3://{BUCKET}/out/scored.parquet")
     assert scored.rows == len(rows)
@@ -180,9 +142,9 @@ def test_search_state_on_s3_resumes(ray_s3: None, s3: object) -> None:
     if not storage.exists(f"{RUN_DIR}/data/meta.json"):
         data.run(cfg)
     done = tune.run(cfg)
-    keys = _keys(s3, "run/tune/s3tune/")
-    assert "run/tune/s3tune/best_config.json" in keys and "run/tune/s3tune/results.csv" in keys
-    assert any(k.rsplit("/", 1)[-1].startswith("experiment_state") for k in keys)  # Tune's own state
+    found = keys(s3, BUCKET, "run/tune/s3tune/")
+    assert "run/tune/s3tune/best_config.json" in found and "run/tune/s3tune/results.csv" in found
+    assert any(k.rsplit("/", 1)[-1].startswith("experiment_state") for k in found)  # Tune's own state
     resumed = tune.run(cfg, resume=True)  # restored from the bucket: every trial had finished
     assert resumed.best_config == done.best_config and resumed.num_trials == done.num_trials
 
