@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fabric-installed
 # Extra pip arguments for torch (e.g. an index of CPU wheels where no local wheel folder is configured).
 TORCH_PIP_ARGS ?=
-# Two pytest-xdist workers, whole files each, the longest first (23 min on 2 cores instead of 32 serially; the suite
-# is CPU-bound, so more workers do not help there). `make test XDIST=` runs serially.
+# Two pytest-xdist workers, whole files each, the longest first (about 18 min on 2 cores, well under a serial run;
+# the suite is CPU-bound, so more workers do not help there). `make test XDIST=` runs serially.
 XDIST ?= -n 2 --dist loadfile
 PYTEST_ARGS ?=
 
