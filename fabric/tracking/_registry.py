@@ -569,13 +569,13 @@ def _model_folder(mlflow_model: Path) -> Path:
     return mlflow_model / entry["path"]
 
 
-def _bucket_model_json(uri: str) -> str | None:
-    """The ``model.json`` of a fabric model folder at ``uri``; None when there is none or pyarrow cannot read
-    there (an MLflow artifact URI such as ``mlflow-artifacts://…`` is MLflow's to resolve)."""
+def _is_bucket_model(uri: str) -> bool:
+    """Whether ``uri`` is a fabric model folder (with ``model.json``) that pyarrow reads; False for an MLflow artifact
+    URI such as ``mlflow-artifacts://…``, MLflow's to resolve."""
     try:
-        return storage.read_text(storage.join(uri, "model.json"))
+        return storage.exists(storage.join(uri, "model.json"))
     except (OSError, FabricError):
-        return None
+        return False
 
 
 def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
@@ -599,13 +599,10 @@ def resolve_model(uri_or_path: str | Path, cfg: PipelineConfig) -> Path:
         if (path / "MLmodel").is_file():
             return _model_folder(path)
         raise UsageError(f"no model at {path} (expected a folder with model.json, or an MLflow model)")
-    if storage.is_uri(text) and (theirs := _bucket_model_json(text)) is not None:
+    if storage.is_uri(text) and _is_bucket_model(text):
         # A fabric model folder in a bucket (e.g. a URI run_dir's ``train/model``), as a replica on any node reads
-        # it: downloaded unless this machine's copy has the bucket's model.json.
-        local = storage.cache_path(text)
-        if not (local / "model.json").is_file() or (local / "model.json").read_text() != theirs:
-            storage.download(text, local)
-        return local
+        # it: downloaded unless this machine's copy is of the bucket's current files (one download per node).
+        return storage.localize(text)
 
     from mlflow.exceptions import MlflowException
 

@@ -152,7 +152,9 @@ def test_a_folder_in_a_bucket_is_copied_to_this_machine_once_per_version(s3: str
         storage.localize(f"{run}/nothing")
 
 
-def test_the_language_model_stages_find_their_folders_in_a_uri_run_dir(s3: str) -> None:
+def test_the_language_model_stages_find_their_folders_in_a_uri_run_dir(
+    s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fabric.config import PipelineConfig
     from fabric.errors import UsageError
     from fabric.serve.llm.app import model_folder, on_this_node, resolved
@@ -177,6 +179,16 @@ def test_the_language_model_stages_find_their_folders_in_a_uri_run_dir(s3: str) 
     here = on_this_node(cfg.llm.serve.model_copy(update={"model_path": serve["model_path"], "adapters": adapters}))
     assert here.model_path == str(storage.cache_path(f"{run}/llm/merged"))
     assert (Path(here.adapters["ft"]) / "adapter_config.json").is_file()
+
+    from fabric.runtime import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    served = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"serve": cfg.llm.serve.model_copy(
+        update={"model_path": f"{run}/llm/merged"})})})  # fmt: skip
+    with pytest.raises(UsageError) as e:
+        resolved(served)
+    assert str(e.value).startswith(f"llm.serve.model_path: cannot read {run}/llm/merged: ")
+    assert "Could not connect" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_model_folder_in_a_bucket_resolves_and_other_uris_stay_mlflows(s3: str, tmp_path: Path) -> None:

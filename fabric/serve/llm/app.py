@@ -48,20 +48,20 @@ def resolved(cfg: PipelineConfig) -> dict[str, Any]:
     and checked.
 
     Raises:
-        UsageError: the model folder or an adapter folder is missing or is not one.
+        UsageError: the model folder or an adapter folder is missing, is not one, or its bucket cannot be read.
         FabricError: the model comes from a URI run_dir that cannot be written (one line naming it).
     """
     s = cfg.llm.serve
     if not s.model_path:
         storage.check(cfg.run_dir)  # an unreachable or unauthorised bucket fails here, in one line
     folder = model_folder(cfg)
-    if not storage.exists(storage.join(folder, "config.json")):
+    if not _holds(folder, "config.json", "llm.serve.model_path"):
         hint = "" if s.model_path else " (fine-tune first: `python jobs/finetune.py`, or set llm.serve.model_path)"
         raise UsageError(f"llm.serve.model_path: no Hugging Face model folder at {folder}{hint}")
     adapters = {}
     for name, path in s.adapters.items():
         p = storage.join(path)
-        if not storage.exists(storage.join(p, "adapter_config.json")):
+        if not _holds(p, "adapter_config.json", f"llm.serve.adapters.{name}"):
             raise UsageError(f"llm.serve.adapters.{name}: no peft adapter folder (adapter_config.json) at {p}")
         adapters[name] = p
     name = s.served_name or (Path(folder).name if s.model_path else cfg.llm.finetune.model_name)
@@ -72,6 +72,15 @@ def resolved(cfg: PipelineConfig) -> dict[str, Any]:
 
         check_adapters(s.model_copy(update={"adapters": adapters}))
     return {**s.model_dump(mode="json"), "model_path": str(folder), "served_name": name, "adapters": adapters}
+
+
+def _holds(folder: str, file: str, field: str) -> bool:
+    """Whether ``folder`` (a path or a URI) has ``file``; a bucket that cannot be read (no endpoint, wrong keys) is
+    a UsageError naming ``field`` and the cause in one line."""
+    try:
+        return storage.exists(storage.join(folder, file))
+    except OSError as e:
+        raise UsageError(f"{field}: cannot read {folder}: {str(e).strip().splitlines()[0]}") from None
 
 
 def replica_gpus(cfg: PipelineConfig) -> float:
