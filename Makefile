@@ -34,6 +34,9 @@ demo: install
 	$(BIN)/python jobs/pipeline.py --config jobs/configs/pipeline_smoke.yaml
 
 test: install
+	# fabric's own bytecode, once: where PYTHONDONTWRITEBYTECODE is set, each Ray worker that imports fabric would
+	# otherwise compile it again (hundreds of processes in the suite).
+	$(BIN)/python -m compileall -q -j 0 fabric tests jobs benchmarks >/dev/null
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Re-pin constraints.txt from the current environment (after upgrading on purpose and running the tests).

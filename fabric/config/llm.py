@@ -21,11 +21,13 @@ def _local_path_exists(v: str | None) -> str | None:
 
 
 class LMModelConfig(Section):
-    """The base causal language model: a local Hugging Face folder, or a small one built from a config."""
+    """The base causal language model: a Hugging Face folder (local or in a bucket), or a small one built from a
+    config."""
 
     path: str | None = None
-    """A local Hugging Face model folder (``from_pretrained``; never downloaded at run time). None builds
-    a model from ``arch`` and the sizes below, with freshly initialised weights (laptops and tests)."""
+    """A Hugging Face model folder (``from_pretrained``; never from a hub): a local path, or a URI such as
+    ``s3://bucket/models/base`` copied to the driver's node cache first. None builds a model from ``arch`` and the
+    sizes below, with freshly initialised weights (laptops and tests)."""
     arch: Literal["gpt2", "llama"] = "gpt2"
     """Architecture of a model built from this config (ignored when ``path`` is set)."""
     n_layer: int = Field(default=2, ge=1)
@@ -37,7 +39,8 @@ class LMModelConfig(Section):
     context_length: int = Field(default=256, ge=16)
     """Most tokens the model attends over (prompt plus generated tokens)."""
     tokenizer_path: str | None = None
-    """A tokenizer folder; None: the model folder's tokenizer, or one trained on the data (HF ``tokenizers``)."""
+    """A tokenizer folder (a local path or a URI); None: the model folder's tokenizer, or one trained on the data
+    (HF ``tokenizers``)."""
     vocab_size: int = Field(default=2000, ge=64)
     """Vocabulary of a tokenizer trained on the data (when there is none to load)."""
 

@@ -100,12 +100,27 @@ def finetune_storage(cfg: PipelineConfig) -> str:
     return storage.join(cfg.run_dir, "llm", "train")
 
 
+def _folder(location: str, field: str) -> Path:
+    """The folder at ``location`` on this machine: itself, or for a URI this node's copy (:func:`storage.localize`).
+
+    Raises:
+        ConfigError: naming ``field``, when the bucket holds no files there or cannot be read.
+    """
+    try:
+        return storage.localize(location)
+    except FabricError as e:  # names the location
+        raise ConfigError([ConfigProblem(field, str(e))]) from None
+    except OSError as e:  # no endpoint, wrong keys
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError([ConfigProblem(field, f"cannot read {location}: {cause}")]) from None
+
+
 def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerBase:
     """``tokenizer_path``'s tokenizer, else the model folder's, else one trained on the training texts."""
     if model.tokenizer_path:
-        return load_tokenizer(model.tokenizer_path)
-    if model.path and has_tokenizer(model.path):
-        return load_tokenizer(model.path, field="llm.model.path")
+        return load_tokenizer(_folder(model.tokenizer_path, "llm.model.tokenizer_path"))
+    if model.path and has_tokenizer(folder := _folder(model.path, "llm.model.path")):
+        return load_tokenizer(folder, field="llm.model.path")
     texts = (row["prompt"] + row["completion"] for row in splits.train.iter_rows())
     tokenizer = train_tokenizer(texts, model.vocab_size)
     log.info(f"trained a byte-level BPE tokenizer of {len(tokenizer)} tokens on the training records")
@@ -115,7 +130,7 @@ def _tokenizer(model: LMModelConfig, splits: TextSplits) -> PreTrainedTokenizerB
 def _base(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
     """Load or build the base model, check it against the data and tokenizer, save it to ``out``."""
     m = cfg.llm.model
-    model = load_causal_lm(m.path) if m.path else build_causal_lm(m, tokenizer, seed=cfg.seed)
+    model = load_causal_lm(_folder(m.path, "llm.model.path")) if m.path else build_causal_lm(m, tokenizer, seed=cfg.seed)
     problems = []
     seq_len, context = cfg.llm.data.seq_len, context_length(model)
     if seq_len > context:

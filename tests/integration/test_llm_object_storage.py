@@ -95,6 +95,22 @@ def test_a_rerun_without_the_local_copy_finds_the_run_done_in_the_bucket(
     assert again.adapter_dir == root / "llm" / "adapter" and (again.adapter_dir / "adapter_config.json").is_file()
 
 
+def test_a_base_model_in_a_bucket_is_loaded_through_this_nodes_copy(tuned: Any, tmp_path: Path) -> None:
+    """``llm.model.path`` and ``llm.model.tokenizer_path`` may name bucket folders (here the run's published base);
+    one that holds nothing is a ConfigError naming the field."""
+    from fabric.errors import ConfigError
+    from fabric.train._lm import _base, _tokenizer
+
+    base = f"{RUN_DIR}/llm/base"
+    cfg = _cfg(f"llm.model.path={base}", f"llm.model.tokenizer_path={base}")
+    tokenizer = _tokenizer(cfg.llm.model, None)  # type: ignore[arg-type]  # a tokenizer is loaded, none trained
+    saved = _base(cfg, tokenizer, tmp_path / "base")
+    assert (saved / "config.json").is_file() and (storage.cache_path(base) / "model.safetensors").is_file()
+    assert len(tokenizer) == len(_tokenizer(_cfg(f"llm.model.path={base}").llm.model, None))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"llm\.model\.path.*s3://fabric-llm-test/nothing: no files there"):
+        _base(_cfg(f"llm.model.path=s3://{BUCKET}/nothing"), tokenizer, tmp_path / "none")
+
+
 def test_the_transformers_engine_serves_the_run_from_the_bucket(tuned: Any) -> None:
     from fabric.monitor import get_actor
     from fabric.serve.llm import deploy

@@ -55,14 +55,17 @@ class Served:
             )  # fmt: skip
 
     def wait_ready(self) -> None:
+        """Until the app answers ready and `fabric serve` says it serves: the app can answer through HAProxy while
+        the command still waits for Serve to report it running, and a stop then is a failed start (exit 1)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"fabric serve exited {self.proc.returncode}:\n{self.tail()}"
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=2).status_code == 200:
-                    return
+                ready = httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
+                ready = False
+            if ready and "serving; Ctrl-C stops" in self.log.read_text():
+                return
             time.sleep(1)
         pytest.fail(f"not serving after {START_TIMEOUT_S}s:\n{self.tail()}")
 
@@ -190,7 +193,8 @@ def test_serve_shutdown_leaves_no_haproxy(served: Served, tmp_path: Path) -> Non
         ray.shutdown()
         os.environ.pop("FABRIC_HOME")
     _assert_nothing_left(haproxies, ports, "serve.shutdown()", stopped_at)
-    assert served.proc.wait(timeout=60) == 0 and "is gone; exiting" in served.tail()
+    code = served.proc.wait(timeout=60)
+    assert code == 0 and "is gone; exiting" in served.tail(), f"exited {code}:\n{served.tail()}"
 
 
 def test_a_held_port_is_named_with_its_holder(model: Path, tmp_path: Path) -> None:
