@@ -310,11 +310,7 @@ def free_port() -> int:
     import random
     import socket
 
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    candidates = list(range(20000, max(20000, low)))
+    candidates = list(_port_span())
     # The system's randomness, not the `random` module's: a process that seeded it (a training run does) would
     # otherwise draw the same ports as another process seeded alike, and two servers would collide.
     for port in random.SystemRandom().sample(candidates, min(len(candidates), 64)):
@@ -325,18 +321,57 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's ephemeral port range (where ``bind(0)`` takes ports from)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
+def _port_span() -> range:
+    """The ports :func:`free_port` hands out: from 20000 (above Ray's worker ports) to the kernel's ephemeral range."""
+    return range(20000, max(20000, _ephemeral_ports()[0]))
+
+
+def free_port_range(size: int = 50) -> int | None:
+    """The first of ``size`` consecutive ports on which nothing listens, for a server that allocates its own ports
+    from a range (Ray Serve's replicas). Taken above the kernel's ephemeral range (61000-65535 by default), where
+    neither ``bind(0)`` nor :func:`free_port` hands out ports, and claimed port by port as :func:`free_port` claims
+    one. Ranges are aligned to ``size``, so two are the same or disjoint, and a range in use has its servers
+    listening in it. None when no whole range is free.
+    """
+    import random
+
+    start = _ephemeral_ports()[1] + 1
+    first = -(-start // size) * size
+    bases = list(range(first, 65536 - size + 1, size))
+    for base in random.SystemRandom().sample(bases, len(bases)):
+        ports = range(base, base + size)
+        if not all(port_is_free(port) for port in ports):
+            continue
+        claimed = []
+        for port in ports:
+            if not _claim(port):
+                break
+            claimed.append(port)
+        else:
+            return base
+        for port in claimed:  # another process holds part of it: give the rest back
+            _unclaim(port)
+    return None
+
+
 PORT_CLAIM_S = 600.0
 """How long a port :func:`free_port` handed out stays claimed (its listener is up long before)."""
 
 
 def _claim(port: int) -> bool:
     """Claim ``port`` for this process; False when another process claimed it within :data:`PORT_CLAIM_S`."""
-    import tempfile
     import time
 
-    folder = Path(tempfile.gettempdir()) / f"fabric-ports-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    marker = folder / str(port)
+    marker = _claim_marker(port)
     try:
         if time.time() - marker.stat().st_mtime < PORT_CLAIM_S:
             return False
@@ -348,6 +383,19 @@ def _claim(port: int) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def _unclaim(port: int) -> None:
+    _claim_marker(port).unlink(missing_ok=True)
+
+
+def _claim_marker(port: int) -> Path:
+    """The file whose creation claims ``port`` (shared by this user's processes)."""
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"fabric-ports-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    return folder / str(port)
 
 
 def port_is_free(port: int) -> bool:

@@ -53,14 +53,14 @@ def _serve_env(disabled: bool) -> dict[str, str]:
         return {}
     # Imported here: fabric.runtime must not depend on fabric.serve (DESIGN.md's dependency direction).
     from fabric.config import PipelineConfig
-    from fabric.serve.spec import FAST_PATH_ENV, fast_path_env, haproxy_ports_env
+    from fabric.serve.spec import FAST_PATH_ENV, fast_path_env, fast_path_ports_env
 
     env = fast_path_env(PipelineConfig())  # empty where the HAProxy binary is missing
     if not env:
         return {}
-    # HAProxy's metrics and stats listeners default to fixed ports (9101, 8404): free ones, so this head's
-    # Serve never collides with another Ray's HAProxy on the same machine.
-    return {**{k: v for k, v in FAST_PATH_ENV.items() if k in env}, **haproxy_ports_env()}
+    # HAProxy's metrics and stats listeners default to fixed ports (9101, 8404) and the replicas' direct-ingress
+    # ports to fixed ranges: free ones, so this head's Serve never collides with another Serve on the machine.
+    return {**{k: v for k, v in FAST_PATH_ENV.items() if k in env}, **fast_path_ports_env()}
 
 
 def listening_lines(listening: list[tuple[str, int, str]]) -> str:

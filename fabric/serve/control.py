@@ -28,7 +28,7 @@ from fabric.serve.spec import (
     IMPORT_PATH,
     app_config,
     fast_path_env,
-    haproxy_ports_env,
+    fast_path_ports_env,
     model_name,
     serving_versions,
     traffic,
@@ -109,7 +109,7 @@ def connect(cfg: PipelineConfig) -> bool:
         # A Ray started here inherits this process's environment, controller and proxies included.
         os.environ.update(env)
         if env:
-            os.environ.update(haproxy_ports_env())
+            os.environ.update(fast_path_ports_env())
     # A new local Ray gets its dashboard on loopback (runtime.connect): Serve's REST API, how apps are deployed here.
     runtime.connect(cfg.cluster)
     return bool(env) and not address

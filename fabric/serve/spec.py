@@ -34,6 +34,12 @@ FAST_PATH_ENV = {
 # Ports of HAProxy's side listeners (Ray's defaults 9101 and 8404), on Serve's host: a second Serve on the
 # same machine (another user's, a test's) would make HAProxy fail to start.
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+# The range Serve's controller allocates its replicas' direct-ingress HTTP ports from (HAProxy forwards to them),
+# by default the same for every Serve on a machine (30000-31000). When a replica is replaced, HAProxy forwards to
+# its old port until it reloads; a replica of another Serve may hold that port by then, and answers for an app
+# that is not its own. Each Serve started here gets a range of its own. (fabric's apps serve no gRPC ingress.)
+DIRECT_INGRESS_RANGE_VARS = ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")
+DIRECT_INGRESS_RANGE_SIZE = 50
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)")
 
 
@@ -140,14 +146,21 @@ def fast_path_env(cfg: PipelineConfig) -> dict[str, str]:
     return dict(FAST_PATH_ENV)
 
 
-def haproxy_ports_env() -> dict[str, str]:
-    """Free ports for HAProxy's metrics and stats listeners, for those variables not set already.
+def fast_path_ports_env() -> dict[str, str]:
+    """Free ports for HAProxy's metrics and stats listeners and a free range for the replicas' direct-ingress
+    servers, for those variables not set already.
 
-    For a Ray started on this machine with the fast path, so that it never collides with another one's HAProxy.
+    For a Ray started on this machine with the fast path, so that its Serve never collides with another one's.
     """
-    from fabric.runtime import free_port
+    from fabric.runtime import free_port, free_port_range
 
-    return {var: str(free_port()) for var in HAPROXY_PORT_VARS if not os.environ.get(var)}
+    env = {var: str(free_port()) for var in HAPROXY_PORT_VARS if not os.environ.get(var)}
+    low, high = DIRECT_INGRESS_RANGE_VARS
+    if not (os.environ.get(low) or os.environ.get(high)):
+        base = free_port_range(DIRECT_INGRESS_RANGE_SIZE)
+        if base is not None:  # else Serve's default range
+            env.update({low: str(base), high: str(base + DIRECT_INGRESS_RANGE_SIZE - 1)})
+    return env
 
 
 def app_config(cfg: PipelineConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import yaml
 
 from fabric import runtime
 from fabric.runtime import free_port
+from fabric.serve.spec import fast_path_ports_env
 from tests.llm_fixtures import tiny_llm
 from tests.unit.serve.models import encode, make_model, reference, softmax
 
@@ -84,10 +85,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
-        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101): free ones, so this
-        # Serve never collides with another on the machine.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101) and the replicas'
+        # direct-ingress ports to fixed ranges: free ones, so this Serve never collides with another on the machine.
+        **fast_path_ports_env(),
     }
     serve_bin = str(Path(sys.executable).with_name("serve"))
     # From the project root, like the file's header says: the app's `config:` path is relative to it.

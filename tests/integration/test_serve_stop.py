@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from fabric import runtime
+from fabric.serve.spec import DIRECT_INGRESS_RANGE_VARS
 from tests.conftest import ROOT
 from tests.unit.serve.models import make_model
 
@@ -152,6 +153,11 @@ def test_every_listener_is_on_loopback_and_ctrl_c_leaves_nothing(served: Served)
     haproxies = _haproxies(procs)
     ha_ports = {port for _, port, label in listening if label.startswith("haproxy")}
     assert haproxies and served.port in ha_ports and len(ha_ports) >= 3, listening  # ingress, stats, metrics
+    # The replica's direct-ingress port (HAProxy forwards there) is in the range `fabric serve` took for its Serve.
+    controller = next(p for p in procs if runtime.process_label(p).startswith("ServeController"))
+    low, high = (int(controller.environ()[var]) for var in DIRECT_INGRESS_RANGE_VARS)  # it allocates the ports
+    replica_ports = {port for _, port, label in listening if label.startswith("ServeReplica")}
+    assert any(low <= port <= high for port in replica_ports), (low, high, listening)
     ports = {(ip, port) for ip, port, _ in listening}  # an address and port: another Ray may hold the port elsewhere
 
     stopped_at = time.time()

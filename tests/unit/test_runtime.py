@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
@@ -151,6 +153,36 @@ def test_processes_picking_ports_at_once_never_get_the_same_one() -> None:
     ports = [int(p) for proc in procs for p in proc.communicate(timeout=120)[0].split()]
     assert all(proc.returncode == 0 for proc in procs)
     assert len(ports) == 450 and len(set(ports)) == 450
+
+
+def test_port_ranges_are_aligned_disjoint_free_and_apart_from_free_ports() -> None:
+    """Each fast-path Serve started here allocates its replicas' ports from a range of its own: two Serves sharing
+    one would answer for each other's apps when a replica is replaced (HAProxy forwards to the old port)."""
+    from fabric.runtime import free_port, free_port_range
+    from fabric.serve.spec import DIRECT_INGRESS_RANGE_VARS, fast_path_ports_env
+
+    claims = Path(tempfile.gettempdir()) / f"fabric-ports-{os.getuid()}"
+    high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[1])
+    low_var, high_var = DIRECT_INGRESS_RANGE_VARS
+    env = fast_path_ports_env()
+    got = [free_port_range(50), free_port_range(50), int(env[low_var])]
+    try:
+        assert None not in got and len(set(got)) == 3 and int(env[high_var]) == got[2] + 49
+        assert all(b % 50 == 0 and high < b and b + 50 <= 65536 for b in got)  # type: ignore[operator]
+        assert all(p < high for p in (free_port() for _ in range(50)))
+        busy = got[0]
+        with socket.socket() as held:  # a range where something listens is not handed out, claimed or not
+            held.bind(("", busy + 7))  # type: ignore[operator]
+            held.listen()
+            for p in range(busy, busy + 50):  # type: ignore[arg-type, operator]
+                (claims / str(p)).unlink()  # as if its claims had expired
+            more = [free_port_range(50) for _ in range(5)]
+            got.extend(more)
+            assert busy not in more
+    finally:  # give the ranges back: Serves of other tests need them
+        for base in filter(None, got):
+            for p in range(base, base + 50):
+                (claims / str(p)).unlink(missing_ok=True)
 
 
 def test_a_new_local_ray_or_a_loopback_address_resolves_to_loopback() -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, haproxy_ports_env
+from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, fast_path_ports_env
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
@@ -33,7 +33,7 @@ def local_ray(fabric_home: Path, fast_path: bool = True, env: dict[str, str] | N
     extra = dict(env or {})
     if fast_path:
         extra.update(FAST_PATH_ENV)
-        extra.update(haproxy_ports_env())
+        extra.update(fast_path_ports_env())
     extra["FABRIC_HOME"] = str(fabric_home)
     saved = {k: os.environ.get(k) for k in (*extra, *HAPROXY_PORT_VARS)}
     os.environ.update(extra)
