@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHECKED: set[str] = set()
+COPY_STAMP = ".fabric-copy"
+"""In a local copy's folder: the text of the stage's finished marker of the bucket folder it is a whole copy of
+(written by :func:`pull` after a download and by :func:`publish` after an upload). A folder that :func:`fetch`
+put single files into, the marker among them, is not a whole copy."""
 
 
 def is_uri(location: str | Path) -> bool:
@@ -212,11 +216,15 @@ def publish(run_dir: str | Path, sub: str, last: str | None = None, written: tup
     if not written and filesys.get_file_info(dest).type == fs.FileType.Directory:
         filesys.delete_dir_contents(dest)  # a previous run's outputs are replaced as a whole, never mixed
     uploads = sorted(
-        p for p in source.rglob("*") if p.is_file() and p.relative_to(source).parts[0] not in written
+        p
+        for p in source.rglob("*")
+        if p.is_file() and p.relative_to(source).parts[0] not in written and p.name != COPY_STAMP
     )
     uploads.sort(key=lambda p: p.relative_to(source).as_posix() == last)
     for f in uploads:
         fs.copy_files(str(f), f"{dest}/{f.relative_to(source).as_posix()}", fs.LocalFileSystem(), filesys)
+    if last is not None and (source / last).is_file():
+        (source / COPY_STAMP).write_text((source / last).read_text())
     log.debug(f"published {source} to {join(run_dir, sub)}")
 
 
@@ -226,8 +234,9 @@ def pull(run_dir: str | Path, sub: str, marker: str | None = None) -> Path:
     Args:
         run_dir: a local path or a URI.
         sub: the folder under ``run_dir``.
-        marker: a file in the folder written last by its stage: the local copy is current while its text equals
-            the bucket's (one small read instead of a listing); None: download when there is no local copy.
+        marker: a file in the folder written last by its stage: the local copy is current while it is a whole copy
+            (see :data:`COPY_STAMP`) and its marker's text equals the bucket's (one small read instead of a
+            listing); None: download when there is no local copy.
     """
     local = local_root(run_dir) / sub
     if not is_uri(run_dir):
@@ -238,13 +247,21 @@ def pull(run_dir: str | Path, sub: str, marker: str | None = None) -> Path:
             theirs = read_text(join(remote, marker))
         except OSError:
             return local  # nothing published there yet
-        mine = local / marker
-        if mine.is_file() and mine.read_text() == theirs:
+        if _whole_copy(local, marker, theirs):
             return local
     elif local.exists() or not exists(remote):
         return local
     download(remote, local)
+    if marker is not None:
+        (local / COPY_STAMP).write_text(theirs)
     return local
+
+
+def _whole_copy(local: Path, marker: str, text: str) -> bool:
+    """``local`` is a whole copy of the bucket folder whose ``marker`` reads ``text``, and its own marker (which a
+    stage rewrites before publishing) still reads the same."""
+    stamp, mine = local / COPY_STAMP, local / marker
+    return stamp.is_file() and mine.is_file() and stamp.read_text() == text == mine.read_text()
 
 
 def fetch(run_dir: str | Path, sub: str) -> Path:

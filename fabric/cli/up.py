@@ -58,8 +58,9 @@ def _serve_env(disabled: bool) -> dict[str, str]:
     env = fast_path_env(PipelineConfig())  # empty where the HAProxy binary is missing
     if not env:
         return {}
-    # HAProxy's metrics and stats listeners default to fixed ports (9101, 8404) and the replicas' direct-ingress
-    # ports to fixed ranges: free ones, so this head's Serve never collides with another Serve on the machine.
+    # HAProxy's metrics and stats listeners and the fallback proxy default to fixed ports (9101, 8404, 8500, 9500)
+    # and the replicas' direct-ingress ports to fixed ranges: free ones, so this head's Serve never collides with
+    # another Serve on the machine.
     return {**{k: v for k, v in FAST_PATH_ENV.items() if k in env}, **fast_path_ports_env()}
 
 

@@ -87,6 +87,10 @@ def connect(cfg: PipelineConfig) -> bool:
 
     Returns:
         True when the fast-path variables were in the environment of a Ray started here.
+
+    Raises:
+        UsageError: before a local Ray starts, a port its Serve would bind (``serve.port``, HAProxy's side ports) is
+            held, naming the process that holds it.
     """
     from fabric import runtime
 
@@ -110,6 +114,8 @@ def connect(cfg: PipelineConfig) -> bool:
         os.environ.update(env)
         if env:
             os.environ.update(fast_path_ports_env())
+        # A held port fails now, naming its holder: not after the new Ray's start (seconds), or a pipeline's training.
+        check_ports_free(cfg.serve.host, _serve_ports(cfg.serve.port))
     # A new local Ray gets its dashboard on loopback (runtime.connect): Serve's REST API, how apps are deployed here.
     runtime.connect(cfg.cluster)
     return bool(env) and not address
@@ -208,14 +214,15 @@ def _ray_on_this_machine() -> bool:
 
 
 def _serve_ports(port: int) -> dict[int, str]:
-    """Port -> what Serve would bind there: its HTTP port, and HAProxy's side ports where set for this Ray."""
+    """Port -> what Serve would bind there: its HTTP port, and the fast path's side ports (SIDE_PORT_VARS) where set
+    for this Ray."""
     from fabric import runtime
-    from fabric.serve.spec import HAPROXY_PORT_VARS
+    from fabric.serve.spec import SIDE_PORT_VARS
 
     head = runtime.running_head()
     values = {**os.environ, **(head.env if head else {})}
     ports = {port: "serve.port"}
-    for var in HAPROXY_PORT_VARS:
+    for var in SIDE_PORT_VARS:
         if values.get(var, "").isdigit():
             ports[int(values[var])] = var
     return ports

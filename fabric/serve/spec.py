@@ -31,9 +31,16 @@ FAST_PATH_ENV = {
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     HOOK_VAR: HOOK,
 }
-# Ports of HAProxy's side listeners (Ray's defaults 9101 and 8404), on Serve's host: a second Serve on the
-# same machine (another user's, a test's) would make HAProxy fail to start.
-HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+# Fixed ports of a fast-path Serve, on Serve's host, the same for every Serve on a machine by default: HAProxy's side
+# listeners (Ray's defaults 9101 and 8404; a second Serve's HAProxy would fail to start), and the fallback proxy's
+# (8500 and 9500), to which HAProxy sends an app's requests while none of its replicas is up: with another Serve's
+# proxy there, they were answered by that Serve's app ("unknown model"). Each Serve started here takes free ones.
+SIDE_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 # The range Serve's controller allocates its replicas' direct-ingress HTTP ports from (HAProxy forwards to them),
 # by default the same for every Serve on a machine (30000-31000). When a replica is replaced, HAProxy forwards to
 # its old port until it reloads; a replica of another Serve may hold that port by then, and answers for an app
@@ -147,14 +154,14 @@ def fast_path_env(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def fast_path_ports_env() -> dict[str, str]:
-    """Free ports for HAProxy's metrics and stats listeners and a free range for the replicas' direct-ingress
-    servers, for those variables not set already.
+    """Free ports for HAProxy's metrics and stats listeners and the fallback proxy (:data:`SIDE_PORT_VARS`) and a free
+    range for the replicas' direct-ingress servers, for those variables not set already.
 
     For a Ray started on this machine with the fast path, so that its Serve never collides with another one's.
     """
     from fabric.runtime import free_port, free_port_range
 
-    env = {var: str(free_port()) for var in HAPROXY_PORT_VARS if not os.environ.get(var)}
+    env = {var: str(free_port()) for var in SIDE_PORT_VARS if not os.environ.get(var)}
     low, high = DIRECT_INGRESS_RANGE_VARS
     if not (os.environ.get(low) or os.environ.get(high)):
         base = free_port_range(DIRECT_INGRESS_RANGE_SIZE)

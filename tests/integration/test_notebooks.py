@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 from fabric.runtime import free_port
+from fabric.serve.spec import SIDE_PORT_VARS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,11 +90,12 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
     from nbclient import NotebookClient
 
     # The kernel inherits this environment: fabric's state away from the user's,
-    # and HAProxy's stats/metrics listeners (fixed ports by default) on free ones.
+    # and the fast path's side listeners (fixed ports by default: HAProxy's stats and metrics, the fallback proxy)
+    # on free ones.
     monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    for var in SIDE_PORT_VARS:
+        monkeypatch.setenv(var, str(free_port()))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("FABRIC_NOTEBOOK_OVERRIDES", OVERRIDES[path.name])
     nb = nbformat.read(path, as_version=4)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 from fabric import runtime
-from fabric.serve.spec import DIRECT_INGRESS_RANGE_VARS
+from fabric.serve.spec import DIRECT_INGRESS_RANGE_VARS, SIDE_PORT_VARS
 from tests.conftest import ROOT
 from tests.unit.serve.models import make_model
 
@@ -39,10 +40,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Served:
     """A running `fabric serve` and what it started."""
 
-    def __init__(self, model: Path, home: Path, port: int) -> None:
+    def __init__(self, model: Path, home: Path, port: int, **env_vars: str) -> None:
         self.port = port
-        env = {**os.environ, "FABRIC_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        for var in ("RAY_ADDRESS", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        env = {**os.environ, "FABRIC_HOME": str(home), "PYTHONUNBUFFERED": "1", **env_vars}
+        for var in ("RAY_ADDRESS", *SIDE_PORT_VARS):
             env.pop(var, None)
         self.log = home / "serve.log"
         args = [
@@ -158,6 +159,10 @@ def test_every_listener_is_on_loopback_and_ctrl_c_leaves_nothing(served: Served)
     low, high = (int(controller.environ()[var]) for var in DIRECT_INGRESS_RANGE_VARS)  # it allocates the ports
     replica_ports = {port for _, port, label in listening if label.startswith("ServeReplica")}
     assert any(low <= port <= high for port in replica_ports), (low, high, listening)
+    # The fallback proxy (HAProxy's backup while no replica is up) listens on the port its Serve was given, not
+    # Ray's fixed 8500, where another Serve's proxy would answer with its own app.
+    fallback = int(controller.environ()["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])
+    assert fallback != 8500 and (fallback, "ProxyActor") in {(port, label) for _, port, label in listening}, listening
     ports = {(ip, port) for ip, port, _ in listening}  # an address and port: another Ray may hold the port elsewhere
 
     stopped_at = time.time()
@@ -208,7 +213,8 @@ def test_a_held_port_is_named_with_its_holder(model: Path, tmp_path: Path) -> No
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        s = Served(model, tmp_path, port)
+        ray_tmp = Path(tempfile.mkdtemp(prefix="fabric-held-"))  # short: Ray's socket paths live under it
+        s = Served(model, tmp_path, port, RAY_TMPDIR=str(ray_tmp))
         try:
             assert s.proc.wait(timeout=180) == 2, s.tail()
         finally:
@@ -216,3 +222,5 @@ def test_a_held_port_is_named_with_its_holder(model: Path, tmp_path: Path) -> No
     out = s.tail()
     assert f"serve.port: port {port} on 127.0.0.1 is held by process {os.getpid()}" in out, out
     assert "Traceback" not in out and "HAProxy crashed" not in out
+    assert not list(ray_tmp.iterdir()), "the port is checked before a local Ray starts"
+    ray_tmp.rmdir()

@@ -78,6 +78,9 @@ def test_files_and_folders_round_trip_through_the_bucket(s3: str) -> None:
     assert not (local / "train").exists()
     (local / "gone.json").write_text("stale")
     assert not storage.fetch(run, "data/gone.json").exists()  # not in the bucket: no stale copy is used
+    # The fetched marker alone (as the monitor fetches meta.json) is no whole copy: the folder comes down.
+    assert (storage.pull(run, "data", "meta.json") / "train" / "part.parquet").read_bytes() == b"rows"
+    assert not storage.exists(f"{run}/data/{storage.COPY_STAMP}")  # the stamp is the local copy's own
 
 
 def test_a_missing_bucket_fails_in_one_line_naming_it(s3: str) -> None:

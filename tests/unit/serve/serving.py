@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fabric.serve.spec import FAST_PATH_ENV, HAPROXY_PORT_VARS, fast_path_ports_env
+from fabric.serve.spec import FAST_PATH_ENV, SIDE_PORT_VARS, fast_path_ports_env
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition") -> Any:
@@ -35,7 +35,7 @@ def local_ray(fabric_home: Path, fast_path: bool = True, env: dict[str, str] | N
         extra.update(FAST_PATH_ENV)
         extra.update(fast_path_ports_env())
     extra["FABRIC_HOME"] = str(fabric_home)
-    saved = {k: os.environ.get(k) for k in (*extra, *HAPROXY_PORT_VARS)}
+    saved = {k: os.environ.get(k) for k in (*extra, *SIDE_PORT_VARS)}
     os.environ.update(extra)
     if ray.is_initialized():
         ray.shutdown()
