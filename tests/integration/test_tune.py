@@ -20,7 +20,7 @@ SMOKE = ROOT / "jobs/configs/pipeline_smoke.yaml"
 # Sequential trials make the seeded TPE proposals and ASHA's decisions reproducible. Two epochs a trial: ASHA's
 # one rung (epoch 1, grace period 1, reduction factor 2) stops the worse trials there, the others run to epoch 2.
 EPOCHS = 2
-SEARCH = ["tune.num_samples=4", f"tune.epochs_per_trial={EPOCHS}", "tune.max_concurrent_trials=1", "tune.seed=3"]
+SEARCH = ["tune.num_samples=3", f"tune.epochs_per_trial={EPOCHS}", "tune.max_concurrent_trials=1", "tune.seed=3"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _configs(table: pd.DataFrame) -> list[tuple[float, int, float]]:
 def test_search_writes_table_best_config_and_curves(searched) -> None:  # type: ignore[no-untyped-def]
     result = searched
     table = pd.read_csv(result.table_path)
-    assert len(table) == 4 and result.num_trials == 4
+    assert len(table) == 3 and result.num_trials == 3
     assert set(result.best_config) == {"lr", "hidden_size", "dropout"}
     assert result.best_metrics["val_loss"] == pytest.approx(table["best_val_loss"].min())
     # ASHA cut the clearly worse trials at an early rung; the best ran every epoch.
@@ -58,9 +58,9 @@ def test_search_writes_table_best_config_and_curves(searched) -> None:  # type: 
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-@pytest.mark.parametrize("trial", [1, 2, 4], ids=["first-trial", "middle", "last-trial"])
+@pytest.mark.parametrize("trial", [1, 2, 3], ids=["first-trial", "middle", "last-trial"])
 def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched, trial: int) -> None:  # type: ignore[no-untyped-def]
-    """Ctrl-C as trial ``trial`` of 4 starts (sent by the driver itself, so the moment is the same on every run):
+    """Ctrl-C as trial ``trial`` of 3 starts (sent by the driver itself, so the moment is the same on every run):
     exit 1 with the resume hint, and --resume finishes the search with the proposals of an uninterrupted one."""
     reference = pd.read_csv(searched.table_path)
     name = f"resumable-{trial}"
@@ -76,7 +76,7 @@ def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched, t
     out = interrupted.stdout + interrupted.stderr
     assert f"interrupting at the start of trial {trial}" in out, out[-3000:]
     assert interrupted.returncode == 1, out[-3000:]
-    assert f"interrupted after {trial - 1} of 4 trials" in out and "--resume" in out, out[-3000:]
+    assert f"interrupted after {trial - 1} of 3 trials" in out and "--resume" in out, out[-3000:]
     experiment = run_dir / "tune" / name
     partial = pd.read_csv(experiment / "results.csv")
     assert len(partial) == trial and (partial["status"] == "interrupted").sum() == 1, partial
@@ -91,7 +91,7 @@ def test_interrupted_search_resumes_with_optuna_state(run_dir: Path, searched, t
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = pd.read_csv(experiment / "results.csv")
-    assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped early"}
+    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
     # The restored TPE sampler proposed exactly what an uninterrupted search with the same seed did.
     assert _configs(table) == _configs(reference)
 
