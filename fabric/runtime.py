@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
     from fabric.config import ClusterConfig
 
+log = logging.getLogger(__name__)
+
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
@@ -162,7 +164,33 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
         # which deploys fabric's apps, lives there, and so do Ray's own pages for a developer.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     with loopback_ray():
-        ray.init(**kwargs)
+        _start_local(kwargs)
+
+
+LOCAL_START_TRIES = 2
+
+
+def _start_local(kwargs: dict[str, Any]) -> None:
+    """``ray.init(**kwargs)`` of a new local Ray, started once more when its start timed out.
+
+    Ray's raylet waits 15 s for its dashboard agent to report its ports and then gives up (``ray.init`` fails after
+    30 s: "The current node timed out during startup"); the agent's imports take longer than that on a machine whose
+    cores are busy. The processes the failed start left (GCS, dashboard, reaper) are stopped before the next try.
+    """
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # Ray raises a plain Exception for this
+            if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(e):
+                raise
+            stop_processes([p for p in me.children(recursive=True) if p.pid not in before], grace_s=5.0)
+            log.warning(f"the local Ray did not start ({e}); starting it again")
 
 
 def init_context(address: str | None) -> contextlib.AbstractContextManager[None]:
