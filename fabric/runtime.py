@@ -164,13 +164,13 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
         # which deploys fabric's apps, lives there, and so do Ray's own pages for a developer.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     with loopback_ray():
-        _start_local(kwargs)
+        start_local_ray(**kwargs)
 
 
 LOCAL_START_TRIES = 2
 
 
-def _start_local(kwargs: dict[str, Any]) -> None:
+def start_local_ray(**kwargs: Any) -> None:
     """``ray.init(**kwargs)`` of a new local Ray, started once more when its start timed out.
 
     Ray's raylet waits 15 s for its dashboard agent to report its ports and then gives up (``ray.init`` fails after
@@ -652,9 +652,16 @@ def start_head(
         proc_env.update({"RAY_REDIS_ADDRESS": redis, "RAY_external_storage_namespace": namespace})
         if os.environ.get("REDIS_PASSWORD"):
             cmd.append(f"--redis-password={os.environ['REDIS_PASSWORD']}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0 or attempt == LOCAL_START_TRIES or "timed out during startup" not in output:
+            break
+        # as in start_local_ray: the raylet gave up waiting for its dashboard agent (a busy machine)
+        stop_processes(head_processes(temp_dir, port), grace_s=5.0)
+        log.warning("the Ray head did not start (its node timed out during startup); starting it again")
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise ClusterError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
     head = LocalHead(
         gcs_address=f"{node_ip}:{port}",

@@ -36,9 +36,11 @@ def ray_local() -> Iterator[None]:
     """A real local Ray with 2 CPUs, shared by every test of a module (start-up costs seconds)."""
     import ray
 
+    from fabric.runtime import start_local_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

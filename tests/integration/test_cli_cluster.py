@@ -189,7 +189,7 @@ def test_down_stops_only_our_head(head: dict[str, str]) -> None:
     ports = {port for _, port, _ in runtime.listeners(procs)}
     assert {GCS_PORT, DASH_PORT} <= ports and any(runtime.process_label(p) == "ray-client-server" for p in procs)
     # Another Ray on the same machine (started here, not by `fabric up`) must survive `fabric down`.
-    ray.init(num_cpus=1, include_dashboard=False)
+    runtime.start_local_ray(num_cpus=1, include_dashboard=False)
     try:
         proc = fabric(head, "down")
         assert proc.returncode == 0 and "Stopped the Ray head" in proc.stdout

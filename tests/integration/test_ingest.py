@@ -67,6 +67,7 @@ STREAM_SCRIPT = textwrap.dedent(
     """
     import os, sys
     import numpy as np, pyarrow as pa, pyarrow.parquet as pq, ray
+    from fabric.runtime import start_local_ray
     out, n = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(0)
     os.makedirs(f"{out}/src")
@@ -76,7 +77,7 @@ STREAM_SCRIPT = textwrap.dedent(
         nbytes += t.nbytes
         pq.write_table(t, f"{out}/src/part-{i}.parquet", row_group_size=25_000)
     store = 80 * 1024 * 1024
-    ray.init(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False)
     assert nbytes > 1.3 * store, (nbytes, store)
     from fabric.config import load_config
     from fabric.data import read_split, run

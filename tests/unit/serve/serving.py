@@ -39,10 +39,10 @@ def local_ray(fabric_home: Path, fast_path: bool = True, env: dict[str, str] | N
     os.environ.update(extra)
     if ray.is_initialized():
         ray.shutdown()
-    from fabric.runtime import free_port
+    from fabric.runtime import free_port, start_local_ray
 
     # the dashboard serves Serve's REST API, through which fabric deploys
-    ray.init(
+    start_local_ray(
         num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(), log_to_driver=False
     )
     try:
