@@ -89,7 +89,7 @@ def connect(cfg: PipelineConfig) -> bool:
         True when the fast-path variables were in the environment of a Ray started here.
 
     Raises:
-        UsageError: before a local Ray starts, a port its Serve would bind (``serve.port``, HAProxy's side ports) is
+        UsageError: before a local Ray starts, a port its Serve would bind (``serve.port``, the side ports) is
             held, naming the process that holds it.
     """
     from fabric import runtime
