@@ -168,6 +168,8 @@ def connect(cluster: ClusterConfig | None = None, **init_kwargs: Any) -> None:
 
 
 LOCAL_START_TRIES = 2
+_START_TIMED_OUT = "timed out during startup"
+"""What Ray says (``ray.init``'s exception, ``ray start``'s output) when its raylet gave up waiting for its agents."""
 
 
 def start_local_ray(**kwargs: Any) -> None:
@@ -187,7 +189,7 @@ def start_local_ray(**kwargs: Any) -> None:
             ray.init(**kwargs)
             return
         except Exception as e:  # Ray raises a plain Exception for this
-            if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(e):
+            if attempt == LOCAL_START_TRIES or _START_TIMED_OUT not in str(e):
                 raise
             stop_processes([p for p in me.children(recursive=True) if p.pid not in before], grace_s=5.0)
             log.warning(f"the local Ray did not start ({e}); starting it again")
@@ -655,7 +657,7 @@ def start_head(
     for attempt in range(1, LOCAL_START_TRIES + 1):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=timeout_s + 60)
         output = proc.stdout + proc.stderr
-        if proc.returncode == 0 or attempt == LOCAL_START_TRIES or "timed out during startup" not in output:
+        if proc.returncode == 0 or attempt == LOCAL_START_TRIES or _START_TIMED_OUT not in output:
             break
         # as in start_local_ray: the raylet gave up waiting for its dashboard agent (a busy machine)
         stop_processes(head_processes(temp_dir, port), grace_s=5.0)

@@ -9,6 +9,7 @@ tests/integration/test_cli_cluster.py.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -222,5 +223,6 @@ def test_a_held_port_is_named_with_its_holder(model: Path, tmp_path: Path) -> No
     out = s.tail()
     assert f"serve.port: port {port} on 127.0.0.1 is held by process {os.getpid()}" in out, out
     assert "Traceback" not in out and "HAProxy crashed" not in out
-    assert not list(ray_tmp.iterdir()), "the port is checked before a local Ray starts"
-    ray_tmp.rmdir()
+    started = list(ray_tmp.iterdir())
+    shutil.rmtree(ray_tmp)
+    assert not started, "the port is checked before a local Ray starts"
